@@ -1,0 +1,99 @@
+"""Supported encoder architectures, described as data.
+
+Every supported model is a post-LayerNorm transformer encoder: embeddings (+ LayerNorm), then N layers
+of [fused QKV projection -> attention -> output projection -> residual + LayerNorm -> FFN up + activation
+-> FFN down -> residual + LayerNorm]. What differs between BERT, RoBERTa, XLM-RoBERTa and DistilBERT is
+only: the names of the weights in the checkpoint, the config keys, how position ids are counted, whether
+token-type embeddings exist, and the shape of the classification head. Those differences live here; the
+layer code in `model.py` is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UnsupportedArchitectureError
+
+# Canonical per-layer weight names -> checkpoint suffixes (after "<layer prefix>.{i}.").
+_BERT_LAYER = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "o": "attention.output.dense",
+    "ln1": "attention.output.LayerNorm",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+    "ln2": "output.LayerNorm",
+}
+_BERT_EMB = {
+    "word": "embeddings.word_embeddings",
+    "pos": "embeddings.position_embeddings",
+    "type": "embeddings.token_type_embeddings",
+    "ln": "embeddings.LayerNorm",
+}
+_BERT_CFG = {
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "layers": "num_hidden_layers",
+    "intermediate": "intermediate_size",
+    "act": "hidden_act",
+    "eps": "layer_norm_eps",
+    "max_pos": "max_position_embeddings",
+    "vocab": "vocab_size",
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    base_prefix: str                 # prefix of the base model's weights in a task checkpoint
+    layer_prefix: str                # "encoder.layer" / "transformer.layer"
+    emb_names: dict
+    layer_names: dict
+    cfg_keys: dict
+    # RoBERTa counts positions from padding_idx + 1 and gives pad tokens position padding_idx.
+    roberta_positions: bool = False
+    # Classification head: "bert" (pooler dense+tanh on [CLS], then classifier),
+    # "roberta" (dense+tanh on <s>, out_proj), "distilbert" (pre_classifier+relu, classifier).
+    head: str = "bert"
+    cfg_defaults: dict = field(default_factory=dict)
+
+    def config_value(self, config: dict, key: str):
+        name = self.cfg_keys[key]
+        if name in config:
+            return config[name]
+        if key in self.cfg_defaults:
+            return self.cfg_defaults[key]
+        raise KeyError(name)
+
+
+BERT = ArchSpec("bert", "bert.", "encoder.layer", _BERT_EMB, _BERT_LAYER, _BERT_CFG,
+                cfg_defaults={"eps": 1e-12, "act": "gelu"})
+ROBERTA = ArchSpec("roberta", "roberta.", "encoder.layer", _BERT_EMB, _BERT_LAYER, _BERT_CFG,
+                   roberta_positions=True, head="roberta", cfg_defaults={"eps": 1e-5, "act": "gelu"})
+XLM_ROBERTA = ArchSpec("xlm-roberta", "roberta.", "encoder.layer", _BERT_EMB, _BERT_LAYER, _BERT_CFG,
+                       roberta_positions=True, head="roberta", cfg_defaults={"eps": 1e-5, "act": "gelu"})
+DISTILBERT = ArchSpec(
+    "distilbert", "distilbert.", "transformer.layer",
+    {"word": "embeddings.word_embeddings", "pos": "embeddings.position_embeddings",
+     "ln": "embeddings.LayerNorm"},
+    {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "o": "attention.out_lin",
+     "ln1": "sa_layer_norm", "fc1": "ffn.lin1", "fc2": "ffn.lin2", "ln2": "output_layer_norm"},
+    {"hidden": "dim", "heads": "n_heads", "layers": "n_layers", "intermediate": "hidden_dim",
+     "act": "activation", "eps": "layer_norm_eps", "max_pos": "max_position_embeddings",
+     "vocab": "vocab_size"},
+    head="distilbert", cfg_defaults={"eps": 1e-12, "act": "gelu"},
+)
+
+ARCHITECTURES = {spec.model_type: spec for spec in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT)}
+# Activation names in HF configs -> the op the runtime applies after FFN up.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+def spec_for(config: dict) -> ArchSpec:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"
+            f" supported: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[model_type]

@@ -1,0 +1,153 @@
+"""The Python API for encoder models: embeddings, hidden states, classification and rerank."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidInputError
+from .loader import PoolingConfig, load_checkpoint, read_max_seq_length, read_pooling
+from .model import EncoderModel, pool
+from .packing import PackedBatch, pack_tokens
+from .tokenizer import Encoded, TextTokenizer
+
+log = logging.getLogger("turboserve")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Encoder:
+    """A loaded encoder model. Thread-compatible: one forward runs at a time per Encoder."""
+
+    def __init__(self, model: EncoderModel, tokenizer: TextTokenizer, pooling: PoolingConfig,
+                 model_dir: Path, config: dict, max_batch_tokens: int):
+        self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
+        self.model_dir, self.config = model_dir, config
+        self.max_batch_tokens = max_batch_tokens
+        self.id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, dtype: str = "fp32", threads: int | None = None,
+             device: str = "cpu", pooling: str | None = None, normalize: bool | None = None,
+             use_planner: bool = True, max_batch_tokens: int = 16384,
+             int8_keep: frozenset = frozenset({"fc2"}), int8_alpha: float = 0.5) -> "Encoder":
+        """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2).
+
+        dtype: "fp32", "bf16" or "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the
+        linears that stay fp32). threads: torch threads to use (default: the cores available).
+        """
+        torch.set_num_threads(threads or available_cores())
+        model_dir, config, spec, view = load_checkpoint(path)
+        if dtype == "bf16" and not cpu_has_native_bf16():
+            log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 GEMMs are emulated and "
+                        "run several times slower than fp32; int8 is the fast option here")
+        model = EncoderModel(config, spec, view, "fp32" if dtype == "int8" else dtype, device, use_planner)
+        tokenizer = TextTokenizer(model_dir, model.max_tokens, model.vocab_size)
+        pool_cfg = read_pooling(model_dir) or PoolingConfig()
+        if pooling is not None:
+            pool_cfg.mode = pooling
+        if normalize is not None:
+            pool_cfg.normalize = normalize
+        enc = cls(model, tokenizer, pool_cfg, model_dir, config, max_batch_tokens)
+        enc.st_max_seq_length = read_max_seq_length(model_dir)
+        if dtype == "int8":
+            from . import quantize
+            texts = quantize.calibration_texts(tokenizer)
+            batches = [b for b, _ in enc._batches(tokenizer.encode(texts, truncate=True))]
+            stats = quantize.input_absmax(model, batches)
+            quantize.quantize_(model, view, stats, alpha=int8_alpha, keep=int8_keep)
+        return enc
+
+    @property
+    def dtype(self) -> str:
+        return self.model.dtype_name
+
+    @property
+    def dimension(self) -> int:
+        return self.model.hidden
+
+    # --------------------------------------------------------------- batching
+    def _batches(self, encoded: list[Encoded]):
+        """Length-sorted batches under the token budget; yields (PackedBatch, original indices)."""
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+        group: list[int] = []
+        tokens = 0
+        for i in order + [None]:
+            n = len(encoded[i].ids) if i is not None else 0
+            if group and (i is None or tokens + n > self.max_batch_tokens):
+                yield pack_tokens([encoded[j].ids for j in group], [encoded[j].type_ids for j in group],
+                                  self.model.position_offset), group
+                group, tokens = [], 0
+            if i is not None:
+                group.append(i)
+                tokens += n
+
+    def _run(self, encoded: list[Encoded], fn) -> list:
+        results: list = [None] * len(encoded)
+        for batch, idx in self._batches(encoded):
+            hidden = self.model.forward(batch)
+            for i, r in zip(idx, fn(hidden, batch)):
+                results[i] = r
+        return results
+
+    def tokenize(self, inputs, pairs=None, truncate: bool = False) -> list[Encoded]:
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, (list, tuple)):
+            raise InvalidInputError(f"inputs must be a string or a list, not {type(inputs).__name__}")
+        if len(inputs) == 0:
+            raise InvalidInputError("the input list is empty")
+        return self.tokenizer.encode(list(inputs), pairs, truncate)
+
+    # ------------------------------------------------------------- public API
+    def embed(self, inputs, truncate: bool = False, normalize: bool | None = None) -> torch.Tensor:
+        """Pooled sentence embeddings [N, H] (fp32), pooled and normalized as the model's
+        sentence-transformers config says unless overridden."""
+        return self.embed_encoded(self.tokenize(inputs, truncate=truncate), normalize)
+
+    def embed_encoded(self, encoded: list[Encoded], normalize: bool | None = None) -> torch.Tensor:
+        mode = self.pooling.mode
+        rows = self._run(encoded, lambda h, b: pool(h, b, mode))
+        out = torch.stack(rows)
+        if self.pooling.normalize if normalize is None else normalize:
+            out = torch.nn.functional.normalize(out, dim=-1)
+        return out
+
+    def hidden_states(self, inputs, truncate: bool = False) -> list[torch.Tensor]:
+        """Per-token last hidden states, one [L_i, H] fp32 tensor per input."""
+        def split(h, b: PackedBatch):
+            h = h.float()
+            return [h[b.cu_seqlens[i]:b.cu_seqlens[i + 1]].clone() for i in range(b.num_seqs)]
+        return self._run(self.tokenize(inputs, truncate=truncate), split)
+
+    def classify(self, inputs, pairs=None, truncate: bool = False) -> torch.Tensor:
+        """Sequence-classification logits [N, num_labels]; label names in `id2label`."""
+        rows = self._run(self.tokenize(inputs, pairs, truncate), lambda h, b: self.model.classify(h, b))
+        return torch.stack(rows)
+
+    def rerank(self, query: str, documents: list[str], truncate: bool = False, raw: bool = False) -> list[float]:
+        """Cross-encoder relevance of each document to the query (sigmoid of the logit unless raw)."""
+        if not isinstance(query, str) or not query:
+            raise InvalidInputError("the query must be a non-empty string")
+        if not isinstance(documents, (list, tuple)) or not documents:
+            raise InvalidInputError("documents must be a non-empty list of strings")
+        if not all(isinstance(d, str) for d in documents):
+            raise InvalidInputError("every document must be a string")
+        logits = self.classify([query] * len(documents), list(documents), truncate)
+        if logits.shape[1] != 1:
+            raise InvalidInputError(f"rerank needs a model with one output; this one has {logits.shape[1]}")
+        scores = logits[:, 0] if raw else torch.sigmoid(logits[:, 0])
+        return scores.tolist()

@@ -1,0 +1,176 @@
+"""The packed-token encoder: one layer library for every supported architecture (see arch.py).
+
+forward() runs on a PackedBatch: embeddings, then per layer
+    op0 qkv   = x @ Wqkv + b                  (Q, K and V as one GEMM)
+    op1 ctx   = varlen attention(qkv)          (each sequence over exactly its own tokens)
+    op2 attn  = ctx @ Wo + b
+    op3 h1    = LayerNorm(attn + x)            (residual add + LayerNorm, one call)
+    op4 inter = act(h1 @ W1 + b)               (activation in place on the GEMM output)
+    op6 ffn   = inter @ W2 + b
+    op7 y     = LayerNorm(ffn + h1)
+Activations live in the memory planner's workspace; the op numbers above are their lifetimes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .arch import ACTIVATIONS, ArchSpec
+from .errors import ModelLoadError
+from .loader import CheckpointView
+from .ops import backend_for
+from .packing import PackedBatch
+from .workspace import NoWorkspace, Workspace
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+
+
+@dataclass
+class LayerWeights:
+    qkv: object
+    o: object
+    fc1: object
+    fc2: object
+    ln1: tuple
+    ln2: tuple
+
+
+def _ln(view: CheckpointView, key: str, dtype) -> tuple:
+    return view.get(key + ".weight").to(dtype), view.get(key + ".bias").to(dtype)
+
+
+class EncoderModel:
+    def __init__(self, config: dict, spec: ArchSpec, view: CheckpointView, dtype: str = "fp32",
+                 device: str = "cpu", use_planner: bool = True):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self.spec, self.dtype_name = spec, dtype
+        self.ops = backend_for(device)
+        self.act_dtype = DTYPES[dtype]
+        try:
+            self.hidden = spec.config_value(config, "hidden")
+            self.num_heads = spec.config_value(config, "heads")
+            self.num_layers = spec.config_value(config, "layers")
+            self.intermediate = spec.config_value(config, "intermediate")
+            self.eps = float(spec.config_value(config, "eps"))
+            self.max_positions = spec.config_value(config, "max_pos")
+            self.vocab_size = spec.config_value(config, "vocab")
+            act_name = spec.config_value(config, "act")
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json lacks {exc.args[0]!r}") from exc
+        if act_name not in ACTIVATIONS:
+            raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(ACTIVATIONS)}")
+        self.activation = ACTIVATIONS[act_name]
+        self.pad_token_id = config.get("pad_token_id", 1 if spec.roberta_positions else 0)
+        # RoBERTa reserves positions 0..pad_id for padding, so max_position_embeddings - pad_id - 1 remain.
+        self.position_offset = self.pad_token_id if spec.roberta_positions else None
+        self.max_tokens = self.max_positions - (self.pad_token_id + 1 if spec.roberta_positions else 0)
+
+        e = spec.emb_names
+        adt = self.act_dtype
+        self.word_emb = view.get(e["word"] + ".weight").to(adt)
+        self.pos_emb = view.get(e["pos"] + ".weight").to(adt)
+        self.type_emb = view.get(e["type"] + ".weight").to(adt) if "type" in e and view.has(e["type"] + ".weight") else None
+        self.emb_ln = _ln(view, e["ln"], adt)
+        self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
+        self.head = self._load_head(view, config)
+
+        H, I = self.hidden, self.intermediate
+        specs = [("hidden_a", 0, 7, H, adt), ("hidden_b", 0, 7, H, adt), ("qkv", 0, 1, 3 * H, adt),
+                 ("ctx", 1, 2, H, adt), ("attn", 2, 3, H, adt), ("h1", 3, 7, H, adt),
+                 ("inter", 4, 6, I, adt), ("ffn", 6, 7, H, adt)]
+        self.workspace = Workspace(specs) if use_planner else NoWorkspace(specs)
+
+    def raw_linears(self, view: CheckpointView, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer i's fp32 (weight, bias) pairs, with Q, K and V concatenated into one projection."""
+        names = self.spec.layer_names
+        p = f"{self.spec.layer_prefix}.{i}."
+        w = {k: (view.get(p + names[k] + ".weight"), view.get(p + names[k] + ".bias"))
+             for k in ("q", "k", "v", "o", "fc1", "fc2")}
+        qkv = (torch.cat([w["q"][0], w["k"][0], w["v"][0]]), torch.cat([w["q"][1], w["k"][1], w["v"][1]]))
+        return {"qkv": qkv, "o": w["o"], "fc1": w["fc1"], "fc2": w["fc2"]}
+
+    def _load_layer(self, view: CheckpointView, i: int) -> LayerWeights:
+        raw = self.raw_linears(view, i)
+        names = self.spec.layer_names
+        p = f"{self.spec.layer_prefix}.{i}."
+        lin = {k: self.ops.make_linear(*wb, self.dtype_name) for k, wb in raw.items()}
+        return LayerWeights(**lin, ln1=_ln(view, p + names["ln1"], self.act_dtype),
+                            ln2=_ln(view, p + names["ln2"], self.act_dtype))
+
+    def _load_head(self, view: CheckpointView, config: dict):
+        """Sequence-classification head, if the checkpoint has one: list of (dense, activation)."""
+        kinds = {"bert": [("bert.pooler.dense", "tanh"), ("classifier", None)],
+                 "roberta": [("classifier.dense", "tanh"), ("classifier.out_proj", None)],
+                 "distilbert": [("pre_classifier", "relu"), ("classifier", None)]}[self.spec.head]
+        if not any(view.state.get(name + ".weight") is not None for name, _ in kinds[-1:]):
+            return None
+        layers = []
+        for name, act in kinds:
+            key = name + ".weight"
+            alt = name.replace("bert.", "", 1)
+            src = key if key in view.state else alt + ".weight"
+            if src not in view.state:
+                raise ModelLoadError(f"classification head weight {key!r} is missing")
+            layers.append((view.state[src].float(), view.state[src[:-len("weight")] + "bias"].float(), act))
+        return layers
+
+    # ---------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Hidden states [T, H] of the last layer. The result is a view into the workspace, valid until
+        the next forward call: pool or copy it first."""
+        T = batch.num_tokens
+        ops = self.ops
+        v = self.workspace.views(T)
+        x, y = v["hidden_a"], v["hidden_b"]
+        emb = torch.embedding(self.word_emb, batch.input_ids)
+        emb.add_(torch.embedding(self.pos_emb, batch.positions))
+        if self.type_emb is not None:
+            emb.add_(torch.embedding(self.type_emb, batch.token_types))
+        ops.layer_norm(emb, *self.emb_ln, self.eps, out=x)
+        cu = batch.cu_seqlens
+        for layer in self.layers:
+            layer.qkv(x, out=v["qkv"])
+            ops.varlen_attention(v["qkv"], cu, self.num_heads, out=v["ctx"])
+            layer.o(v["ctx"], out=v["attn"])
+            ops.add_layer_norm(v["attn"], x, *layer.ln1, self.eps, out=v["h1"])
+            layer.fc1(v["h1"], out=v["inter"])
+            ops.activation_(v["inter"], self.activation)
+            layer.fc2(v["inter"], out=v["ffn"])
+            ops.add_layer_norm(v["ffn"], v["h1"], *layer.ln2, self.eps, out=y)
+            x, y = y, x
+        return x
+
+    @torch.inference_mode()
+    def classify(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        if self.head is None:
+            raise ModelLoadError("this model has no sequence-classification head")
+        h = hidden[torch.tensor(batch.cu_seqlens[:-1])].float()
+        for weight, bias, act in self.head:
+            h = torch.nn.functional.linear(h, weight, bias)
+            if act == "tanh":
+                h = torch.tanh(h)
+            elif act == "relu":
+                h = torch.relu(h)
+        return h
+
+
+def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
+    """Per-sequence pooling over packed hidden states -> [B, H] fp32."""
+    hidden = hidden.float()
+    starts = torch.tensor(batch.cu_seqlens[:-1])
+    if mode == "cls":
+        return hidden[starts]
+    if mode == "lasttoken":
+        return hidden[torch.tensor(batch.cu_seqlens[1:]) - 1]
+    lengths = batch.lengths()
+    if mode == "max":
+        return torch.segment_reduce(hidden, "max", lengths=lengths)
+    sums = torch.segment_reduce(hidden, "sum", lengths=lengths)
+    if mode == "mean":
+        return sums / lengths[:, None].float()
+    if mode == "mean_sqrt_len":
+        return sums / lengths[:, None].float().sqrt()
+    raise ValueError(f"unknown pooling mode {mode!r}")

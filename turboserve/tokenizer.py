@@ -1,0 +1,92 @@
+"""Tokenization with the model's own tokenizer.json (or vocab.txt for WordPiece models), returning
+plain token-id lists. Truncation and the length limit are handled here, so everything after this
+point sees valid inputs only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputTooLongError, InvalidInputError, ModelLoadError
+from .loader import read_json
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    type_ids: list[int]
+
+
+class TextTokenizer:
+    def __init__(self, model_dir: Path, max_tokens: int, vocab_size: int):
+        self.max_tokens = max_tokens
+        self.vocab_size = vocab_size
+        # Batching and length policy are ours: the file's own padding/truncation settings would pad
+        # every text to a fixed length, which is exactly the waste this runtime exists to avoid.
+        # Two instances, because truncation is tokenizer state and encode() may run on many threads.
+        self._tok = self._load(model_dir)
+        self._tok.no_truncation()
+        self._truncating = self._load(model_dir)
+        self._truncating.enable_truncation(max_tokens)
+
+    @staticmethod
+    def _load(model_dir: Path):
+        from tokenizers import Tokenizer
+        if (model_dir / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        elif (model_dir / "vocab.txt").is_file():
+            from tokenizers import BertWordPieceTokenizer
+            cfg_file = model_dir / "tokenizer_config.json"
+            cfg = read_json(cfg_file) if cfg_file.is_file() else {}
+            tok = BertWordPieceTokenizer(str(model_dir / "vocab.txt"), lowercase=cfg.get("do_lower_case", True))
+        else:
+            raise ModelLoadError(f"{model_dir} has neither tokenizer.json nor vocab.txt")
+        tok.no_padding()
+        return tok
+
+    def encode(self, texts: list, pairs: list | None = None, truncate: bool = False) -> list[Encoded]:
+        """Encode strings (or token-id lists, taken as complete model inputs) to token ids."""
+        out: list[Encoded | None] = [None] * len(texts)
+        str_idx = []
+        for i, item in enumerate(texts):
+            if isinstance(item, str):
+                str_idx.append(i)
+            elif isinstance(item, (list, tuple)) and pairs is None:
+                out[i] = Encoded(self._check_ids(item, i, truncate), [0] * min(len(item), self.max_tokens))
+            else:
+                raise InvalidInputError(
+                    f"input {i} is a {type(item).__name__}; expected a string or a list of token ids")
+        if pairs is not None and len(pairs) != len(texts):
+            raise InvalidInputError("texts and pairs differ in length")
+        for i in str_idx:
+            if not texts[i] and pairs is None:
+                raise InvalidInputError(f"input {i} is an empty string")
+        if str_idx:
+            batch = [texts[i] if pairs is None else (texts[i], pairs[i]) for i in str_idx]
+            encodings = (self._truncating if truncate else self._tok).encode_batch(batch)
+            for i, enc in zip(str_idx, encodings):
+                if len(enc.ids) > self.max_tokens:
+                    raise InputTooLongError(
+                        f"input {i} has {len(enc.ids)} tokens; this model accepts at most {self.max_tokens}"
+                        " (pass truncate=True to cut it)")
+                out[i] = Encoded(list(enc.ids), list(enc.type_ids))
+        return out
+
+    def _check_ids(self, ids, index: int, truncate: bool) -> list[int]:
+        if not ids:
+            raise InvalidInputError(f"input {index} is an empty token list")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidInputError(f"input {index}: token ids must be integers")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise InvalidInputError(f"input {index}: token ids must be in [0, {self.vocab_size})")
+        if len(ids) > self.max_tokens:
+            if not truncate:
+                raise InputTooLongError(f"input {index} has {len(ids)} tokens; this model accepts at most "
+                                        f"{self.max_tokens} (pass truncate=True to cut it)")
+            ids = ids[: self.max_tokens]
+        return list(ids)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return [self._tok.id_to_token(i) or "" for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)

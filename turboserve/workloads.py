@@ -1,0 +1,27 @@
+"""The public benchmark workloads (shared/DESIGN.md section 5), shared by benchmarks and tests."""
+from __future__ import annotations
+
+import numpy as np
+
+ENCODER_WORKLOADS = ("short", "longtail")
+
+
+def encoder_lengths(name: str, count: int = 512) -> list[int]:
+    """Token lengths, [CLS] and [SEP] included."""
+    if name == "short":
+        return [int(n) for n in np.random.default_rng(4321).integers(8, 128, size=count, endpoint=True)]
+    if name == "longtail":
+        raw = np.random.default_rng(1234).lognormal(np.log(60), 0.8, size=count)
+        return [int(n) for n in np.clip(np.round(raw), 8, 512)]
+    raise ValueError(f"unknown workload {name!r}; known: {', '.join(ENCODER_WORKLOADS)}")
+
+
+def word_token_ids(vocab: dict[str, int]) -> list[int]:
+    """Ids of whole alphabetic words in a vocabulary: the material for text-like token sequences."""
+    return sorted(i for t, i in vocab.items() if t.isalpha() and t.isascii() and len(t) > 1)
+
+
+def token_sequences(lengths: list[int], words: list[int], cls_id: int, sep_id: int, seed: int = 0) -> list[list[int]]:
+    """[CLS] w1 ... w(n-2) [SEP] for each length n, words drawn uniformly from `words`."""
+    rng = np.random.default_rng(seed)
+    return [[cls_id] + [int(w) for w in rng.choice(words, size=n - 2)] + [sep_id] for n in lengths]

@@ -1,0 +1,68 @@
+"""The torch side of the memory planner: turns a `planner.Plan` into tensor views over reused chunks.
+
+Plans depend on the token count T; they are cached per T bucket (T rounded up to a multiple of
+`bucket_tokens`), and each tensor view is cut to the batch's exact T. Chunk buffers are kept across
+calls and layers and only grown, so a steady workload allocates nothing after warm-up: the win is no
+page faults from fresh multi-megabyte allocations on every op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .planner import Plan, UsageRecord, plan
+
+
+class Workspace:
+    def __init__(self, tensor_specs, bucket_tokens: int = 256):
+        """tensor_specs: list of (name, first_op, last_op, columns, dtype) for one layer; each tensor
+        is [T, columns]."""
+        self.specs = {name: (first, last, cols, dtype) for name, first, last, cols, dtype in tensor_specs}
+        self.bucket_tokens = bucket_tokens
+        self._plans: dict[int, Plan] = {}
+        self._chunks: list[torch.Tensor] = []
+
+    def _records(self, tokens: int) -> list[UsageRecord]:
+        return [UsageRecord(name, first, last, tokens * cols * torch.empty(0, dtype=dtype).element_size())
+                for name, (first, last, cols, dtype) in self.specs.items()]
+
+    def plan_for(self, tokens: int) -> Plan:
+        bucket = max(1, math.ceil(tokens / self.bucket_tokens)) * self.bucket_tokens
+        if bucket not in self._plans:
+            self._plans[bucket] = plan(self._records(bucket))
+        return self._plans[bucket]
+
+    def views(self, tokens: int) -> dict[str, torch.Tensor]:
+        p = self.plan_for(tokens)
+        # Chunks no plan needs any more are released; the others are grown to the largest need.
+        del self._chunks[len(p.chunk_sizes):]
+        for i, size in enumerate(p.chunk_sizes):
+            if i == len(self._chunks):
+                self._chunks.append(torch.empty(size, dtype=torch.uint8))
+            elif self._chunks[i].numel() < size:
+                self._chunks[i] = torch.empty(size, dtype=torch.uint8)
+        out = {}
+        for name, (first, last, cols, dtype) in self.specs.items():
+            place = p.placements[name]
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            nbytes = tokens * cols * itemsize
+            raw = self._chunks[place.chunk][place.offset: place.offset + nbytes]
+            out[name] = raw.view(dtype).view(tokens, cols)
+        return out
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(c.numel() for c in self._chunks)
+
+
+class NoWorkspace:
+    """The planner switched off: every activation is a fresh allocation (for comparison)."""
+
+    def __init__(self, tensor_specs):
+        self.specs = {name: (cols, dtype) for name, _, _, cols, dtype in tensor_specs}
+
+    def views(self, tokens: int) -> dict[str, torch.Tensor]:
+        return {name: torch.empty(tokens, cols, dtype=dtype) for name, (cols, dtype) in self.specs.items()}
+
+    reserved_bytes = 0
