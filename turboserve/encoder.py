@@ -42,8 +42,8 @@ class Encoder:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, dtype: str = "fp32", threads: int | None = None,
              device: str = "cpu", pooling: str | None = None, normalize: bool | None = None,
-             use_planner: bool = True, max_batch_tokens: int = 16384,
-             int8_keep: frozenset = frozenset({"fc2"}), int8_alpha: float = 0.5) -> "Encoder":
+             use_planner: bool = True, max_batch_tokens: int = 4096,
+             int8_keep: frozenset = frozenset(), int8_alpha: float = 0.5) -> "Encoder":
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2).
 
         dtype: "fp32", "bf16" or "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the

@@ -7,14 +7,37 @@ memory planner's workspace). Ops take an optional `out` so the planner decides w
 
 int8 linears are W8A8 with per-output-channel weight scales and per-token activation scales: rows are
 quantized independently, so a text's result does not depend on its batch neighbours, and the int32
-accumulation of `torch._int_mm` (VNNI) is exact.
+accumulation of `torch._int_mm` (VNNI) is exact. The elementwise work around it (smoothing + per-row
+quantization before, scaling + bias after) is fused into one pass each by inductor (`fused` below):
+measured at [4096, 1536], eager dequantization takes 19 ms, the fused kernel 2.6 ms, against 5.3 ms
+for the int8 GEMM itself. LayerNorm stays eager: inductor's add+LayerNorm was slower (1.5 vs 1.1 ms).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+# Set TURBOSERVE_COMPILE=0 to run the fused kernels eagerly (slower, no compiler needed).
+COMPILE = os.environ.get("TURBOSERVE_COMPILE", "1") != "0"
+
+
+def fused(fn):
+    """Compile `fn` with inductor on first call (dynamic shapes, so one kernel serves every token
+    count; compiled code is cached on disk by torch across processes)."""
+    if not COMPILE:
+        return fn
+    compiled = None
+
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(*args)
+    call.__name__ = fn.__name__
+    return call
 
 
 class DenseLinear:
@@ -35,11 +58,18 @@ class DenseLinear:
         return self.weight_t.numel() * self.weight_t.element_size()
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns (int8 values, fp32 scale per row)."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8).div_(127.0)
-    q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+@fused
+def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of x / s: returns (int8 values, fp32 scale per row)."""
+    xs = x.float() * inv_smooth
+    scale = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+    return torch.round(xs / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+@fused
+def dequantize_into(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                    bias: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(acc.float() * row_scale * col_scale + bias)
 
 
 class Int8Linear:
@@ -53,24 +83,23 @@ class Int8Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None):
         w = weight.detach().float()
         # SmoothQuant: W' = W * s (per input column), x' = x / s; x' is quantized per token.
-        self.inv_smooth = None
-        if smooth is not None:
-            w = w * smooth[None, :]
-            self.inv_smooth = (1.0 / smooth).float().contiguous()
+        if smooth is None:
+            smooth = torch.ones(w.shape[1])
+        w = w * smooth[None, :]
+        self.inv_smooth = (1.0 / smooth).float().contiguous()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0           # [N]
         self.weight_q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()
         self.weight_scale = scale.contiguous()
-        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.bias = (torch.zeros(w.shape[0]) if bias is None else bias.detach().float()).contiguous()
         self.in_features, self.out_features = self.weight_q.shape
         self.dtype = torch.float32
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        xq, row_scale = quantize_rows(x if self.inv_smooth is None else x * self.inv_smooth)
+        xq, row_scale = quantize_rows(x, self.inv_smooth)
         acc = torch._int_mm(xq, self.weight_q)                        # exact int32
-        out = torch.mul(acc, row_scale, out=out)
-        out.mul_(self.weight_scale)
-        if self.bias is not None:
-            out.add_(self.bias)
+        if out is None:
+            out = torch.empty(acc.shape, dtype=torch.float32)
+        dequantize_into(acc, row_scale, self.weight_scale, self.bias, out)
         return out
 
     def nbytes(self) -> int:
@@ -113,17 +142,25 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int, out: torch.Tensor) -> torch.Tensor:
     """Bidirectional attention of each packed sequence over exactly its own tokens.
 
-    qkv: [T, 3 * H] (Q, K, V blocks of H columns); out: [T, H]. One SDPA call per run of sequences of
-    equal length (stacked, so equal lengths share a call); no padding, no mask.
+    qkv: [T, 3 * H] (Q, K, V blocks of H columns); out: [T, H]. Adjacent sequences of equal length
+    (batches arrive length-sorted) share one SDPA call as a [B, heads, L, d] batch: no padding, no mask.
+    q, k and v are made contiguous first: with strided inputs SDPA leaves its flash kernel for the
+    math path, measured 3-5x slower at L >= 128.
     """
     hidden = qkv.shape[1] // 3
     head_dim = hidden // num_heads
     scale = 1.0 / math.sqrt(head_dim)
     view = qkv.view(-1, 3, num_heads, head_dim)
     out_view = out.view(-1, num_heads, head_dim)
-    for i in range(len(cu_seqlens) - 1):
-        start, end = cu_seqlens[i], cu_seqlens[i + 1]
-        seq = view[start:end].permute(1, 2, 0, 3)                     # [3, nh, L, d]
-        o = F.scaled_dot_product_attention(seq[0], seq[1], seq[2], scale=scale)   # [nh, L, d]
-        out_view[start:end].copy_(o.transpose(0, 1))
+    i, n = 0, len(cu_seqlens) - 1
+    while i < n:
+        length = cu_seqlens[i + 1] - cu_seqlens[i]
+        j = i + 1
+        while j < n and cu_seqlens[j + 1] - cu_seqlens[j] == length:
+            j += 1
+        start, end, count = cu_seqlens[i], cu_seqlens[j], j - i
+        seqs = view[start:end].view(count, length, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        o = F.scaled_dot_product_attention(seqs[0], seqs[1], seqs[2], scale=scale)   # [B, nh, L, d]
+        out_view[start:end].view(count, length, num_heads, head_dim).copy_(o.transpose(1, 2))
+        i = j
     return out

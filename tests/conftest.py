@@ -1,0 +1,70 @@
+"""Shared fixtures: small random-weight Hugging Face models of every supported architecture, saved to
+disk with transformers' own save_pretrained and loaded back by transformers as the reference."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from turboserve.loader import default_model_path
+
+MINILM = default_model_path()
+SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128)
+
+
+def _configs():
+    import transformers as tf
+    return {
+        "bert": (tf.BertConfig, dict(SMALL, max_position_embeddings=128, hidden_act="gelu")),
+        "roberta": (tf.RobertaConfig, dict(SMALL, max_position_embeddings=130, pad_token_id=1,
+                                           type_vocab_size=1, hidden_act="gelu_new")),
+        "xlm-roberta": (tf.XLMRobertaConfig, dict(SMALL, max_position_embeddings=130, pad_token_id=1,
+                                                  type_vocab_size=1)),
+        "distilbert": (tf.DistilBertConfig, dict(dim=64, n_heads=4, n_layers=2, hidden_dim=128,
+                                                 max_position_embeddings=128, activation="gelu")),
+    }
+
+
+ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert")
+
+
+def build_model(arch: str, out: Path, head: str | None = None, num_labels: int = 3, seed: int = 0) -> Path:
+    """Save a random-weight model of `arch` (base model, or head="cls" for sequence classification)
+    with MiniLM's tokenizer (a WordPiece vocabulary of 30522 entries) beside it."""
+    import transformers as tf
+    cls, kwargs = _configs()[arch]
+    config = cls(vocab_size=30522, num_labels=num_labels, **kwargs)
+    torch.manual_seed(seed)
+    name = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}[arch]
+    model_cls = getattr(tf, f"{name}ForSequenceClassification" if head == "cls" else f"{name}Model")
+    model = model_cls(config).eval()
+    with torch.no_grad():   # random LayerNorm affine and biases, so parity checks exercise them
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(MINILM / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """arch -> directory of a random-weight base model."""
+    return {arch: build_model(arch, tmp_path_factory.mktemp(arch)) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def classifier_dirs(tmp_path_factory):
+    return {arch: build_model(arch, tmp_path_factory.mktemp(arch + "-cls"), head="cls") for arch in ARCHS}
+
+
+def random_sequences(lengths, vocab=30522, seed=0, low=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(low, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()

@@ -1,0 +1,92 @@
+"""Every bad input gets a clear one-line error of the right class, and the model keeps working."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from turboserve import (Encoder, InputTooLongError, InvalidInputError, ModelLoadError,
+                        UnsupportedArchitectureError)
+from conftest import MINILM
+
+
+@pytest.fixture(scope="module")
+def enc(model_dirs):
+    return Encoder.load(model_dirs["bert"])
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Encoder.load(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        Encoder.load(tmp_path)
+
+
+def test_unreadable_weights(tmp_path, model_dirs):
+    d = tmp_path / "broken"
+    shutil.copytree(model_dirs["bert"], d)
+    (d / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="cannot read weights"):
+        Encoder.load(d)
+
+
+def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        Encoder.load(tmp_path)
+    msg = str(err.value)
+    assert "'gpt2'" in msg and "bert" in msg and "distilbert" in msg and "xlm-roberta" in msg
+    assert "\n" not in msg
+
+
+def test_too_long_input_says_the_limit_and_truncates_when_asked(enc):
+    text = "word " * 300
+    with pytest.raises(InputTooLongError, match="at most 128"):
+        enc.embed([text])
+    with pytest.raises(InputTooLongError, match="at most 128"):
+        enc.embed([[5] * 129])
+    assert enc.embed([text], truncate=True).shape == (1, 64)
+    assert enc.hidden_states([[5] * 200], truncate=True)[0].shape == (128, 64)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "empty"),
+    ([""], "empty string"),
+    ([3.5], "expected a string or a list of token ids"),
+    (["ok", None], "input 1"),
+    ([[1, "a"]], "integers"),
+    ([[]], "empty token list"),
+    ([[1, 99999999]], r"\[0, 30522\)"),
+    ([[-1]], r"\[0, 30522\)"),
+    (42, "must be a string or a list"),
+])
+def test_bad_inputs(enc, bad, match):
+    with pytest.raises(InvalidInputError, match=match):
+        enc.embed(bad)
+    assert enc.embed(["still works"]).shape == (1, 64)
+
+
+def test_rerank_bad_inputs(enc):
+    with pytest.raises(InvalidInputError):
+        enc.rerank("", ["doc"])
+    with pytest.raises(InvalidInputError):
+        enc.rerank("q", [])
+    with pytest.raises(InvalidInputError):
+        enc.rerank("q", ["ok", 3])
+
+
+def test_classify_without_head(enc):
+    with pytest.raises(ModelLoadError, match="no sequence-classification head"):
+        enc.classify(["text"])
+
+
+def test_cli_prints_one_line_error_not_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "turboserve", "embed", "--model", str(tmp_path / "missing")],
+                       input="hi\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,83 @@
+"""Numerical parity with transformers' own forward, at mixed lengths, for every architecture."""
+import pytest
+import torch
+import transformers
+
+from turboserve import Encoder
+from conftest import ARCHS, random_sequences, rel_err
+
+# 1 up to the model's limit, odd lengths included (every test model accepts 128 tokens).
+LENGTHS = [1, 2, 7, 16, 33, 64, 65, 100, 127, 128, 5, 5, 5]
+
+
+def reference_hidden(model_dir, seqs, **kw):
+    model = transformers.AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([s]), **kw).last_hidden_state[0] for s in seqs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hidden_states_fp32(model_dirs, arch):
+    seqs = random_sequences(LENGTHS)
+    enc = Encoder.load(model_dirs[arch])
+    assert enc.model.max_tokens == 128
+    ours = enc.hidden_states(seqs)
+    for o, r in zip(ours, reference_hidden(model_dirs[arch], seqs)):
+        assert o.shape == r.shape
+        assert rel_err(o, r) < 1e-4
+
+
+def test_roberta_pad_token_inside_sequence_gets_pad_position(model_dirs):
+    """transformers gives a pad token (id 1) position padding_idx even inside a sequence."""
+    seq = [0, 5, 1, 7, 9, 2]
+    ours = Encoder.load(model_dirs["roberta"]).hidden_states([seq])[0]
+    ref = reference_hidden(model_dirs["roberta"], [seq])[0]
+    assert rel_err(ours, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,bound", [("bf16", 0.999), ("int8", 0.99)])
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta", "distilbert"])
+def test_low_precision_within_bound(model_dirs, arch, dtype, bound):
+    """Pooled embeddings of bf16 / int8 against fp32: minimum cosine over mixed lengths."""
+    seqs = random_sequences([3, 17, 40, 77, 128, 9, 64], seed=1)
+    ref = Encoder.load(model_dirs[arch]).embed(seqs)
+    low = Encoder.load(model_dirs[arch], dtype=dtype).embed(seqs)
+    assert torch.nn.functional.cosine_similarity(low, ref).min().item() >= bound
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequence_classification_logits(classifier_dirs, arch):
+    seqs = random_sequences([4, 30, 128, 11], seed=2)
+    ref_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        classifier_dirs[arch], attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = torch.cat([ref_model(input_ids=torch.tensor([s])).logits for s in seqs])
+    ours = Encoder.load(classifier_dirs[arch]).classify(seqs)
+    assert ours.shape == (4, 3)
+    assert rel_err(ours, ref) < 1e-4
+
+
+def test_rerank_matches_cross_encoder(tmp_path):
+    from conftest import build_model
+    d = build_model("bert", tmp_path / "ce", head="cls", num_labels=1, seed=3)
+    enc = Encoder.load(d)
+    docs = ["a cat sat on the mat", "stock markets fell sharply today", "cats are small felines"]
+    scores = enc.rerank("where do cats sit?", docs)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(d, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for doc, score in zip(docs, scores):
+            inputs = tok("where do cats sit?", doc, return_tensors="pt")
+            ref = torch.sigmoid(model(**inputs).logits[0, 0]).item()
+            assert abs(score - ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_batch_invariance(model_dirs, dtype):
+    """A text's result alone equals its result inside a batch of mixed lengths."""
+    enc = Encoder.load(model_dirs["bert"], dtype=dtype)
+    seqs = random_sequences([50, 3, 128, 50, 17, 99, 1, 50, 64], seed=4)
+    batched = enc.embed(seqs)
+    for i, s in enumerate(seqs):
+        alone = enc.embed([s])[0]
+        assert torch.allclose(alone, batched[i], rtol=0, atol=1e-6), i
