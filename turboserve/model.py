@@ -130,10 +130,10 @@ class EncoderModel:
         if self.type_emb is not None:
             emb.add_(torch.embedding(self.type_emb, batch.token_types))
         ops.layer_norm(emb, *self.emb_ln, self.eps, out=x)
-        cu = batch.cu_seqlens
         for layer in self.layers:
             layer.qkv(x, out=v["qkv"])
-            ops.varlen_attention(v["qkv"], cu, self.num_heads, out=v["ctx"])
+            ops.varlen_attention(v["qkv"], batch.cu_tensor, self.num_heads, v["ctx"], batch.longest_first,
+                                 batch.max_len)
             layer.o(v["ctx"], out=v["attn"])
             ops.add_layer_norm(v["attn"], x, *layer.ln1, self.eps, out=v["h1"])
             layer.fc1(v["h1"], out=v["inter"])

@@ -13,6 +13,8 @@ class PackedBatch:
     token_types: torch.Tensor    # [T] int64
     cu_seqlens: list[int]        # [B + 1], exclusive prefix sum of lengths
     max_len: int
+    cu_tensor: torch.Tensor      # cu_seqlens as int64, for kernels
+    longest_first: torch.Tensor  # sequence indices by decreasing length (attention work order)
 
     @property
     def num_tokens(self) -> int:
@@ -53,4 +55,6 @@ def pack_tokens(ids: list[list[int]], type_ids: list[list[int]] | None = None,
         types = torch.zeros_like(flat)
     else:
         types = torch.tensor([t for seq in type_ids for t in seq], dtype=torch.int64)
-    return PackedBatch(flat, positions, types, cu, max(lengths, default=0))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return PackedBatch(flat, positions, types, cu, max(lengths, default=0),
+                       torch.tensor(cu, dtype=torch.int64), torch.tensor(order, dtype=torch.int64))

@@ -3,41 +3,26 @@
 Everything runs on [T, H] tensors of real tokens. GEMMs go through oneDNN/MKL via `torch.addmm` with
 a pre-transposed, contiguous weight (measured on this Ice Lake machine: 210-280 GFLOP/s at 2 threads,
 the same as oneDNN's prepacked `_linear_pointwise`, which has no `out=` and so cannot write into the
-memory planner's workspace). Ops take an optional `out` so the planner decides where activations live.
+memory planner's workspace). Ops take an `out` so the planner decides where activations live.
 
 int8 linears are W8A8 with per-output-channel weight scales and per-token activation scales: rows are
 quantized independently, so a text's result does not depend on its batch neighbours, and the int32
-accumulation of `torch._int_mm` (VNNI) is exact. The elementwise work around it (smoothing + per-row
-quantization before, scaling + bias after) is fused into one pass each by inductor (`fused` below):
-measured at [4096, 1536], eager dequantization takes 19 ms, the fused kernel 2.6 ms, against 5.3 ms
-for the int8 GEMM itself. LayerNorm stays eager: inductor's add+LayerNorm was slower (1.5 vs 1.1 ms).
+accumulation of `torch._int_mm` (VNNI) is exact.
+
+The work between GEMMs runs in the native kernels (turboserve/native, one pass each): at [4096, 1536]
+eager PyTorch dequantization takes 19 ms, the native pass 2.1 ms, against 5.3 ms for the int8 GEMM;
+add+LayerNorm 0.65 ms against 1.0-1.4 ms; varlen attention 11.5 ms against 19.5 ms for SDPA on a
+64-sequence `short` batch. Where the native library is unavailable (no C compiler), or for bf16
+activations, the PyTorch versions below run instead.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-# Set TURBOSERVE_COMPILE=0 to run the fused kernels eagerly (slower, no compiler needed).
-COMPILE = os.environ.get("TURBOSERVE_COMPILE", "1") != "0"
-
-
-def fused(fn):
-    """Compile `fn` with inductor on first call (dynamic shapes, so one kernel serves every token
-    count; compiled code is cached on disk by torch across processes)."""
-    if not COMPILE:
-        return fn
-    compiled = None
-
-    def call(*args):
-        nonlocal compiled
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-        return compiled(*args)
-    call.__name__ = fn.__name__
-    return call
+from .. import native
 
 
 class DenseLinear:
@@ -58,18 +43,21 @@ class DenseLinear:
         return self.weight_t.numel() * self.weight_t.element_size()
 
 
-@fused
 def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 of x / s: returns (int8 values, fp32 scale per row)."""
+    if native.lib() is not None and x.dtype == torch.float32 and x.is_contiguous():
+        return native.quantize_rows(x, inv_smooth)
     xs = x.float() * inv_smooth
     scale = xs.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
     return torch.round(xs / scale).clamp(-127, 127).to(torch.int8), scale
 
 
-@fused
-def dequantize_into(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                    bias: torch.Tensor, out: torch.Tensor) -> None:
-    out.copy_(acc.float() * row_scale * col_scale + bias)
+def dequantize_into(acc, row_scale, col_scale, bias, out) -> torch.Tensor:
+    """out = acc * row_scale * col_scale + bias."""
+    if native.lib() is not None and out.is_contiguous():
+        native.dequantize_into(acc, row_scale, col_scale, bias, out)
+        return out
+    return torch.addcmul(bias, acc.float() * row_scale, col_scale, out=out)
 
 
 class Int8Linear:
@@ -77,12 +65,12 @@ class Int8Linear:
 
     `smooth` (SmoothQuant) moves activation outliers into the weights: the input's columns are divided by
     s and the weight's multiplied. It cannot be folded into the producing LayerNorm here, because in a
-    post-LN encoder that LayerNorm's output is also the residual. Output is fp32.
+    post-LN encoder that LayerNorm's output is also the residual; the division rides along in the
+    quantization pass instead. Output is fp32.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None):
         w = weight.detach().float()
-        # SmoothQuant: W' = W * s (per input column), x' = x / s; x' is quantized per token.
         if smooth is None:
             smooth = torch.ones(w.shape[1])
         w = w * smooth[None, :]
@@ -99,8 +87,7 @@ class Int8Linear:
         acc = torch._int_mm(xq, self.weight_q)                        # exact int32
         if out is None:
             out = torch.empty(acc.shape, dtype=torch.float32)
-        dequantize_into(acc, row_scale, self.weight_scale, self.bias, out)
-        return out
+        return dequantize_into(acc, row_scale, self.weight_scale, self.bias, out)
 
     def nbytes(self) -> int:
         return self.weight_q.numel() + self.weight_scale.numel() * 4
@@ -124,29 +111,42 @@ def activation_(x: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {kind!r}")
 
 
+def _native_ok(*tensors: torch.Tensor) -> bool:
+    return native.lib() is not None and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float, out: torch.Tensor) -> torch.Tensor:
-    """out = LayerNorm(x + residual). x is overwritten with the sum (it is dead afterwards)."""
+    """out = LayerNorm(x + residual), one pass; x may be overwritten (it is dead afterwards)."""
+    if _native_ok(x, residual, weight, bias, out):
+        return native.add_layer_norm(x, residual, weight, bias, eps, out)
     return layer_norm(x.add_(residual), weight, bias, eps, out)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                out: torch.Tensor) -> torch.Tensor:
     """out = LayerNorm(x), written into `out` (a workspace view)."""
-    stats = torch.empty(0, dtype=x.dtype)   # mean / rstd, which we do not keep
-    torch.ops.aten.native_layer_norm.out(x, [x.shape[-1]], weight, bias, eps, out0=out, out1=stats,
-                                         out2=torch.empty(0, dtype=x.dtype))
+    torch.ops.aten.native_layer_norm.out(x, [x.shape[-1]], weight, bias, eps, out0=out,
+                                         out1=torch.empty(0, dtype=x.dtype), out2=torch.empty(0, dtype=x.dtype))
     return out
 
 
-def varlen_attention(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int, out: torch.Tensor) -> torch.Tensor:
+def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, out: torch.Tensor,
+                     order: torch.Tensor, max_len: int) -> torch.Tensor:
     """Bidirectional attention of each packed sequence over exactly its own tokens.
 
-    qkv: [T, 3 * H] (Q, K, V blocks of H columns); out: [T, H]. Adjacent sequences of equal length
-    (batches arrive length-sorted) share one SDPA call as a [B, heads, L, d] batch: no padding, no mask.
-    q, k and v are made contiguous first: with strided inputs SDPA leaves its flash kernel for the
-    math path, measured 3-5x slower at L >= 128.
+    qkv: [T, 3 * H] (Q, K, V blocks of H columns); out: [T, H]; cu_seqlens: int64 [B + 1];
+    order: sequence indices longest first (the native kernel's work order).
     """
+    if _native_ok(qkv, out):
+        return native.varlen_attention(qkv, cu_seqlens, order, num_heads, max_len, out)
+    return _sdpa_varlen(qkv, cu_seqlens.tolist(), num_heads, out)
+
+
+def _sdpa_varlen(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int, out: torch.Tensor) -> torch.Tensor:
+    """The PyTorch version: adjacent sequences of equal length (batches arrive length-sorted) share one
+    SDPA call as a [B, heads, L, d] batch, with no padding and no mask. q, k and v are made contiguous
+    first: with strided inputs SDPA leaves its flash kernel for the math path, 3-5x slower at L >= 128."""
     hidden = qkv.shape[1] // 3
     head_dim = hidden // num_heads
     scale = 1.0 / math.sqrt(head_dim)
