@@ -81,3 +81,18 @@ def test_batch_invariance(model_dirs, dtype):
     for i, s in enumerate(seqs):
         alone = enc.embed([s])[0]
         assert torch.allclose(alone, batched[i], rtol=0, atol=1e-6), i
+
+
+def test_pytorch_bin_weights_and_vocab_txt_tokenizer(tmp_path, model_dirs):
+    """A directory with pytorch_model.bin and only vocab.txt (no tokenizer.json) loads and matches."""
+    d = tmp_path / "bin"
+    model = transformers.AutoModel.from_pretrained(model_dirs["bert"])
+    model.save_pretrained(d, safe_serialization=False)
+    assert (d / "pytorch_model.bin").exists() and not (d / "model.safetensors").exists()
+    for f in ("vocab.txt", "tokenizer_config.json"):
+        (d / f).write_bytes((model_dirs["bert"] / f).read_bytes())
+    texts = ["Hello World, this is turboserve!", "short"]
+    ours = Encoder.load(d).hidden_states(texts)
+    ref = Encoder.load(model_dirs["bert"]).hidden_states(texts)
+    for o, r in zip(ours, ref):
+        assert o.shape == r.shape and rel_err(o, r) < 1e-6

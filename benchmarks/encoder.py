@@ -1,0 +1,295 @@
+"""Encoder throughput and quality: turboserve against transformers, ONNX Runtime and CTranslate2.
+
+    .venv/bin/python benchmarks/encoder.py [--models minilm,bert-base] [--workloads short,longtail]
+
+Workloads and models are the public ones of shared/DESIGN.md section 5 (token sequences of the
+workload's lengths drawn from whole words of the vocabulary). Every system gets the same sequences;
+throughput counts real (non-padding) tokens per second of wall time, 2 threads unless --threads.
+Quality is the minimum cosine, over all requests, between a system's pooled embedding and the fp32
+reference (transformers, each request alone). Peers need the `peers` extra (onnxruntime,
+ctranslate2); systems whose package is missing are reported as skipped.
+The GEMM peaks are measured at start on this machine, and each system's FLOP rate (linear layers plus
+attention, real tokens only) is printed as a fraction of the peak of its arithmetic.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from turboserve import Encoder  # noqa: E402
+from turboserve.loader import default_model_path  # noqa: E402
+from turboserve.workloads import encoder_lengths, token_sequences, word_token_ids  # noqa: E402
+
+CACHE = Path(os.environ.get("TURBOSERVE_BENCH_CACHE", Path(__file__).resolve().parents[1] / ".bench"))
+
+
+# ------------------------------------------------------------------ machine and peaks
+def machine() -> str:
+    name = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
+
+
+def timed(fn, repeat=3):
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def gemm_peaks() -> dict:
+    m, k, n = 2048, 768, 2304
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    ai, bi = torch.randint(-127, 127, (m, k), dtype=torch.int8), torch.randint(-127, 127, (n, k), dtype=torch.int8).t()
+    flops = 2 * m * k * n
+    return {"fp32": flops / timed(lambda: torch.mm(a, b)),
+            "bf16": flops / timed(lambda: torch.mm(a.bfloat16(), b.bfloat16())),
+            "int8": flops / timed(lambda: torch._int_mm(ai, bi))}
+
+
+# ------------------------------------------------------------------ models
+def model_dir(name: str) -> Path:
+    if name == "minilm":
+        return default_model_path()
+    if name == "bert-base":
+        d = CACHE / "bert-base"
+        if not (d / "config.json").exists():
+            import shutil
+            import transformers
+            torch.manual_seed(0)
+            transformers.BertModel(transformers.BertConfig()).save_pretrained(d)   # bert-base-uncased shape
+            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+                shutil.copy(default_model_path() / f, d / f)
+        return d
+    raise ValueError(name)
+
+
+def flops_per_request(config: dict, length: int) -> float:
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    linear = 2 * length * (4 * h * h + 2 * h * i)
+    attention = 4 * length * length * h
+    return layers * (linear + attention)
+
+
+# ------------------------------------------------------------------ systems
+def pool_padded(hidden: np.ndarray, lengths, mode: str) -> np.ndarray:
+    out = []
+    for row, n in zip(hidden, lengths):
+        out.append(row[0] if mode == "cls" else row[:n].mean(0))
+    return np.stack(out)
+
+
+def batches_of(seqs, size, sort):
+    idx = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if sort else list(range(len(seqs)))
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+def padded(seqs, idx, pad_id=0):
+    width = max(len(seqs[i]) for i in idx)
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    for r, i in enumerate(idx):
+        ids[r, :len(seqs[i])] = seqs[i]
+        mask[r, :len(seqs[i])] = 1
+    return ids, mask
+
+
+def run_transformers(path, seqs, mode, dtype, sort, batch=32):
+    import transformers
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval().to(dtype)
+    out = [None] * len(seqs)
+
+    def go():
+        with torch.inference_mode():
+            for idx in batches_of(seqs, batch, sort):
+                ids, mask = padded(seqs, idx)
+                h = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+                pooled = pool_padded(h.float().numpy(), [len(seqs[i]) for i in idx], mode)
+                for r, i in enumerate(idx):
+                    out[i] = pooled[r]
+    return go, out
+
+
+def run_turboserve(path, seqs, mode, dtype):
+    enc = Encoder.load(path, dtype=dtype, normalize=False)
+    out = [None]
+
+    def go():
+        out[0] = enc.embed(seqs).numpy()
+    return go, out
+
+
+def onnx_model(path: Path, config: dict, quant: bool) -> Path:
+    import transformers
+    from onnxruntime.transformers import optimizer
+    d = CACHE / "onnx" / path.name
+    d.mkdir(parents=True, exist_ok=True)
+    raw, opt, q = d / "model.onnx", d / "model_opt.onnx", d / "model_opt_int8.onnx"
+    if not opt.exists():
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+        ids = torch.randint(1000, 2000, (2, 16))
+        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", "last_hidden_state")})
+        optimizer.optimize_model(str(raw), model_type="bert", num_heads=config["num_attention_heads"],
+                                 hidden_size=config["hidden_size"]).save_model_to_file(str(opt))
+    if quant and not q.exists():
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        quantize_dynamic(str(opt), str(q), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return q if quant else opt
+
+
+def run_onnxruntime(path, seqs, mode, config, threads, quant, batch=32):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(onnx_model(path, config, quant)), so, providers=["CPUExecutionProvider"])
+    out = [None] * len(seqs)
+
+    def go():
+        for idx in batches_of(seqs, batch, sort=True):
+            ids, mask = padded(seqs, idx)
+            h = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
+            pooled = pool_padded(h, [len(seqs[i]) for i in idx], mode)
+            for r, i in enumerate(idx):
+                out[i] = pooled[r]
+    return go, out
+
+
+def run_ctranslate2(path, seqs, mode, threads, compute_type, batch=32):
+    import ctranslate2
+    d = CACHE / "ct2" / path.name
+    if not (d / "model.bin").exists():
+        ctranslate2.converters.TransformersConverter(str(path)).convert(str(d), force=True)
+    enc = ctranslate2.Encoder(str(d), device="cpu", compute_type=compute_type, intra_threads=threads)
+    out = [None] * len(seqs)
+
+    def go():
+        for idx in batches_of(seqs, batch, sort=True):
+            res = enc.forward_batch([seqs[i] for i in idx])
+            h = np.array(res.last_hidden_state)
+            pooled = pool_padded(h, [len(seqs[i]) for i in idx], mode)
+            for r, i in enumerate(idx):
+                out[i] = pooled[r]
+    return go, out
+
+
+# ------------------------------------------------------------------ main
+def reference(path, seqs, mode):
+    import transformers
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        rows = []
+        for s in seqs:
+            h = model(input_ids=torch.tensor([s])).last_hidden_state[0]
+            rows.append(pool_padded(h.numpy()[None], [len(s)], mode)[0])
+    return np.stack(rows)
+
+
+def min_cosine(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,bert-base")
+    ap.add_argument("--workloads", default="short,longtail")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=512, help="requests per workload (the first N)")
+    ap.add_argument("--bert-requests", type=int, default=128, help="requests per workload for bert-base")
+    ap.add_argument("--systems", default="all", help="comma list of system names to run, or all")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# machine: {machine()}; threads: {args.threads}")
+    peaks = gemm_peaks()
+    print("# measured GEMM peaks (2048x768x2304): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+    import json
+    rows = []
+    for name in args.models.split(","):
+        path = model_dir(name)
+        config = json.loads((path / "config.json").read_text())
+        mode = "mean"
+        enc = Encoder.load(path)
+        vocab = enc.tokenizer._tok.get_vocab()
+        words = word_token_ids(vocab)
+        for wl in args.workloads.split(","):
+            n = args.bert_requests if name == "bert-base" else args.requests
+            seqs = token_sequences(encoder_lengths(wl)[:n], words, vocab["[CLS]"], vocab["[SEP]"])
+            tokens = sum(map(len, seqs))
+            flops = sum(flops_per_request(config, len(s)) for s in seqs)
+            ref = reference(path, seqs, mode)
+            systems = {
+                "turboserve fp32": (lambda: run_turboserve(path, seqs, mode, "fp32"), "fp32"),
+                "turboserve bf16": (lambda: run_turboserve(path, seqs, mode, "bf16"), "bf16"),
+                "turboserve int8": (lambda: run_turboserve(path, seqs, mode, "int8"), "int8"),
+                "transformers fp32 padded/32": (lambda: run_transformers(path, seqs, mode, torch.float32, False), "fp32"),
+                "transformers bf16 padded/32": (lambda: run_transformers(path, seqs, mode, torch.bfloat16, False), "bf16"),
+                "transformers fp32 sorted/32": (lambda: run_transformers(path, seqs, mode, torch.float32, True), "fp32"),
+                "onnxruntime fp32 (bert-opt)": (lambda: run_onnxruntime(path, seqs, mode, config, args.threads, False), "fp32"),
+                "onnxruntime int8 dynamic": (lambda: run_onnxruntime(path, seqs, mode, config, args.threads, True), "int8"),
+                "ctranslate2 fp32": (lambda: run_ctranslate2(path, seqs, mode, args.threads, "float32"), "fp32"),
+                "ctranslate2 int8": (lambda: run_ctranslate2(path, seqs, mode, args.threads, "int8"), "int8"),
+            }
+            wanted = set(systems) if args.systems == "all" else {s.strip() for s in args.systems.split(",")}
+            print(f"\n## {name}, {wl}: {len(seqs)} requests, {tokens} real tokens")
+            print("| system | real tokens/s | vs turboserve int8 | min cosine vs fp32 | fraction of GEMM peak |")
+            print("|---|---:|---:|---:|---:|")
+            results = {}
+            for sys_name, (factory, arith) in systems.items():
+                if sys_name not in wanted:
+                    continue
+                try:
+                    go, out = factory()
+                except ImportError as exc:
+                    print(f"| {sys_name} | skipped ({exc.name} not installed) | | | |")
+                    continue
+                except Exception as exc:   # a peer that cannot load this model is reported, not fatal
+                    print(f"| {sys_name} | failed: {str(exc).splitlines()[0][:80]} | | | |")
+                    continue
+                t = timed(go, repeat=2)
+                emb = out[0] if sys_name.startswith("turboserve") else np.stack(out)
+                results[sys_name] = (tokens / t, min_cosine(emb, ref), flops / t / peaks[arith])
+                tps, cos, frac = results[sys_name]
+                ours = results.get("turboserve int8", (None,))[0]
+                ratio = f"{ours / tps:.2f}x" if ours else ""
+                print(f"| {sys_name} | {tps:,.0f} | {ratio} | {cos:.5f} | {frac:.0%} |", flush=True)
+            rows.append((name, wl, results))
+    print("\n## summary: turboserve against the best peer at each quality class")
+    print("| model, workload | best peer >= 0.999 | turboserve best >= 0.999 | best peer int8 >= 0.99 | turboserve int8 |")
+    print("|---|---|---|---|---|")
+    for name, wl, res in rows:
+        def best(pred):
+            c = [(v[0], k) for k, v in res.items() if pred(k, v)]
+            return max(c) if c else (0.0, "none")
+        peer_fp = best(lambda k, v: not k.startswith("turboserve") and v[1] >= 0.999)
+        ours_fp = best(lambda k, v: k.startswith("turboserve") and v[1] >= 0.999)
+        peer_q = best(lambda k, v: not k.startswith("turboserve") and "int8" in k and v[1] >= 0.99)
+        ours_q = res.get("turboserve int8", (0.0, 0.0, 0.0))
+        print(f"| {name}, {wl} | {peer_fp[1]} {peer_fp[0]:,.0f} | {ours_fp[1]} {ours_fp[0]:,.0f} | "
+              f"{peer_q[1]} {peer_q[0]:,.0f} | {ours_q[0]:,.0f} (min cos {ours_q[1]:.4f}) |")
+
+
+if __name__ == "__main__":
+    main()
