@@ -1,14 +1,14 @@
 """The packed-token encoder: one layer library for every supported architecture (see arch.py).
 
-forward() runs on a PackedBatch: embeddings, then per layer
-    op0 qkv   = x @ Wqkv + b                  (Q, K and V as one GEMM)
-    op1 ctx   = varlen attention(qkv)          (each sequence over exactly its own tokens)
-    op2 attn  = ctx @ Wo + b
-    op3 h1    = LayerNorm(attn + x)            (residual add + LayerNorm, one call)
-    op4 inter = act(h1 @ W1 + b)               (activation in place on the GEMM output)
-    op6 ffn   = inter @ W2 + b
-    op7 y     = LayerNorm(ffn + h1)
-Activations live in the memory planner's workspace; the op numbers above are their lifetimes.
+forward() runs on a PackedBatch: embeddings + LayerNorm, then per layer
+    op0 qkv   = x @ Wqkv + b                      (Q, K and V as one GEMM)
+    op1 ctx   = varlen attention(qkv)              (each sequence over exactly its own tokens)
+    op2 h1    = LayerNorm(ctx @ Wo + b + x)        (GEMM, then one epilogue pass)
+    op3 inter = act(h1 @ W1 + b)                   (GEMM, then activation in the epilogue)
+    op4 y     = LayerNorm(inter @ W2 + b + h1)
+Each epilogue also quantizes its output for the next GEMM when that one is int8, so an int8 model's
+[T, intermediate] activation exists only in int8. Activations live in the memory planner's workspace;
+the op numbers above are their lifetimes.
 """
 from __future__ import annotations
 
@@ -76,11 +76,18 @@ class EncoderModel:
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         self.head = self._load_head(view, config)
 
-        H, I = self.hidden, self.intermediate
-        specs = [("hidden_a", 0, 7, H, adt), ("hidden_b", 0, 7, H, adt), ("qkv", 0, 1, 3 * H, adt),
-                 ("ctx", 1, 2, H, adt), ("attn", 2, 3, H, adt), ("h1", 3, 7, H, adt),
-                 ("inter", 4, 6, I, adt), ("ffn", 6, 7, H, adt)]
-        self.workspace = Workspace(specs) if use_planner else NoWorkspace(specs)
+        self.use_planner = use_planner
+        self._build_workspace()
+
+    def _build_workspace(self) -> None:
+        """Plan one layer's activations (call again after swapping linears, e.g. quantization)."""
+        H, I, adt = self.hidden, self.intermediate, self.act_dtype
+        specs = [("hidden_a", 0, 4, H, adt), ("hidden_b", 0, 4, H, adt), ("qkv", 0, 1, 3 * H, adt),
+                 ("ctx", 1, 2, H, adt), ("h1", 2, 4, H, adt), ("inter", 3, 4, I, adt)]
+        if any(layer.qkv.takes_int8 for layer in self.layers):
+            # int32 accumulator of each int8 GEMM, reused by all four of them
+            specs.append(("acc", 0, 4, max(3 * H, I), torch.int32))
+        self.workspace = Workspace(specs) if self.use_planner else NoWorkspace(specs)
 
     def raw_linears(self, view: CheckpointView, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Layer i's fp32 (weight, bias) pairs, with Q, K and V concatenated into one projection."""
@@ -124,24 +131,44 @@ class EncoderModel:
         T = batch.num_tokens
         ops = self.ops
         v = self.workspace.views(T)
-        x, y = v["hidden_a"], v["hidden_b"]
+        acc = v.get("acc")
         emb = torch.embedding(self.word_emb, batch.input_ids)
         emb.add_(torch.embedding(self.pos_emb, batch.positions))
         if self.type_emb is not None:
             emb.add_(torch.embedding(self.type_emb, batch.token_types))
-        ops.layer_norm(emb, *self.emb_ln, self.eps, out=x)
-        for layer in self.layers:
-            layer.qkv(x, out=v["qkv"])
+        layers = self.layers
+        x, y = v["hidden_a"], v["hidden_b"]
+        x, xq = ops.epilogue(emb, out=x, ln=(*self.emb_ln, self.eps), quant_for=self._int8(layers[0].qkv))
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1].qkv if i + 1 < len(layers) else None
+            kw = self._acc(acc, layer.qkv, T)
+            layer.qkv(x, xq, out=v["qkv"], **kw)
             ops.varlen_attention(v["qkv"], batch.cu_tensor, self.num_heads, v["ctx"], batch.longest_first,
                                  batch.max_len)
-            layer.o(v["ctx"], out=v["attn"])
-            ops.add_layer_norm(v["attn"], x, *layer.ln1, self.eps, out=v["h1"])
-            layer.fc1(v["h1"], out=v["inter"])
-            ops.activation_(v["inter"], self.activation)
-            layer.fc2(v["inter"], out=v["ffn"])
-            ops.add_layer_norm(v["ffn"], v["h1"], *layer.ln2, self.eps, out=y)
-            x, y = y, x
+            kw = self._acc(acc, layer.o, T)
+            h1, h1q = layer.o(v["ctx"], None, out=v["h1"], residual=x, ln=(*layer.ln1, self.eps),
+                              quant_for=self._int8(layer.fc1), **kw)
+            # fc1's fp32 output is only needed when fc2 does not take int8
+            kw = self._acc(acc, layer.fc1, T)
+            inter, interq = layer.fc1(h1, h1q, out=None if layer.fc2.takes_int8 else v["inter"],
+                                      act=self.activation, quant_for=self._int8(layer.fc2), **kw)
+            kw = self._acc(acc, layer.fc2, T)
+            y, yq = layer.fc2(inter, interq, out=y, residual=h1, ln=(*layer.ln2, self.eps),
+                              quant_for=self._int8(nxt), **kw)
+            x, xq, y = y, yq, x
         return x
+
+    @staticmethod
+    def _acc(acc, linear, tokens: int) -> dict:
+        """A contiguous [T, N] int32 view of the shared accumulator, for an int8 linear."""
+        if not linear.takes_int8:
+            return {}
+        return {"acc": acc.view(-1)[: tokens * linear.out_features].view(tokens, linear.out_features)}
+
+    @staticmethod
+    def _int8(linear):
+        """The consumer to quantize for, if it takes int8 input."""
+        return linear if linear is not None and linear.takes_int8 else None
 
     @torch.inference_mode()
     def classify(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

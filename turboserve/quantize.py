@@ -34,10 +34,12 @@ def input_absmax(model: EncoderModel, batches) -> dict[tuple[int, str], torch.Te
     originals = [{name: getattr(layer, name) for name in LINEARS} for layer in model.layers]
 
     def recorder(i, name, linear):
-        def call(x, out=None):
+        def call(x, xq=None, **kw):
             m = x.detach().abs().amax(dim=0).float()
             stats[(i, name)] = m if (i, name) not in stats else torch.maximum(stats[(i, name)], m)
-            return linear(x, out=out)
+            return linear(x, xq, **kw)
+        call.takes_int8 = False
+        call.out_features = linear.out_features
         return call
 
     try:
@@ -72,4 +74,5 @@ def quantize_(model: EncoderModel, view: CheckpointView, stats, alpha: float = 0
             smooth = smoothing_factors(stats[(i, name)], weight, alpha) if alpha > 0 else None
             setattr(layer, name, model.ops.make_linear(weight, bias, "int8", smooth=smooth))
     model.dtype_name = "int8"
+    model._build_workspace()
     return model

@@ -73,9 +73,7 @@ def lib():
         return None
     L = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    L.quantize_rows_i8.argtypes = [p, p, p, p, i64, i64, i32]
-    L.dequantize_rows.argtypes = [p, p, p, p, p, i64, i64, i32]
-    L.add_layer_norm.argtypes = [p, p, p, p, f32, p, i64, i64, i32]
+    L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, p, p, p, p, i64, i64, i32]
     L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, i32]
     _lib = L
     return _lib
@@ -94,26 +92,26 @@ def _check(*tensors: torch.Tensor) -> None:
         assert t.is_contiguous() and t.device.type == "cpu", "native kernels need contiguous CPU tensors"
 
 
-def quantize_rows(x: torch.Tensor, inv_smooth: torch.Tensor):
-    _check(x, inv_smooth)
-    rows, cols = x.shape
-    q = torch.empty(rows, cols, dtype=torch.int8)
-    scale = torch.empty(rows, 1, dtype=torch.float32)
-    lib().quantize_rows_i8(_ptr(x), _ptr(inv_smooth), _ptr(q), _ptr(scale), rows, cols, _threads())
-    return q, scale
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 
-def dequantize_into(acc, row_scale, col_scale, bias, out) -> None:
-    _check(acc, row_scale, col_scale, bias, out)
-    rows, cols = acc.shape
-    lib().dequantize_rows(_ptr(acc), _ptr(row_scale), _ptr(col_scale), _ptr(bias), _ptr(out), rows, cols, _threads())
+def _opt(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
-def add_layer_norm(x, residual, weight, bias, eps: float, out) -> torch.Tensor:
-    _check(x, residual, weight, bias, out)
-    rows, cols = x.shape
-    lib().add_layer_norm(_ptr(x), _ptr(residual), _ptr(weight), _ptr(bias), eps, _ptr(out), rows, cols, _threads())
-    return out
+def row_epilogue(src: torch.Tensor, *, row_scale=None, col_scale=None, bias=None, activation=None,
+                 residual=None, ln=None, out=None, inv_smooth=None, q=None, qscale=None) -> None:
+    """See kernels.c: dequantize (src int32) or copy (src fp32), activation, + residual, LayerNorm,
+    store to `out`, quantize to `q`/`qscale` with `inv_smooth`. ln: (gamma, beta, eps)."""
+    rows, cols = src.shape
+    gamma, beta, eps = ln if ln is not None else (None, None, 0.0)
+    _check(*(t for t in (src, row_scale, col_scale, bias, residual, gamma, beta, out, inv_smooth, q, qscale)
+             if t is not None))
+    is_int = src.dtype == torch.int32
+    lib().row_epilogue(None if is_int else src.data_ptr(), src.data_ptr() if is_int else None,
+                       _opt(row_scale), _opt(col_scale), _opt(bias), ACTIVATIONS[activation], _opt(residual),
+                       _opt(gamma), _opt(beta), eps, _opt(out), _opt(inv_smooth), _opt(q), _opt(qscale),
+                       rows, cols, _threads())
 
 
 def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, num_heads: int,

@@ -13,60 +13,105 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* q[r, :] = round(x[r, :] * inv_smooth / scale[r]), scale[r] = max|x[r, :] * inv_smooth| / 127. */
-void quantize_rows_i8(const float *x, const float *inv_smooth, int8_t *q, float *scale,
-                      int64_t rows, int64_t cols, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * cols;
-        float amax = 0.0f;
-        for (int64_t c = 0; c < cols; c++) amax = fmaxf(amax, fabsf(xr[c] * inv_smooth[c]));
-        float s = fmaxf(amax, 1e-8f) / 127.0f;
-        float inv = 1.0f / s;
-        int8_t *qr = q + r * cols;
-        for (int64_t c = 0; c < cols; c++) {
-            float v = nearbyintf(xr[c] * inv_smooth[c] * inv);
-            v = fminf(fmaxf(v, -127.0f), 127.0f);
-            qr[c] = (int8_t)v;
+/* Everything between two GEMMs, one pass per row (TurboTransformers' fusion):
+ *   v   = src                                   (fp32 GEMM output, bias already added), or
+ *   v   = src_i32 * row_scale[r] * col_scale + bias   (int8 GEMM output)
+ *   v   = act(v)                                 act: 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu
+ *   v   = v + residual                           if residual
+ *   v   = LayerNorm(v) * gamma + beta            if gamma
+ *   out = v                                      if out (may alias src or residual: rows are
+ *                                                read whole before they are written)
+ *   q, qscale = int8(v * inv_smooth), per row    if q (the next int8 GEMM's input)
+ * `row` is a per-thread scratch of `cols` floats. */
+enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
+
+#ifdef __AVX512F__
+static inline __m512 exp512(__m512 x);
+/* erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), vectorized. */
+static inline __m512 erf512(__m512 x) {
+    const __m512 ax = _mm512_abs_ps(x);
+    /* t = 1 / (1 + 0.3275911 |x|): reciprocal estimate plus one Newton step (a divide costs 3x more) */
+    const __m512 den = _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+    __m512 t = _mm512_rcp14_ps(den);
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    const __m512 y = _mm512_fnmadd_ps(p, exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax))), _mm512_set1_ps(1.0f));
+    /* copy the sign of x */
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y),
+        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));
+}
+#endif
+
+static void activate_row(float *v, int64_t n, int act) {
+    int64_t c = 0;
+#ifdef __AVX512F__
+    if (act == ACT_GELU) {
+        for (; c + 16 <= n; c += 16) {
+            const __m512 x = _mm512_loadu_ps(v + c);
+            const __m512 e = erf512(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+            _mm512_storeu_ps(v + c, _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
         }
-        scale[r] = s;
+    }
+#endif
+    for (; c < n; c++) {
+        const float x = v[c];
+        switch (act) {
+        case ACT_GELU: v[c] = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); break;
+        case ACT_GELU_TANH: v[c] = 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))); break;
+        case ACT_RELU: v[c] = x > 0.0f ? x : 0.0f; break;
+        default: break;
+        }
     }
 }
 
-/* out[r, c] = acc[r, c] * row_scale[r] * col_scale[c] + bias[c] */
-void dequantize_rows(const int32_t *acc, const float *row_scale, const float *col_scale, const float *bias,
-                     float *out, int64_t rows, int64_t cols, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int32_t *ar = acc + r * cols;
-        float *orow = out + r * cols;
-        const float rs = row_scale[r];
-        for (int64_t c = 0; c < cols; c++) orow[c] = (float)ar[c] * rs * col_scale[c] + bias[c];
-    }
-}
-
-/* out[r, :] = LayerNorm(x[r, :] + res[r, :]) * gamma + beta, statistics in fp32 over two passes. */
-void add_layer_norm(const float *x, const float *res, const float *gamma, const float *beta, float eps,
-                    float *out, int64_t rows, int64_t cols, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * cols;
-        const float *rr = res ? res + r * cols : NULL;
-        float *orow = out + r * cols;
-        float sum = 0.0f;
-        for (int64_t c = 0; c < cols; c++) {
-            float v = rr ? xr[c] + rr[c] : xr[c];
-            orow[c] = v;
-            sum += v;
+void row_epilogue(const float *src, const int32_t *src_i32, const float *row_scale, const float *col_scale,
+                  const float *bias, int act, const float *residual, const float *gamma, const float *beta,
+                  float eps, float *out, const float *inv_smooth, int8_t *q, float *qscale,
+                  int64_t rows, int64_t cols, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *v = malloc(sizeof(float) * cols);
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (src_i32) {
+                const int32_t *ar = src_i32 + r * cols;
+                const float rs = row_scale[r];
+                for (int64_t c = 0; c < cols; c++) v[c] = (float)ar[c] * rs * col_scale[c] + bias[c];
+            } else {
+                memcpy(v, src + r * cols, sizeof(float) * cols);
+            }
+            if (act) activate_row(v, cols, act);
+            if (residual) {
+                const float *rr = residual + r * cols;
+                for (int64_t c = 0; c < cols; c++) v[c] += rr[c];
+            }
+            if (gamma) {
+                float sum = 0.0f, var = 0.0f;
+                for (int64_t c = 0; c < cols; c++) sum += v[c];
+                const float mean = sum / (float)cols;
+                for (int64_t c = 0; c < cols; c++) { const float d = v[c] - mean; var += d * d; }
+                const float rstd = 1.0f / sqrtf(var / (float)cols + eps);
+                for (int64_t c = 0; c < cols; c++) v[c] = (v[c] - mean) * rstd * gamma[c] + beta[c];
+            }
+            if (out) memcpy(out + r * cols, v, sizeof(float) * cols);
+            if (q) {
+                float amax = 0.0f;
+                for (int64_t c = 0; c < cols; c++) amax = fmaxf(amax, fabsf(v[c] * inv_smooth[c]));
+                const float scale = fmaxf(amax, 1e-8f) / 127.0f, inv = 1.0f / scale;
+                int8_t *qr = q + r * cols;
+                for (int64_t c = 0; c < cols; c++) {
+                    const float x = fminf(fmaxf(nearbyintf(v[c] * inv_smooth[c] * inv), -127.0f), 127.0f);
+                    qr[c] = (int8_t)x;
+                }
+                qscale[r] = scale;
+            }
         }
-        const float mean = sum / (float)cols;
-        float var = 0.0f;
-        for (int64_t c = 0; c < cols; c++) {
-            float d = orow[c] - mean;
-            var += d * d;
-        }
-        const float rstd = 1.0f / sqrtf(var / (float)cols + eps);
-        for (int64_t c = 0; c < cols; c++) orow[c] = (orow[c] - mean) * rstd * gamma[c] + beta[c];
+        free(v);
     }
 }
 
@@ -74,69 +119,131 @@ void add_layer_norm(const float *x, const float *res, const float *gamma, const 
  * qkv: [T, 3H] rows (Q | K | V, heads of `d` columns each); out: [T, H]. One task per (sequence,
  * head), longest sequences first (`order`) so the last tasks are short. Per task K is copied once,
  * transposed, into a [d, Lp] scratch (Lp = L rounded up to 16, zero-filled) so 16 keys sit in one
- * register; QB query rows share every key load. Softmax covers only the L real keys. */
-#define QB 8
+ * register. Softmax covers only the L real keys; its 1/sum is applied to the d outputs, not the L
+ * probabilities. */
+#define MR 4   /* query rows per micro-kernel */
+
+#ifdef __AVX512F__
+/* exp(x) for x <= 0: 2^n * p(r), r = x - n ln2, degree-6 Taylor polynomial (relative error < 2e-7). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* s[qi][j] = q_qi . k_j for MR query rows and all Lp keys; 4 key vectors x MR rows per step. */
+static void scores_avx512(const float *const q[MR], const float *kt, int64_t d, int64_t Lp, float *s) {
+    int64_t j0 = 0;
+    for (; j0 + 64 <= Lp; j0 += 64) {
+        __m512 a[MR][4];
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < d; k++) {
+            const float *kr = kt + k * Lp + j0;
+            const __m512 k0 = _mm512_loadu_ps(kr), k1 = _mm512_loadu_ps(kr + 16),
+                         k2 = _mm512_loadu_ps(kr + 32), k3 = _mm512_loadu_ps(kr + 48);
+            #pragma GCC unroll 4
+            for (int r = 0; r < MR; r++) {
+                const __m512 qv = _mm512_set1_ps(q[r][k]);
+                a[r][0] = _mm512_fmadd_ps(qv, k0, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(qv, k1, a[r][1]);
+                a[r][2] = _mm512_fmadd_ps(qv, k2, a[r][2]);
+                a[r][3] = _mm512_fmadd_ps(qv, k3, a[r][3]);
+            }
+        }
+        for (int r = 0; r < MR; r++)
+            for (int v = 0; v < 4; v++) _mm512_storeu_ps(s + r * Lp + j0 + 16 * v, a[r][v]);
+    }
+    for (; j0 < Lp; j0 += 16) {
+        __m512 a[MR];
+        for (int r = 0; r < MR; r++) a[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < d; k++) {
+            const __m512 kv = _mm512_loadu_ps(kt + k * Lp + j0);
+            #pragma GCC unroll 4
+            for (int r = 0; r < MR; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][k]), kv, a[r]);
+        }
+        for (int r = 0; r < MR; r++) _mm512_storeu_ps(s + r * Lp + j0, a[r]);
+    }
+}
+
+/* In place: s[j] = exp(scale * (s[j] - max)) over the L real keys; returns the sum. */
+static float softmax_numerators_avx512(float *s, int64_t L, float scale) {
+    const int64_t full = L / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (L - full)) - 1u);
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < full; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+    if (tail) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, s + full));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m)), sc = _mm512_set1_ps(scale);
+    __m512 z = _mm512_setzero_ps();
+    for (int64_t j = 0; j < full; j += 16) {
+        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), mx), sc));
+        _mm512_storeu_ps(s + j, e);
+        z = _mm512_add_ps(z, e);
+    }
+    if (tail) {
+        const __m512 e = exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), mx), sc));
+        _mm512_mask_storeu_ps(s + full, tail, e);
+        z = _mm512_mask_add_ps(z, tail, z, e);
+    }
+    return _mm512_reduce_add_ps(z);
+}
+#endif
+
 static void attend_rows(const float *base, float *out, int64_t row, int64_t H, int64_t h, int64_t d,
                         int64_t L, int64_t Lp, int64_t i0, int64_t nq, const float *kt, float *s,
                         float *acc, float scale) {
-    const float *q[QB];
-    for (int64_t qi = 0; qi < QB; qi++) q[qi] = base + (i0 + (qi < nq ? qi : 0)) * row + h * d;
+    const float *q[MR];
+    float inv[MR];
+    for (int64_t r = 0; r < MR; r++) q[r] = base + (i0 + (r < nq ? r : 0)) * row + h * d;
 #ifdef __AVX512F__
-    for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
-        __m512 a[QB];
-        #pragma GCC unroll 8
-        for (int qi = 0; qi < QB; qi++) a[qi] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < d; k++) {
-            const __m512 kv = _mm512_loadu_ps(kt + k * Lp + j0);
-            #pragma GCC unroll 8
-            for (int qi = 0; qi < QB; qi++) a[qi] = _mm512_fmadd_ps(_mm512_set1_ps(q[qi][k]), kv, a[qi]);
-        }
-        #pragma GCC unroll 8
-        for (int qi = 0; qi < QB; qi++) _mm512_storeu_ps(s + qi * Lp + j0, a[qi]);
-    }
-#else
-    for (int64_t qi = 0; qi < QB; qi++)
-        for (int64_t j = 0; j < Lp; j++) {
-            float v = 0.0f;
-            for (int64_t k = 0; k < d; k++) v += q[qi][k] * kt[k * Lp + j];
-            s[qi * Lp + j] = v;
-        }
-#endif
-    for (int64_t qi = 0; qi < QB; qi++) {
-        float *sr = s + qi * Lp;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < L; j++) m = fmaxf(m, sr[j]);
-        float z = 0.0f;
-        for (int64_t j = 0; j < L; j++) { sr[j] = expf((sr[j] - m) * scale); z += sr[j]; }
-        const float inv = 1.0f / z;
-        for (int64_t j = 0; j < L; j++) sr[j] *= inv;
-    }
-#ifdef __AVX512F__
+    scores_avx512(q, kt, d, Lp, s);
+    for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx512(s + r * Lp, L, scale);
     if (d % 16 == 0) {
         for (int64_t k0 = 0; k0 < d; k0 += 16) {
-            __m512 a[QB];
-            #pragma GCC unroll 8
-            for (int qi = 0; qi < QB; qi++) a[qi] = _mm512_setzero_ps();
+            __m512 a[MR];
+            for (int r = 0; r < MR; r++) a[r] = _mm512_setzero_ps();
             for (int64_t j = 0; j < L; j++) {
                 const __m512 v = _mm512_loadu_ps(base + j * row + 2 * H + h * d + k0);
-                #pragma GCC unroll 8
-                for (int qi = 0; qi < QB; qi++) a[qi] = _mm512_fmadd_ps(_mm512_set1_ps(s[qi * Lp + j]), v, a[qi]);
+                #pragma GCC unroll 4
+                for (int r = 0; r < MR; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r * Lp + j]), v, a[r]);
             }
-            #pragma GCC unroll 8
-            for (int qi = 0; qi < QB; qi++) _mm512_storeu_ps(acc + qi * d + k0, a[qi]);
+            for (int r = 0; r < MR; r++) _mm512_storeu_ps(acc + r * d + k0, _mm512_mul_ps(a[r], _mm512_set1_ps(inv[r])));
         }
-    } else
-#endif
-    {
-        for (int64_t x = 0; x < QB * d; x++) acc[x] = 0.0f;
-        for (int64_t j = 0; j < L; j++) {
-            const float *vj = base + j * row + 2 * H + h * d;
-            for (int64_t qi = 0; qi < QB; qi++)
-                for (int64_t k = 0; k < d; k++) acc[qi * d + k] += s[qi * Lp + j] * vj[k];
-        }
+        for (int64_t r = 0; r < nq; r++) memcpy(out + (i0 + r) * H + h * d, acc + r * d, sizeof(float) * d);
+        return;
     }
-    for (int64_t qi = 0; qi < nq; qi++)
-        memcpy(out + (i0 + qi) * H + h * d, acc + qi * d, sizeof(float) * d);
+#else
+    for (int64_t r = 0; r < MR; r++)
+        for (int64_t j = 0; j < Lp; j++) {
+            float v = 0.0f;
+            for (int64_t k = 0; k < d; k++) v += q[r][k] * kt[k * Lp + j];
+            s[r * Lp + j] = v;
+        }
+    for (int64_t r = 0; r < MR; r++) {
+        float *sr = s + r * Lp, m = -INFINITY, z = 0.0f;
+        for (int64_t j = 0; j < L; j++) m = fmaxf(m, sr[j]);
+        for (int64_t j = 0; j < L; j++) { sr[j] = expf((sr[j] - m) * scale); z += sr[j]; }
+        inv[r] = 1.0f / z;
+    }
+#endif
+    for (int64_t x = 0; x < MR * d; x++) acc[x] = 0.0f;
+    for (int64_t j = 0; j < L; j++) {
+        const float *vj = base + j * row + 2 * H + h * d;
+        for (int64_t r = 0; r < MR; r++)
+            for (int64_t k = 0; k < d; k++) acc[r * d + k] += s[r * Lp + j] * vj[k];
+    }
+    for (int64_t r = 0; r < nq; r++)
+        for (int64_t k = 0; k < d; k++) out[(i0 + r) * H + h * d + k] = acc[r * d + k] * inv[r];
 }
 
 void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const int64_t *order,
@@ -146,8 +253,8 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
     #pragma omp parallel num_threads(nthreads)
     {
         float *kt = malloc(sizeof(float) * d * max_lp);
-        float *s = malloc(sizeof(float) * QB * max_lp);
-        float *acc = malloc(sizeof(float) * QB * d);
+        float *s = malloc(sizeof(float) * MR * max_lp);
+        float *acc = malloc(sizeof(float) * MR * d);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < nseq * nheads; task++) {
             const int64_t seq = order[task / nheads], h = task % nheads;
@@ -159,8 +266,8 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
                 const float *kj = base + j * row + H + h * d;
                 for (int64_t k = 0; k < d; k++) kt[k * Lp + j] = kj[k];
             }
-            for (int64_t i0 = 0; i0 < L; i0 += QB)
-                attend_rows(base, out + start * H, row, H, h, d, L, Lp, i0, L - i0 < QB ? L - i0 : QB,
+            for (int64_t i0 = 0; i0 < L; i0 += MR)
+                attend_rows(base, out + start * H, row, H, h, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR,
                             kt, s, acc, scale);
         }
         free(kt); free(s); free(acc);
