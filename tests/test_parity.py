@@ -96,3 +96,17 @@ def test_pytorch_bin_weights_and_vocab_txt_tokenizer(tmp_path, model_dirs):
     ref = Encoder.load(model_dirs["bert"]).hidden_states(texts)
     for o, r in zip(ours, ref):
         assert o.shape == r.shape and rel_err(o, r) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_native_kernels_match_pytorch_fallback(model_dirs, monkeypatch, dtype):
+    """The native kernels and the PyTorch versions (used without a C compiler) agree."""
+    from turboserve import native
+    seqs = random_sequences([1, 9, 64, 128, 33, 33], seed=5)
+    with_native = Encoder.load(model_dirs["bert"], dtype=dtype).hidden_states(seqs)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", True)
+    fallback = Encoder.load(model_dirs["bert"], dtype=dtype).hidden_states(seqs)
+    for a, b in zip(with_native, fallback):
+        # int8: a rounding tie may land on the other side in one of the two; both are valid
+        assert rel_err(a, b) < (1e-5 if dtype == "fp32" else 2e-2)
