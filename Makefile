@@ -9,11 +9,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: run test bench
-run: $(VENV)/.installed   ## embed texts from stdin with the default model
-	$(VENV)/bin/turboserve embed
+run: $(VENV)/.installed   ## the server on the bundled default model, 127.0.0.1:8000
+	$(VENV)/bin/turboserve serve
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) benchmarks/encoder.py
+	$(PY) benchmarks/serve.py

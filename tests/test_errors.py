@@ -8,7 +8,6 @@ import pytest
 
 from turboserve import (Encoder, InputTooLongError, InvalidInputError, ModelLoadError,
                         UnsupportedArchitectureError)
-from conftest import MINILM
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,7 @@ import random
 
 from hypothesis import given, settings, strategies as st
 
-from turboserve.planner import (ALIGN, UsageRecord, brute_force_footprint, peak_live_bytes, plan,
-                                single_arena_footprint)
+from turboserve.planner import (ALIGN, UsageRecord, brute_force_footprint, peak_live_bytes, plan)
 
 records_strategy = st.lists(
     st.tuples(st.integers(0, 12), st.integers(0, 6), st.integers(1, 5 << 20)), min_size=1, max_size=14,

@@ -33,6 +33,17 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import ServerConfig, serve
+    return serve(ServerConfig(
+        model=args.model, dtype=args.dtype, host=args.host, port=args.port, threads=args.threads,
+        max_batch_tokens=args.max_batch_tokens, max_queued_requests=args.max_queued_requests,
+        max_queued_tokens=args.max_queued_tokens, request_timeout=args.request_timeout,
+        max_client_batch_size=args.max_client_batch_size, policy=args.batch_policy,
+        lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
+        served_name=args.served_model_name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turboserve", description="Fast padding-free transformer inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
     p.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("serve", help="HTTP server: OpenAI /v1/embeddings and TEI /embed /rerank /predict /tokenize",
+                       description="Every flag also reads TURBOSERVE_<FLAG> (e.g. TURBOSERVE_PORT=9000).")
+    add_model_args(s)
+    s.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
+    s.add_argument("--max-batch-tokens", type=int, default=int(_env("MAX_BATCH_TOKENS", 4096)),
+                   help="token budget of one model batch")
+    s.add_argument("--max-queued-requests", type=int, default=int(_env("MAX_QUEUED_REQUESTS", 512)),
+                   help="requests queued or running before new ones get 429")
+    s.add_argument("--max-queued-tokens", type=int, default=int(_env("MAX_QUEUED_TOKENS", 262144)),
+                   help="tokens queued or running before new requests get 429")
+    s.add_argument("--max-client-batch-size", type=int, default=int(_env("MAX_CLIENT_BATCH_SIZE", 1024)),
+                   help="inputs accepted in one request (split across batches by the scheduler)")
+    s.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 60)),
+                   help="seconds before a queued request is answered 504")
+    s.add_argument("--batch-policy", choices=["dp", "fifo"], default=_env("BATCH_POLICY", "dp"),
+                   help="dp: TurboTransformers' DP over a measured cost table; fifo: token-budget baseline")
+    s.add_argument("--lazy-timeout-ms", type=float, default=float(_env("LAZY_TIMEOUT_MS", 0)),
+                   help="0: hungry (batch as soon as the model is idle); >0: wait up to this for a fuller batch")
+    s.add_argument("--auto-truncate", action="store_true", default=_env("AUTO_TRUNCATE", "0") == "1",
+                   help="truncate over-long inputs instead of refusing them")
+    s.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
+                   help="model name reported by the API (default: the model directory's name)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -158,6 +158,11 @@ class EncoderModel:
             x, xq, y = y, yq, x
         return x
 
+    @property
+    def weight_bytes(self) -> int:
+        emb = sum(t.numel() * t.element_size() for t in (self.word_emb, self.pos_emb, self.type_emb) if t is not None)
+        return emb + sum(lin.nbytes for layer in self.layers for lin in (layer.qkv, layer.o, layer.fc1, layer.fc2))
+
     @staticmethod
     def _acc(acc, linear, tokens: int) -> dict:
         """A contiguous [T, N] int32 view of the shared accumulator, for an int8 linear."""

@@ -90,3 +90,15 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    def tokenize_detailed(self, texts: list[str], add_special_tokens: bool = True) -> list[list[dict]]:
+        """TEI /tokenize: per token its id, text (the input substring; the token for specials),
+        whether it is special, and its character offsets."""
+        out = []
+        for text, enc in zip(texts, self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)):
+            tokens = []
+            for tid, tok, (start, stop), special in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask):
+                tokens.append({"id": tid, "text": tok if special else text[start:stop], "special": bool(special),
+                               "start": None if special else start, "stop": None if special else stop})
+            out.append(tokens)
+        return out

@@ -113,6 +113,10 @@ class DenseLinear:
         self.in_features, self.out_features = self.weight_t.shape
         self.dtype = dtype
 
+    @property
+    def nbytes(self) -> int:
+        return self.weight_t.numel() * self.weight_t.element_size()
+
     def __call__(self, x: torch.Tensor, xq: Quantized | None = None, *, out: torch.Tensor, **epi):
         if self.bias is None:
             torch.mm(x, self.weight_t, out=out)
@@ -150,6 +154,10 @@ class Int8Linear:
         self.bias = (torch.zeros(w.shape[0]) if bias is None else bias.detach().float()).contiguous()
         self.in_features, self.out_features = self.weight_q.shape
         self.dtype = torch.float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_q.numel() + 4 * (self.weight_scale.numel() + self.bias.numel() + self.inv_smooth.numel())
 
     def __call__(self, x: torch.Tensor | None, xq: Quantized | None = None, *, out: torch.Tensor | None,
                  acc: torch.Tensor | None = None, **epi):

@@ -1,0 +1,335 @@
+"""The encoder serving engine: bounded admission, the batch scheduler, and one model thread.
+
+Three owners, kept apart: policy (scheduler.py decides batches from token counts), memory (the
+model's workspace) and device (this engine's worker thread runs forward passes). The asyncio side
+calls `submit()`; the worker thread answers through `loop.call_soon_threadsafe`.
+
+Admission: a request is refused with `Overloaded` (HTTP 429) when the queue already holds
+`max_queued_requests` requests or its tokens would pass `max_queued_tokens`; nothing waits unbounded.
+A request's deadline passing drops its queued items (`DeadlineExceeded`, HTTP 504); a cancelled
+request (client gone) has its queued items dropped before they reach the model.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .encoder import Encoder
+from .errors import TurboServeError
+from .model import pool
+from .packing import pack_tokens
+from .scheduler import CostTable, dp_partition, fifo_partition
+from .tokenizer import Encoded
+
+log = logging.getLogger("turboserve")
+
+
+class Overloaded(TurboServeError):
+    """The queue bounds are reached: come back later (HTTP 429)."""
+
+
+class NotReady(TurboServeError):
+    """Loading, shutting down, or the engine died (HTTP 503)."""
+
+
+class DeadlineExceeded(TurboServeError):
+    """The request's deadline passed before it was served (HTTP 504)."""
+
+
+@dataclass
+class Timings:
+    tokenize: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+
+
+@dataclass
+class Job:
+    """One client request: several inputs, answered together."""
+    items: list[Encoded]
+    kind: str                         # "embed" | "classify"
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    results: list = field(default_factory=list)
+    remaining: int = 0
+    cancelled: bool = False
+    first_start: float | None = None
+    inference: float = 0.0
+    admitted: bool = True             # counted against the queue bounds (health probes are not)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.ids) for e in self.items)
+
+
+@dataclass
+class WorkItem:
+    job: Job
+    index: int
+
+    @property
+    def length(self) -> int:
+        return len(self.job.items[self.index].ids)
+
+
+class EncoderEngine:
+    def __init__(self, encoder: Encoder, *, max_batch_tokens: int = 4096, max_queued_requests: int = 512,
+                 max_queued_tokens: int = 262144, policy: str = "dp", lazy_timeout: float = 0.0,
+                 cost_table: CostTable | None = None, metrics=None):
+        self.encoder = encoder
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queued_requests = max_queued_requests
+        self.max_queued_tokens = max_queued_tokens
+        self.policy = policy
+        self.lazy_timeout = lazy_timeout          # 0: hungry (run as soon as the model is idle)
+        self.cost_table = cost_table
+        self.metrics = metrics
+        self._queue: list[WorkItem] = []
+        self._queued_tokens = 0
+        self._jobs: dict[asyncio.Future, Job] = {}     # admitted jobs not yet answered
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.dead: BaseException | None = None
+        self.batches_run = 0
+        self.items_run = 0
+        self._thread = threading.Thread(target=self._run, name="turboserve-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ asyncio side
+    def submit(self, items: list[Encoded], kind: str, timeout: float, admit: bool = True) -> asyncio.Future:
+        """Queue a request; its future resolves to (per-input results, Timings).
+        admit=False (health probes) skips the queue bounds."""
+        loop = asyncio.get_running_loop()
+        job = Job(items, kind, time.perf_counter() + timeout, loop, loop.create_future(), admitted=admit)
+        job.results = [None] * len(items)
+        job.remaining = len(items)
+        tokens = job.tokens
+        with self._cv:
+            if self._stopping or self.dead is not None:
+                raise NotReady("the engine is shutting down" if self._stopping else "the engine has failed")
+            if not admit:
+                self._queue.insert(0, WorkItem(job, 0))
+                self._cv.notify()
+                return job.future
+            if tokens > self.max_queued_tokens:
+                raise Overloaded(f"the request has {tokens} tokens; the queue holds at most {self.max_queued_tokens}")
+            if len(self._jobs) >= self.max_queued_requests or self._queued_tokens + tokens > self.max_queued_tokens:
+                raise Overloaded(f"queue full ({len(self._jobs)} requests, {self._queued_tokens} tokens queued)")
+            self._queued_tokens += tokens
+            self._jobs[job.future] = job
+            self._queue.extend(WorkItem(job, i) for i in range(len(items)))
+            self._report_queue()
+            self._cv.notify()
+        return job.future
+
+    def cancel(self, future: asyncio.Future) -> None:
+        """Drop a request's queued work (its client went away); items already in the model finish,
+        the rest never reach it."""
+        with self._cv:
+            job = self._jobs.get(future)
+            if job is not None:
+                job.cancelled = True
+
+    @property
+    def queue_depth(self) -> tuple[int, int]:
+        return len(self._jobs), self._queued_tokens
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None and not self._stopping
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish queued work, then stop the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker side
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue(len(self._jobs), self._queued_tokens)
+
+    def _take(self) -> list[WorkItem]:
+        """Wait for work (hungry: at once; lazy: until the budget fills or the timeout passes)."""
+        with self._cv:
+            while not self._queue:
+                if self._stopping:
+                    return []
+                self._cv.wait(timeout=1.0)
+            if self.lazy_timeout > 0:
+                first = self._queue[0].job.enqueued
+                while (sum(i.length for i in self._queue) < self.max_batch_tokens and not self._stopping
+                       and time.perf_counter() - first < self.lazy_timeout):
+                    self._cv.wait(timeout=max(0.0, self.lazy_timeout - (time.perf_counter() - first)))
+            items, self._queue = self._queue, []
+            return items
+
+    def _finish_job_accounting(self, job: Job) -> None:
+        if not job.admitted:
+            return
+        with self._cv:
+            self._jobs.pop(job.future, None)
+            self._queued_tokens -= job.tokens
+            self._report_queue()
+
+    def _resolve(self, job: Job, error: BaseException | None = None) -> None:
+        if error is None:
+            result = (job.results, Timings(queue=(job.first_start or time.perf_counter()) - job.enqueued,
+                                           inference=job.inference))
+        else:
+            result = error
+
+        def deliver():
+            if job.future.done():
+                return
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+        job.loop.call_soon_threadsafe(deliver)
+
+    def _drop_dead_items(self, items: list[WorkItem]) -> list[WorkItem]:
+        now = time.perf_counter()
+        live, dropped = [], set()
+        for item in items:
+            job = item.job
+            if job.cancelled or now > job.deadline:
+                if id(job) not in dropped:
+                    dropped.add(id(job))
+                    job.remaining = -1           # never resolve twice
+                    self._finish_job_accounting(job)
+                    if not job.cancelled:
+                        self._resolve(job, DeadlineExceeded("the request's deadline passed while it was queued"))
+                continue
+            if job.remaining < 0:
+                continue
+            live.append(item)
+        return live
+
+    def plan(self, items: list[WorkItem]) -> list[list[WorkItem]]:
+        lengths = [i.length for i in items]
+        if self.policy == "dp" and self.cost_table is not None:
+            groups = dp_partition(lengths, self.cost_table, self.max_batch_tokens)
+        else:
+            groups = fifo_partition(lengths, self.max_batch_tokens)
+        return [[items[i] for i in g] for g in groups]
+
+    def _run(self) -> None:
+        try:
+            while True:
+                items = self._take()
+                if not items:
+                    return
+                for batch in self.plan(items):
+                    batch = self._drop_dead_items(batch)
+                    if batch:
+                        self._run_batch(batch)
+        except BaseException as exc:   # a bug in the engine: fail everything, report unhealthy
+            log.exception("engine thread died")
+            self.dead = exc
+            with self._cv:
+                pending, self._queue = self._queue, []
+            for job in {id(i.job): i.job for i in pending}.values():
+                self._resolve(job, NotReady("the engine has failed"))
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        start = time.perf_counter()
+        for item in batch:
+            if item.job.first_start is None:
+                item.job.first_start = start
+        enc = self.encoder
+        encoded = [i.job.items[i.index] for i in batch]
+        packed = pack_tokens([e.ids for e in encoded], [e.type_ids for e in encoded], enc.model.position_offset)
+        try:
+            hidden = enc.model.forward(packed)
+            kinds = {i.job.kind for i in batch}
+            pooled = pool(hidden, packed, enc.pooling.mode) if "embed" in kinds else None
+            logits = enc.model.classify(hidden, packed) if "classify" in kinds else None
+        except Exception as exc:        # this batch fails, the engine goes on
+            log.exception("batch failed")
+            for job in {id(i.job): i.job for i in batch}.values():
+                if job.remaining >= 0:
+                    job.remaining = -1
+                    self._finish_job_accounting(job)
+                    self._resolve(job, exc)
+            return
+        elapsed = time.perf_counter() - start
+        self.batches_run += 1
+        self.items_run += len(batch)
+        if self.metrics is not None:
+            self.metrics.batch(len(batch), packed.num_tokens, elapsed)
+        for row, item in enumerate(batch):
+            job = item.job
+            if job.remaining < 0:
+                continue
+            out = pooled[row] if job.kind == "embed" else logits[row]
+            job.results[item.index] = out.clone()
+            job.inference += elapsed * len(encoded[row].ids) / packed.num_tokens
+            job.remaining -= 1
+            if job.remaining == 0:
+                self._finish_job_accounting(job)
+                self._resolve(job)
+
+
+# ---------------------------------------------------------------------- cost table
+COST_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+COST_LENGTHS = [8, 16, 32, 64, 128, 256, 512]
+
+
+def cost_cache_path(encoder: Encoder, max_batch_tokens: int) -> Path:
+    weights = sorted(encoder.model_dir.glob("*.safetensors")) + sorted(encoder.model_dir.glob("*.bin"))
+    ident = [str(encoder.model_dir.resolve()), encoder.dtype, str(torch.get_num_threads()), str(max_batch_tokens),
+             *[f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights],
+             Path(__file__).with_name("native").joinpath("kernels.c").read_text()]
+    key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
+    return base / "costs" / f"{key}.json"
+
+
+def measure_cost_table(encoder: Encoder, max_batch_tokens: int, use_cache: bool = True) -> CostTable:
+    """Batch latency over a (batch size, length) grid, on this machine, cached on disk keyed by
+    model, dtype, threads, budget and kernel source. About 5-20 s for MiniLM on 2 cores."""
+    path = cost_cache_path(encoder, max_batch_tokens)
+    if use_cache and path.exists():
+        return CostTable.from_json(json.loads(path.read_text()))
+    t0 = time.perf_counter()
+    limit = encoder.model.max_tokens
+    lengths = [n for n in COST_LENGTHS if n <= limit] or [limit]
+    model = encoder.model
+    rng = np.random.default_rng(0)
+    seconds = []
+    for b in COST_SIZES:
+        row = []
+        for n in lengths:
+            if b * n > max_batch_tokens:
+                row.append(float("nan"))
+                continue
+            ids = [list(rng.integers(1000, min(model.vocab_size, 20000), n)) for _ in range(b)]
+            packed = pack_tokens([[int(t) for t in s] for s in ids], None, model.position_offset)
+            runs = []
+            for _ in range(3):
+                s = time.perf_counter()
+                model.forward(packed)
+                runs.append(time.perf_counter() - s)
+            row.append(float(np.median(runs)))
+        seconds.append(row)
+    table = CostTable(COST_SIZES, lengths, seconds,
+                      {"dtype": encoder.dtype, "threads": torch.get_num_threads(), "budget": max_batch_tokens,
+                       "measured_in_s": round(time.perf_counter() - t0, 2)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table.to_json()))
+    os.replace(tmp, path)
+    return table

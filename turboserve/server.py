@@ -1,0 +1,531 @@
+"""`turboserve serve`: the HTTP server (OpenAI and TEI wire formats) over the encoder engine.
+
+One request pipeline serves every route (`_pipeline`): read the body under the payload limit, validate
+into a plain `Request`, tokenize off the event loop, submit to the engine (bounded queue, 429 when
+full), await the result while watching for the client going away (its queued work is dropped), and
+shape the answer. Routes differ only in their parse and respond functions. Errors keep each API's own
+shape: OpenAI {"error": {"message", "type", "param", "code"}}, TEI {"error", "error_type"}.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import __version__
+from .encoder import Encoder
+from .engine import DeadlineExceeded, EncoderEngine, NotReady, Overloaded, measure_cost_table
+from .errors import InputTooLongError, InvalidInputError, TurboServeError
+from .metrics import Metrics
+
+log = logging.getLogger("turboserve")
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None
+    dtype: str = "fp32"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int | None = None
+    max_batch_tokens: int = 4096
+    max_queued_requests: int = 512
+    max_queued_tokens: int = 262144
+    max_client_batch_size: int = 1024         # inputs in one request
+    request_timeout: float = 60.0
+    payload_limit: int = 2 * 1024 * 1024      # bytes
+    policy: str = "dp"                        # "dp" | "fifo"
+    lazy_timeout: float = 0.0                 # seconds; 0 = hungry
+    auto_truncate: bool = False
+    served_name: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "Validation"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+# TEI error_type -> OpenAI error type
+_OPENAI_TYPES = {"Validation": "invalid_request_error", "Empty": "invalid_request_error",
+                 "Overloaded": "rate_limit_error", "Unhealthy": "service_unavailable", "Backend": "server_error",
+                 "Timeout": "timeout", "PayloadTooLarge": "invalid_request_error"}
+
+
+def error_response(api: str, err: ApiError) -> JSONResponse:
+    if api == "openai":
+        body = {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.kind, "server_error"),
+                          "param": None, "code": err.status}}
+    else:
+        body = {"error": err.message, "error_type": err.kind}
+    return JSONResponse(body, status_code=err.status)
+
+
+@dataclass
+class Parsed:
+    """A validated request: inputs for the model plus what shaping the answer needs."""
+    inputs: list
+    pairs: list | None = None
+    kind: str = "embed"
+    truncate: bool = False
+    options: dict = field(default_factory=dict)
+
+
+class State:
+    def __init__(self, config: ServerConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self.encoder: Encoder | None = None
+        self.engine: EncoderEngine | None = None
+        self.status = "loading"          # loading | ready | shutting_down | failed
+        self.error: str | None = None
+        self.started = int(time.time())
+
+    @property
+    def name(self) -> str:
+        if self.config.served_name:
+            return self.config.served_name
+        return self.encoder.model_dir.name if self.encoder is not None else (self.config.model or "default")
+
+    def require_ready(self) -> EncoderEngine:
+        if self.status != "ready" or self.engine is None or not self.engine.alive():
+            reason = {"loading": "the model is loading", "shutting_down": "the server is shutting down",
+                      "failed": f"the model failed to load: {self.error}"}.get(self.status, "the engine has failed")
+            raise ApiError(503, reason, "Unhealthy")
+        return self.engine
+
+
+# ---------------------------------------------------------------------- parsing helpers
+def _is_token_list(x) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _inputs(value, field_name: str, limit: int, api: str) -> list:
+    """str | token ids | list of (str | token ids) -> a non-empty list of inputs."""
+    if isinstance(value, str) or _is_token_list(value):
+        items = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ApiError(422 if api == "tei" else 400, f"`{field_name}` must be a string, a list of token ids, "
+                       f"or a list of those; got {type(value).__name__}")
+    if not items:
+        raise ApiError(400, f"`{field_name}` is empty", "Empty")
+    if len(items) > limit:
+        raise ApiError(422 if api == "tei" else 400,
+                       f"`{field_name}` has {len(items)} inputs; at most {limit} are accepted per request")
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise ApiError(400, f"`{field_name}[{i}]` is an empty string", "Empty")
+        elif not _is_token_list(item):
+            raise ApiError(422 if api == "tei" else 400,
+                           f"`{field_name}[{i}]` must be a string or a non-empty list of token ids")
+    return items
+
+
+def _bool(body: dict, key: str, default: bool, api: str) -> bool:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(422 if api == "tei" else 400, f"`{key}` must be a boolean")
+    return v
+
+
+def _dimensions(body: dict, hidden: int, api: str) -> int | None:
+    d = body.get("dimensions")
+    if d is None:
+        return None
+    if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= hidden:
+        raise ApiError(422 if api == "tei" else 400, f"`dimensions` must be an integer in [1, {hidden}]")
+    return d
+
+
+def _object(body, api: str) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(422 if api == "tei" else 400, "the request body must be a JSON object")
+    return body
+
+
+# ---------------------------------------------------------------------- routes: parse + respond
+def parse_openai_embeddings(body, state: State) -> Parsed:
+    body = _object(body, "openai")
+    if "input" not in body:
+        raise ApiError(400, "`input` is required")
+    fmt = body.get("encoding_format", "float") or "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "`encoding_format` must be 'float' or 'base64'")
+    inputs = _inputs(body["input"], "input", state.config.max_client_batch_size, "openai")
+    return Parsed(inputs, truncate=state.config.auto_truncate,
+                  options={"format": fmt, "dimensions": _dimensions(body, state.encoder.dimension, "openai")})
+
+
+def _shape_vectors(vectors: torch.Tensor, dims: int | None, normalize: bool) -> torch.Tensor:
+    if dims is not None:
+        vectors = vectors[:, :dims]
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, dim=-1)
+    return vectors
+
+
+def respond_openai_embeddings(p: Parsed, results, encoded, state: State):
+    vectors = _shape_vectors(torch.stack(results), p.options["dimensions"],
+                             state.encoder.pooling.normalize)
+    data = []
+    for i, v in enumerate(vectors):
+        if p.options["format"] == "base64":
+            emb = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+        else:
+            emb = v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    tokens = sum(len(e.ids) for e in encoded)
+    return {"object": "list", "data": data, "model": state.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def parse_tei_embed(body, state: State) -> Parsed:
+    body = _object(body, "tei")
+    if "inputs" not in body:
+        raise ApiError(422, "`inputs` is required")
+    if body.get("prompt_name") is not None:
+        raise ApiError(422, "`prompt_name` is not supported: this model defines no prompts")
+    inputs = _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei")
+    return Parsed(inputs, truncate=_bool(body, "truncate", state.config.auto_truncate, "tei"),
+                  options={"normalize": _bool(body, "normalize", True, "tei"),
+                           "dimensions": _dimensions(body, state.encoder.dimension, "tei")})
+
+
+def respond_tei_embed(p: Parsed, results, encoded, state: State):
+    return _shape_vectors(torch.stack(results), p.options["dimensions"], p.options["normalize"]).tolist()
+
+
+def _require_head(state: State, rerank: bool) -> None:
+    head = state.encoder.model.head
+    if head is None:
+        raise ApiError(424, "this model has no classification head: it serves /embed and /v1/embeddings", "Backend")
+    if rerank and head[-1][0].shape[0] != 1:
+        raise ApiError(424, "this model is a classifier with several labels, not a reranker", "Backend")
+
+
+def parse_tei_rerank(body, state: State) -> Parsed:
+    body = _object(body, "tei")
+    _require_head(state, rerank=True)
+    query, texts = body.get("query"), body.get("texts")
+    if not isinstance(query, str) or not query:
+        raise ApiError(422, "`query` must be a non-empty string")
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(400, "`texts` must be a non-empty list of strings", "Empty")
+    if len(texts) > state.config.max_client_batch_size:
+        raise ApiError(422, f"`texts` has {len(texts)} entries; at most {state.config.max_client_batch_size} are accepted")
+    if not all(isinstance(t, str) and t for t in texts):
+        raise ApiError(422, "every entry of `texts` must be a non-empty string")
+    return Parsed([query] * len(texts), list(texts), "classify", _bool(body, "truncate", state.config.auto_truncate, "tei"),
+                  {"raw": _bool(body, "raw_scores", False, "tei"), "return_text": _bool(body, "return_text", False, "tei"),
+                   "texts": texts})
+
+
+def respond_tei_rerank(p: Parsed, results, encoded, state: State):
+    logits = torch.stack(results)[:, 0]
+    scores = logits if p.options["raw"] else torch.sigmoid(logits)
+    out = [{"index": i, "score": float(s)} for i, s in enumerate(scores)]
+    if p.options["return_text"]:
+        for r in out:
+            r["text"] = p.options["texts"][r["index"]]
+    return sorted(out, key=lambda r: -r["score"])
+
+
+def parse_tei_predict(body, state: State) -> Parsed:
+    body = _object(body, "tei")
+    _require_head(state, rerank=False)
+    raw = body.get("inputs")
+    bad = ApiError(422, "`inputs` must be a string, a [text, text_pair] list, or a list of [text] / [text, text_pair] lists")
+    if isinstance(raw, str):
+        groups, single = [[raw]], True
+    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        if len(raw) != 2:
+            raise bad
+        groups, single = [raw], True
+    elif isinstance(raw, list) and raw and all(isinstance(x, list) for x in raw):
+        groups, single = raw, False
+    elif isinstance(raw, list) and not raw:
+        raise ApiError(400, "`inputs` is empty", "Empty")
+    else:
+        raise bad
+    if len(groups) > state.config.max_client_batch_size:
+        raise ApiError(422, f"`inputs` has {len(groups)} entries; at most {state.config.max_client_batch_size} are accepted")
+    for g in groups:
+        if not 1 <= len(g) <= 2 or not all(isinstance(t, str) and t for t in g):
+            raise bad
+    if any(len(g) == 2 for g in groups):
+        if not all(len(g) == 2 for g in groups):
+            raise ApiError(422, "mix of single texts and pairs in one request; send them separately")
+        texts, pairs = [g[0] for g in groups], [g[1] for g in groups]
+    else:
+        texts, pairs = [g[0] for g in groups], None
+    return Parsed(texts, pairs, "classify", _bool(body, "truncate", state.config.auto_truncate, "tei"),
+                  {"raw": _bool(body, "raw_scores", False, "tei"), "single": single})
+
+
+def respond_tei_predict(p: Parsed, results, encoded, state: State):
+    logits = torch.stack(results)
+    if p.options["raw"]:
+        scores = logits
+    else:
+        scores = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=-1)
+    labels = state.encoder.id2label
+    rows = [sorted(({"score": float(s), "label": labels.get(j, f"LABEL_{j}")} for j, s in enumerate(row)),
+                   key=lambda r: -r["score"]) for row in scores]
+    return rows[0] if p.options["single"] else rows
+
+
+# ---------------------------------------------------------------------- the pipeline
+async def _read_json(request: HttpRequest, limit: int):
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {length} bytes is over the {limit}-byte limit", "PayloadTooLarge")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit", "PayloadTooLarge")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+
+
+async def _until_disconnect(request: HttpRequest) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def make_route(state: State, route: str, api: str, parse, respond):
+    async def handler(request: HttpRequest) -> Response:
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            body = await _read_json(request, state.config.payload_limit)
+            engine = state.require_ready()
+            parsed = parse(body, state)
+            loop = asyncio.get_running_loop()
+            try:
+                encoded = await loop.run_in_executor(
+                    None, state.encoder.tokenizer.encode, parsed.inputs, parsed.pairs, parsed.truncate)
+            except InputTooLongError as exc:
+                raise ApiError(422 if api == "tei" else 400, str(exc)) from None
+            except InvalidInputError as exc:
+                raise ApiError(422 if api == "tei" else 400, str(exc)) from None
+            t_tok = time.perf_counter() - t0
+            try:
+                future = engine.submit(encoded, parsed.kind, state.config.request_timeout)
+            except Overloaded as exc:
+                raise ApiError(429, str(exc), "Overloaded") from None
+            except NotReady as exc:
+                raise ApiError(503, str(exc), "Unhealthy") from None
+            watcher = asyncio.ensure_future(_until_disconnect(request))
+            try:
+                done, _ = await asyncio.wait({future, watcher}, timeout=state.config.request_timeout + 1,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                engine.cancel(future)
+                raise
+            finally:
+                watcher.cancel()
+            if future not in done:
+                engine.cancel(future)
+                if watcher in done:
+                    status = 499                      # client closed the request; nobody reads this
+                    return Response(status_code=499)
+                raise ApiError(504, "the request's deadline passed", "Timeout")
+            try:
+                results, timings = future.result()
+            except DeadlineExceeded as exc:
+                raise ApiError(504, str(exc), "Timeout") from None
+            except NotReady as exc:
+                raise ApiError(503, str(exc), "Unhealthy") from None
+            except TurboServeError as exc:
+                raise ApiError(422 if api == "tei" else 400, str(exc)) from None
+            except Exception as exc:
+                log.exception("inference failed")
+                raise ApiError(500, f"inference failed: {exc}", "Backend") from None
+            payload = respond(parsed, results, encoded, state)
+            total = time.perf_counter() - t0
+            tokens = sum(len(e.ids) for e in encoded)
+            chars = sum(len(x) for x in parsed.inputs if isinstance(x, str)) + sum(len(x) for x in parsed.pairs or [])
+            headers = {"x-compute-type": state.encoder.dtype, "x-compute-time": _ms(total),
+                       "x-compute-characters": str(chars), "x-compute-tokens": str(tokens),
+                       "x-total-time": _ms(total), "x-tokenization-time": _ms(t_tok),
+                       "x-queue-time": _ms(timings.queue), "x-inference-time": _ms(timings.inference)}
+            state.metrics.stages(tokenize=t_tok, queue=timings.queue, inference=timings.inference, total=total)
+            return JSONResponse(payload, headers=headers)
+        except ApiError as err:
+            status = err.status
+            return error_response(api, err)
+        finally:
+            state.metrics.requests.labels(route, str(status)).inc()
+    return handler
+
+
+# ---------------------------------------------------------------------- plain routes
+def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
+    """The ASGI app. With `encoder` given it is used as is; otherwise the model loads in a background
+    thread at start-up while /health answers 503."""
+    metrics = Metrics()
+    state = State(config, metrics)
+
+    def start_engine(enc: Encoder) -> None:
+        table = None
+        if config.policy == "dp":
+            t = time.perf_counter()
+            table = measure_cost_table(enc, config.max_batch_tokens)
+            log.info("cost table ready in %.1f s (%s)", time.perf_counter() - t, table.meta)
+        state.encoder = enc
+        state.engine = EncoderEngine(enc, max_batch_tokens=config.max_batch_tokens,
+                                     max_queued_requests=config.max_queued_requests,
+                                     max_queued_tokens=config.max_queued_tokens, policy=config.policy,
+                                     lazy_timeout=config.lazy_timeout, cost_table=table, metrics=metrics)
+        plan = enc.model.workspace.plan_for(config.max_batch_tokens) if enc.model.use_planner else None
+        weights = enc.model.weight_bytes
+        log.info("ready: model %s (%s), dtype %s, threads %d, memory budget: weights %.0f MiB + activation "
+                 "workspace %.0f MiB at %d batch tokens; queue <= %d requests / %d tokens",
+                 enc.model_dir, enc.model.spec.model_type, enc.dtype, torch.get_num_threads(), weights / 2**20,
+                 (plan.footprint if plan else 0) / 2**20, config.max_batch_tokens, config.max_queued_requests,
+                 config.max_queued_tokens)
+        state.status = "ready"
+
+    def load() -> None:
+        try:
+            enc = Encoder.load(config.model, dtype=config.dtype, threads=config.threads,
+                               max_batch_tokens=config.max_batch_tokens)
+            start_engine(enc)
+        except Exception as exc:
+            log.error("model failed to load: %s", exc)
+            state.error = str(exc)
+            state.status = "failed"
+
+    async def health(request):
+        try:
+            engine = state.require_ready()
+            probe = engine.submit(state.encoder.tokenizer.encode(["health"]), "embed",
+                                  timeout=10.0, admit=False)
+            await asyncio.wait_for(probe, timeout=10.0)
+            return Response(status_code=200)
+        except ApiError as err:
+            return JSONResponse({"error": err.message, "error_type": err.kind}, status_code=503)
+        except Exception as exc:
+            return JSONResponse({"error": f"engine did not answer: {exc!r}", "error_type": "Unhealthy"}, status_code=503)
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": state.name, "object": "model", "created": state.started, "owned_by": "turboserve"}]})
+
+    async def info(request):
+        enc = state.encoder
+        model_type = None
+        if enc is not None:
+            head = enc.model.head
+            if head is None:
+                model_type = {"embedding": {"pooling": enc.pooling.mode}}
+            elif head[-1][0].shape[0] == 1:
+                model_type = {"reranker": {"id2label": {str(k): v for k, v in enc.id2label.items()}}}
+            else:
+                model_type = {"classifier": {"id2label": {str(k): v for k, v in enc.id2label.items()}}}
+        return JSONResponse({
+            "model_id": state.name, "model_dtype": config.dtype, "model_type": model_type,
+            "max_concurrent_requests": config.max_queued_requests,
+            "max_input_length": enc.model.max_tokens if enc else None,
+            "max_batch_tokens": config.max_batch_tokens, "max_batch_requests": None,
+            "max_client_batch_size": config.max_client_batch_size, "auto_truncate": config.auto_truncate,
+            "tokenization_workers": None, "version": __version__, "status": state.status})
+
+    async def tokenize(request):
+        try:
+            body = _object(await _read_json(request, config.payload_limit), "tei")
+            state.require_ready()
+            raw = body.get("inputs")
+            texts = [raw] if isinstance(raw, str) else raw
+            if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+                raise ApiError(422, "`inputs` must be a non-empty string or a non-empty list of them")
+            if len(texts) > config.max_client_batch_size:
+                raise ApiError(422, f"at most {config.max_client_batch_size} inputs per request")
+            add = _bool(body, "add_special_tokens", True, "tei")
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(None, state.encoder.tokenizer.tokenize_detailed, texts, add)
+            metrics.requests.labels("/tokenize", "200").inc()
+            return JSONResponse(out[0] if isinstance(raw, str) else out)
+        except ApiError as err:
+            metrics.requests.labels("/tokenize", str(err.status)).inc()
+            return error_response("tei", err)
+
+    async def prometheus(request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        if state.engine is not None:
+            metrics.queue(*state.engine.queue_depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if encoder is not None:
+            start_engine(encoder)
+        else:
+            threading.Thread(target=load, name="turboserve-load", daemon=True).start()
+        yield
+        state.status = "shutting_down"
+        if state.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, state.engine.stop)
+
+    routes = [
+        Route("/v1/embeddings", make_route(state, "/v1/embeddings", "openai", parse_openai_embeddings,
+                                           respond_openai_embeddings), methods=["POST"]),
+        Route("/embed", make_route(state, "/embed", "tei", parse_tei_embed, respond_tei_embed), methods=["POST"]),
+        Route("/rerank", make_route(state, "/rerank", "tei", parse_tei_rerank, respond_tei_rerank), methods=["POST"]),
+        Route("/predict", make_route(state, "/predict", "tei", parse_tei_predict, respond_tei_predict), methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.turboserve = state
+    return app
+
+
+def serve(config: ServerConfig) -> int:
+    """Run the server until SIGINT/SIGTERM: then stop accepting, finish in-flight requests, exit 0."""
+    import uvicorn
+    app = make_app(config)
+    state: State = app.state.turboserve
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_graceful_shutdown=config.request_timeout))
+
+    def handle_exit(sig, frame):
+        state.status = "shutting_down"       # /health -> 503, new work -> 503
+        server.handle_exit(sig, frame)       # stop accepting, drain; a second signal forces exit
+    # uvicorn's own signal capture re-raises the signal after draining, so the process would die of
+    # SIGTERM; a clean drain is a normal exit here.
+    server.capture_signals = contextlib.nullcontext
+    signal.signal(signal.SIGTERM, handle_exit)
+    signal.signal(signal.SIGINT, handle_exit)
+    server.run()
+    return 0
