@@ -10,7 +10,9 @@ rate is the highest offered rate with p99 under --p99-bound and under 1% refused
 
 Systems: turboserve (fp32 and int8, `--batch-policy dp` and `fifo`); sentence-transformers behind
 the same Starlette/uvicorn stack (this file's `st_app`, FIFO batches of up to 32); Infinity
-(infinity-emb) if installed in the interpreter given by --infinity-python.
+(infinity-emb, its torch and optimum engines) if installed in the interpreter given by --infinity-python:
+
+    python3 -m venv .bench/infinity-venv && .bench/infinity-venv/bin/pip install torch==2.13.0 "infinity-emb[server,torch,optimum]"
 """
 from __future__ import annotations
 
@@ -38,42 +40,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def texts_for(workload: str, n: int) -> list[str]:
+def texts_for(workload: str, n: int) -> tuple[list[str], list[int]]:
+    """n texts of the workload's token lengths (with [CLS] and [SEP]), and those lengths."""
+    from tokenizers import Tokenizer
+
     from turboserve.loader import default_model_path
     from turboserve.workloads import encoder_lengths
-    from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
     words = sorted(w for w in tok.get_vocab() if w.isalpha() and w.isascii() and len(w) > 2)
     rng = random.Random(7)
-    out = []
-    for length in encoder_lengths(workload)[:n]:
-        # one token per whole word (they are vocabulary words), plus [CLS] and [SEP]
-        out.append(" ".join(rng.choice(words) for _ in range(max(1, length - 2))))
-    return out
+    lengths = [max(3, length) for length in encoder_lengths(workload)[:n]]
+    # one token per whole word (they are vocabulary words), plus [CLS] and [SEP]
+    return [" ".join(rng.choice(words) for _ in range(length - 2)) for length in lengths], lengths
 
 
-async def run_load(base: str, path: str, body_of, texts, rate: float, timeout: float = 60.0) -> dict:
+async def run_load(base: str, path: str, body_of, texts, lengths, rate: float, timeout: float = 60.0) -> dict:
     import httpx
     rng = np.random.default_rng(11)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=len(texts)))
-    lat, refused, failed = [], 0, 0
+    lat, refused, failed, tokens = [], 0, 0, 0
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
 
         async def one(i):
-            nonlocal refused, failed
+            nonlocal refused, failed, tokens
             delay = start + arrivals[i] - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             t = time.perf_counter()
             try:
                 r = await client.post(path, json=body_of(texts[i]))
-            except Exception:
+            except httpx.HTTPError:
                 failed += 1
                 return
             if r.status_code == 200:
                 lat.append(time.perf_counter() - t)
+                tokens += lengths[i]
             elif r.status_code in (429, 503):
                 refused += 1
             else:
@@ -81,7 +84,7 @@ async def run_load(base: str, path: str, body_of, texts, rate: float, timeout: f
         await asyncio.gather(*(one(i) for i in range(len(texts))))
         wall = time.perf_counter() - start
     done = len(lat)
-    return {"rps": done / wall, "p50": float(np.percentile(lat, 50)) if lat else float("nan"),
+    return {"rps": done / wall, "tps": tokens / wall, "p50": float(np.percentile(lat, 50)) if lat else float("nan"),
             "p99": float(np.percentile(lat, 99)) if lat else float("nan"),
             "refused": refused / len(texts), "failed": failed}
 
@@ -101,8 +104,21 @@ def wait_healthy(base: str, proc, path="/health", timeout=300):
     raise RuntimeError("server did not become healthy")
 
 
-def start(cmd, env=None):
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def start(cmd, env=None, cwd=None):
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def min_cosine(base: str, path: str, body_of, texts, reference) -> float:
+    """The served vectors of `texts`, one request each, against `reference` (turboserve fp32 in-process)."""
+    import httpx
+    got = []
+    for t in texts:
+        js = httpx.post(base + path, json=body_of(t), timeout=60).json()
+        got.append(js["data"][0]["embedding"] if isinstance(js, dict) else js[0])
+    a = np.asarray(got, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
 def stop(proc):
@@ -114,16 +130,40 @@ def stop(proc):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def infinity_model_dir(engine: str) -> Path:
+    """The bundled model for Infinity. Its optimum (ONNX Runtime) engine only loads a model directory
+    that already holds an .onnx file (it will not export offline), and its own graph optimization fails
+    with optimum 2.x: give it the ORT BERT-optimized graph benchmarks/encoder.py builds, as model.onnx
+    beside the HF files. (Infinity 0.0.78 also passes optimum an absolute file name, which optimum 2.x
+    rejects, so the server runs inside this directory with --model-id ".".)"""
+    from turboserve.loader import default_model_path
+    src = default_model_path()
+    if engine == "torch":
+        return src
+    import json
+
+    from encoder import onnx_model
+    onnx_file = onnx_model(src, json.loads((src / "config.json").read_text()), quant=False)
+    d = ROOT / ".bench" / "infinity-minilm-onnx"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, f in [*((f.name, f) for f in src.iterdir()), ("model.onnx", onnx_file)]:
+        if not (d / name).is_symlink():
+            (d / name).symlink_to(f.resolve())
+    return d
+
+
 # ---------------------------------------------------------------------- the sentence-transformers peer
 def st_app(threads: int):
     """sentence-transformers behind the same Starlette/uvicorn stack: a worker thread takes up to 32
     queued texts at a time (FIFO) and calls SentenceTransformer.encode."""
     import threading
+
     import torch
     from sentence_transformers import SentenceTransformer
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
+
     from turboserve.loader import default_model_path
     torch.set_num_threads(threads)
     model = SentenceTransformer(str(default_model_path()), device="cpu")
@@ -160,12 +200,13 @@ def st_app(threads: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="25,50,100,200,400")
+    ap.add_argument("--rates", default="50,100,150,200,300,400,600")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--workloads", default="short,longtail")
     ap.add_argument("--threads", type=int, default=2, help="model threads of every server")
     ap.add_argument("--p99-bound", type=float, default=0.5)
-    ap.add_argument("--systems", default="turboserve-int8-dp,turboserve-int8-fifo,turboserve-fp32-dp,sentence-transformers,infinity")
+    ap.add_argument("--systems", default="turboserve-int8-dp,turboserve-int8-fifo,turboserve-fp32-dp,sentence-transformers,"
+                    "infinity-torch,infinity-optimum")
     ap.add_argument("--infinity-python", default=str(ROOT / ".bench" / "infinity-venv" / "bin" / "python"))
     ap.add_argument("--serve-st", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,20 +214,24 @@ def main():
         import uvicorn
         uvicorn.run(st_app(args.threads), host="127.0.0.1", port=args.serve_st, log_level="warning")
         return
-    from turboserve.loader import default_model_path
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; server model threads: "
           f"{args.threads}; load generator: 1 asyncio process on the same cores; p99 bound {args.p99_bound}s")
+    from turboserve import Encoder
     rates = [float(r) for r in args.rates.split(",")]
+    systems = args.systems.split(",")
     sustained = {}
     for wl in args.workloads.split(","):
-        texts = texts_for(wl, args.requests)
-        print(f"\n## {wl}: {len(texts)} requests of one text each, Poisson arrivals")
-        print("| system | offered req/s | achieved req/s | p50 ms | p99 ms | refused | failed |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for system in args.systems.split(","):
+        texts, lengths = texts_for(wl, args.requests)
+        probe = texts[:48]
+        reference = Encoder.load(threads=args.threads).embed(probe).numpy()
+        print(f"\n## {wl}: {len(texts)} requests of one text each ({sum(lengths) / len(lengths):.1f} tokens on average), "
+              "Poisson arrivals; min cos: served vectors of 48 texts against turboserve fp32 in-process")
+        print("| system | offered req/s | achieved req/s | tokens/s | p50 ms | p99 ms | refused | failed | min cos |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for system in systems:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            env = dict(os.environ)
+            env, cwd = dict(os.environ), None
             if system.startswith("turboserve"):
                 _, dtype, policy = system.split("-")
                 cmd = [sys.executable, "-m", "turboserve", "serve", "--port", str(port), "--dtype", dtype,
@@ -195,37 +240,48 @@ def main():
             elif system == "sentence-transformers":
                 cmd = [sys.executable, __file__, "--serve-st", str(port), "--threads", str(args.threads)]
                 path, body = "/embed", (lambda t: {"inputs": t})
-            elif system == "infinity":
+            elif system.startswith("infinity"):
                 if not Path(args.infinity_python).exists():
-                    print(f"| infinity | skipped: no interpreter at {args.infinity_python} | | | | | |")
+                    print(f"| {system} | skipped: no interpreter at {args.infinity_python} | | | | | | | |")
                     continue
-                cmd = [args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", str(default_model_path()),
-                       "--port", str(port), "--engine", "torch", "--device", "cpu", "--batch-size", "32"]
+                engine = system.split("-")[1]
+                cwd = infinity_model_dir(engine)
+                cmd = [args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", ".", "--served-model-name",
+                       "minilm", "--port", str(port), "--engine", engine, "--device", "cpu", "--batch-size", "32",
+                       "--pooling-method", "mean"]     # its "auto" picks CLS pooling for the ONNX model: wrong
                 env.update(OMP_NUM_THREADS=str(args.threads), INFINITY_ANONYMOUS_USAGE_STATS="0", HF_HUB_OFFLINE="1")
-                path, body = "/embeddings", (lambda t: {"input": [t], "model": str(default_model_path())})
+                path, body = "/embeddings", (lambda t: {"input": [t], "model": "minilm"})
             else:
                 raise SystemExit(f"unknown system {system}")
-            proc = start(cmd, env)
+            proc = start(cmd, env, cwd)
             try:
                 wait_healthy(base, proc)
-                asyncio.run(run_load(base, path, body, texts[:20], 20.0))     # warm-up
-                best = 0.0
+                asyncio.run(run_load(base, path, body, texts[:20], lengths, 20.0))     # warm-up
+                quality = min_cosine(base, path, body, probe, reference)
+                best = (0.0, 0.0)
                 for rate in rates:
-                    r = asyncio.run(run_load(base, path, body, texts, rate))
-                    print(f"| {system} | {rate:.0f} | {r['rps']:.1f} | {r['p50'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | "
-                          f"{r['refused']:.0%} | {r['failed']} |", flush=True)
+                    r = asyncio.run(run_load(base, path, body, texts, lengths, rate))
+                    print(f"| {system} | {rate:.0f} | {r['rps']:.1f} | {r['tps']:.0f} | {r['p50'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | "
+                          f"{r['refused']:.0%} | {r['failed']} | {quality:.5f} |", flush=True)
                     if r["p99"] <= args.p99_bound and r["refused"] < 0.01 and r["failed"] == 0:
-                        best = max(best, r["rps"])
+                        best = max(best, (r["rps"], r["tps"]))
                 sustained[(wl, system)] = best
             except Exception as exc:
-                print(f"| {system} | failed: {exc} | | | | | |")
+                print(f"| {system} | failed: {exc} | | | | | | | |")
             finally:
                 stop(proc)
-    print(f"\n## sustainable throughput (req/s with p99 <= {args.p99_bound * 1e3:.0f} ms, < 1% refused)")
-    print("| workload | " + " | ".join(args.systems.split(",")) + " |")
-    print("|---|" + "---:|" * len(args.systems.split(",")))
+    print(f"\n## sustainable throughput: the best offered rate answered with p99 <= {args.p99_bound * 1e3:.0f} ms, "
+          "< 1% refused, none failed (req/s, tokens/s)")
+    print("| workload | " + " | ".join(systems) + " |")
+    print("|---|" + "---:|" * len(systems))
     for wl in args.workloads.split(","):
-        print(f"| {wl} | " + " | ".join(f"{sustained.get((wl, s), float('nan')):.1f}" for s in args.systems.split(",")) + " |")
+        cells = (sustained.get((wl, s)) for s in systems)
+        print(f"| {wl} | " + " | ".join(f"{c[0]:.1f} ({c[1]:.0f})" if c else "n/a" for c in cells) + " |")
+    for wl in args.workloads.split(","):
+        peer = max((sustained.get((wl, s), (0.0, 0.0))[0] for s in systems if s.startswith("infinity")), default=0.0)
+        for s in systems:
+            if s.startswith("turboserve") and peer and (wl, s) in sustained:
+                print(f"{wl}: {s} / best Infinity = {sustained[(wl, s)][0] / peer:.2f}x")
 
 
 if __name__ == "__main__":
