@@ -41,7 +41,7 @@ def cmd_serve(args) -> int:
         max_queued_tokens=args.max_queued_tokens, request_timeout=args.request_timeout,
         max_client_batch_size=args.max_client_batch_size, policy=args.batch_policy,
         lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
-        served_name=args.served_model_name))
+        served_name=args.served_model_name, access_log=args.access_log))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate over-long inputs instead of refusing them")
     s.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
                    help="model name reported by the API (default: the model directory's name)")
+    s.add_argument("--access-log", action="store_true", default=_env("ACCESS_LOG", "0") == "1",
+                   help="log one line per request (off by default: it costs event-loop time under load)")
     s.set_defaults(func=cmd_serve)
     return parser
 
