@@ -175,24 +175,24 @@ def stop(proc):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def infinity_model_dir(engine: str) -> Path:
-    """The bundled model for Infinity. Its optimum (ONNX Runtime) engine only loads a model directory
-    that already holds an .onnx file (it will not export offline), and its own graph optimization fails
-    with optimum 2.x: give it the ORT BERT-optimized graph benchmarks/encoder.py builds, as model.onnx
-    beside the HF files. (Infinity 0.0.78 also passes optimum an absolute file name, which optimum 2.x
-    rejects, so the server runs inside this directory with --model-id ".".)"""
-    from turboserve.loader import default_model_path
-    src = default_model_path()
-    if engine == "torch":
-        return src
+def infinity_model_dir() -> Path:
+    """The bundled model for Infinity, in a directory of links of its own (Infinity writes a cache
+    directory into its working directory). Its optimum (ONNX Runtime) engine only loads a model
+    directory that already holds an .onnx file (it will not export offline), and its own graph
+    optimization fails with optimum 2.x: give it the ORT BERT-optimized graph benchmarks/encoder.py
+    builds, as model.onnx. Infinity 0.0.78 also passes optimum an absolute file name, which optimum 2.x
+    rejects, so the server runs inside this directory with --model-id "."."""
     import json
 
     from encoder import onnx_model
+
+    from turboserve.loader import default_model_path
+    src = default_model_path()
     onnx_file = onnx_model(src, json.loads((src / "config.json").read_text()), quant=False)
-    d = ROOT / ".bench" / "infinity-minilm-onnx"
+    d = ROOT / ".bench" / "infinity-minilm"
     d.mkdir(parents=True, exist_ok=True)
-    for name, f in [*((f.name, f) for f in src.iterdir()), ("model.onnx", onnx_file)]:
-        if not (d / name).is_symlink():
+    for name, f in [*((f.name, f) for f in src.iterdir() if not f.name.startswith(".")), ("model.onnx", onnx_file)]:
+        if not (d / name).exists():
             (d / name).symlink_to(f.resolve())
     return d
 
@@ -245,7 +245,8 @@ def st_app(threads: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rates", default="50,100,150,200,300,400,600")
+    ap.add_argument("--rates", default="50,100,150,200,300,400,600", help="offered req/s for turboserve")
+    ap.add_argument("--peer-rates", default="10,20,30,40,50,75,100", help="offered req/s for the peers")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--workloads", default="short,longtail")
     ap.add_argument("--threads", type=int, default=2, help="model threads of every server")
@@ -262,7 +263,6 @@ def main():
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; server model threads: "
           f"{args.threads}; load generator: 1 asyncio process on the same cores; p99 bound {args.p99_bound}s")
     from turboserve import Encoder
-    rates = [float(r) for r in args.rates.split(",")]
     systems = args.systems.split(",")
     sustained = {}
     for wl in args.workloads.split(","):
@@ -290,7 +290,7 @@ def main():
                     print(f"| {system} | skipped: no interpreter at {args.infinity_python} | | | | | | | |")
                     continue
                 engine = system.split("-")[1]
-                cwd = infinity_model_dir(engine)
+                cwd = infinity_model_dir()
                 cmd = [args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", ".", "--served-model-name",
                        "minilm", "--port", str(port), "--engine", engine, "--device", "cpu", "--batch-size", "32",
                        "--pooling-method", "mean"]     # its "auto" picks CLS pooling for the ONNX model: wrong
@@ -304,7 +304,7 @@ def main():
                 asyncio.run(run_load(base, path, body, texts[:20], lengths, 20.0))     # warm-up
                 quality = min_cosine(base, path, body, probe, reference)
                 best = (0.0, 0.0)
-                for rate in rates:
+                for rate in (float(r) for r in (args.rates if system.startswith("turboserve") else args.peer_rates).split(",")):
                     r = asyncio.run(run_load(base, path, body, texts, lengths, rate))
                     print(f"| {system} | {rate:.0f} | {r['rps']:.1f} | {r['tps']:.0f} | {r['p50'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | "
                           f"{r['refused']:.0%} | {r['failed']} | {quality:.5f} |", flush=True)

@@ -68,3 +68,57 @@ def random_sequences(lengths, vocab=30522, seed=0, low=3):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ---------------------------------------------------------------------- decoders
+CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def _decoder_configs():
+    import transformers as tf
+    tiny = dict(vocab_size=30522, eos_token_id=102, bos_token_id=101)
+    return {
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
+                 dict(tiny, n_embd=64, n_head=4, n_layer=2, n_positions=256, initializer_range=0.2)),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM,
+                  dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                       intermediate_size=128, max_position_embeddings=256, initializer_range=0.2,
+                       rope_scaling={"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM,
+                  dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=2,
+                       intermediate_size=128, max_position_embeddings=256, initializer_range=0.2,
+                       tie_word_embeddings=True)),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM,
+                    dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         intermediate_size=128, max_position_embeddings=256, initializer_range=0.2,
+                         sliding_window=24)),
+    }
+
+
+DECODER_ARCHS = ("gpt2", "llama", "qwen2", "mistral")
+
+
+def build_decoder(arch: str, out: Path, seed: int = 0) -> Path:
+    """A random-weight causal LM of `arch` with MiniLM's tokenizer and a small chat template. The
+    init range is wide so next-token distributions are peaked (greedy parity has no near-ties)."""
+    import json
+    cfg_cls, model_cls, kwargs = _decoder_configs()[arch]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kwargs)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "ln" in n or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    shutil.copy(MINILM / "tokenizer.json", out / "tokenizer.json")
+    cfg = json.loads((MINILM / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="session")
+def decoder_dirs(tmp_path_factory):
+    return {arch: build_decoder(arch, tmp_path_factory.mktemp(arch)) for arch in DECODER_ARCHS}

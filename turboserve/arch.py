@@ -97,3 +97,80 @@ def spec_for(config: dict) -> ArchSpec:
             f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"
             f" supported: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[model_type]
+
+
+# ---------------------------------------------------------------------- decoders
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A pre-norm causal decoder: embeddings (+ learned positions), N layers of
+    [norm -> QKV -> (RoPE) -> causal attention over the KV cache -> O -> + residual -> norm -> MLP ->
+    + residual], final norm, LM head. GPT-2, LLaMA, Qwen2 and Mistral differ only in the fields below."""
+    model_type: str
+    base_prefix: str                 # "transformer." / "model."
+    layer_prefix: str
+    emb_names: dict                  # word (+ pos), final norm
+    layer_names: dict                # canonical -> checkpoint suffix
+    cfg_keys: dict
+    norm: str                        # "layernorm" | "rmsnorm"
+    rope: bool                       # rotary positions (else learned absolute positions)
+    gated_mlp: bool                  # act(gate(x)) * up(x) -> down, else fc1 -> act -> fc2
+    fused_qkv_conv1d: bool = False   # GPT-2: one c_attn with a Conv1D ([in, out]) weight
+    conv1d: bool = False             # all linears stored [in, out]
+    cfg_defaults: dict = field(default_factory=dict)
+
+    def config_value(self, config: dict, key: str):
+        name = self.cfg_keys[key]
+        if name in config and config[name] is not None:
+            return config[name]
+        if key in self.cfg_defaults:
+            return self.cfg_defaults[key]
+        raise KeyError(name)
+
+
+GPT2 = DecoderSpec(
+    "gpt2", "transformer.", "h",
+    {"word": "wte", "pos": "wpe", "final_norm": "ln_f"},
+    {"norm1": "ln_1", "qkv": "attn.c_attn", "o": "attn.c_proj", "norm2": "ln_2", "fc1": "mlp.c_fc",
+     "fc2": "mlp.c_proj"},
+    {"hidden": "n_embd", "heads": "n_head", "layers": "n_layer", "intermediate": "n_inner",
+     "act": "activation_function", "eps": "layer_norm_epsilon", "max_pos": "n_positions", "vocab": "vocab_size",
+     "tie": "tie_word_embeddings"},
+    norm="layernorm", rope=False, gated_mlp=False, fused_qkv_conv1d=True, conv1d=True,
+    cfg_defaults={"act": "gelu_new", "eps": 1e-5, "tie": True},
+)
+_LLAMA_LAYER = {"norm1": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+                "v": "self_attn.v_proj", "o": "self_attn.o_proj", "norm2": "post_attention_layernorm",
+                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_LLAMA_CFG = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
+              "head_dim": "head_dim", "layers": "num_hidden_layers", "intermediate": "intermediate_size",
+              "act": "hidden_act", "eps": "rms_norm_eps", "max_pos": "max_position_embeddings",
+              "vocab": "vocab_size", "tie": "tie_word_embeddings", "rope_theta": "rope_theta",
+              "rope_scaling": "rope_scaling", "window": "sliding_window"}
+_LLAMA_EMB = {"word": "embed_tokens", "final_norm": "norm"}
+
+
+def _llama_like(model_type: str, **defaults) -> DecoderSpec:
+    return DecoderSpec(model_type, "model.", "layers", _LLAMA_EMB, _LLAMA_LAYER, _LLAMA_CFG,
+                       norm="rmsnorm", rope=True, gated_mlp=True,
+                       cfg_defaults={"act": "silu", "eps": 1e-6, "tie": False, "rope_theta": 10000.0,
+                                     "rope_scaling": None, "window": None, **defaults})
+
+
+LLAMA = _llama_like("llama")
+QWEN2 = _llama_like("qwen2")            # Q, K and V carry biases: found in the checkpoint, not configured
+MISTRAL = _llama_like("mistral")        # sliding_window bounds attention when set
+DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, MISTRAL)}
+DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": "silu", "swish": "silu"}
+
+
+def is_decoder(config: dict) -> bool:
+    return config.get("model_type") in DECODERS
+
+
+def decoder_spec_for(config: dict) -> DecoderSpec:
+    model_type = config.get("model_type")
+    if model_type not in DECODERS:
+        raise UnsupportedArchitectureError(
+            f"unsupported decoder architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"
+            f" supported: {', '.join(sorted(DECODERS))}")
+    return DECODERS[model_type]

@@ -532,8 +532,15 @@ SWITCH_INTERVAL = 0.0002
 def serve(config: ServerConfig) -> int:
     """Run the server until SIGINT/SIGTERM: then stop accepting, finish in-flight requests, exit 0."""
     import uvicorn
-    app = make_app(config)
-    state: State = app.state.turboserve
+
+    from .arch import is_decoder
+    from .loader import read_config, resolve_model_dir
+    if is_decoder(read_config(resolve_model_dir(config.model))):
+        from .gen_server import make_gen_app
+        app = make_gen_app(config)
+    else:
+        app = make_app(config)
+    state = app.state.turboserve
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                            access_log=config.access_log, timeout_graceful_shutdown=config.request_timeout))
 

@@ -75,6 +75,7 @@ def lib():
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, p, p, p, p, i64, i64, i32]
     L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, i32]
+    L.paged_attention_f32.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64, i64, i32]
     _lib = L
     return _lib
 
@@ -120,4 +121,19 @@ def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, n
     head_dim = qkv.shape[1] // 3 // num_heads
     lib().varlen_attention_f32(_ptr(qkv), _ptr(out), _ptr(cu), _ptr(order), order.numel(), num_heads, head_dim,
                                head_dim ** -0.5, max_len, _threads())
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
+                    max_ctx: int, out: torch.Tensor) -> torch.Tensor:
+    """See kernels.c. q: [T, >= num_heads * d] rows (a view into the QKV output is fine: its row stride
+    is passed); out: [T, num_heads * d]; caches [blocks, block_size, kv_heads, d]."""
+    _check(k_cache, v_cache, block_tables, cu_q, ctx_len, out)
+    assert q.stride(1) == 1 and q.dtype == torch.float32
+    num_blocks, block_size, kv_heads, d = k_cache.shape
+    lib().paged_attention_f32(_ptr(q), q.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
+                              block_tables.stride(0), _ptr(cu_q), _ptr(ctx_len), ctx_len.numel(), num_heads,
+                              kv_heads, d, block_size, window, scale, _ptr(out), out.stride(0), max_ctx,
+                              _threads())
     return out

@@ -273,3 +273,73 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
         free(kt); free(s); free(acc);
     }
 }
+
+/* Causal attention of packed query tokens over a paged KV cache: prefill chunks and decode steps of
+ * many sequences in one call, each reading exactly its own context (no padding to the longest).
+ *   q:        query rows, head h of token t at q + t * q_stride + h * d
+ *   k_cache, v_cache: [num_blocks, block_size, kv_heads, d]; block_tables: int32 [num_seqs, bt_stride]
+ *   sequence s owns query tokens cu_q[s] .. cu_q[s + 1]; its context after this step holds ctx_len[s]
+ *   tokens, so its i-th query sits at position p = ctx_len[s] - n_q + i and attends to keys
+ *   max(0, p - window + 1) .. p (window <= 0: unbounded).
+ *   out:      head h of token t at out + t * out_stride + h * d
+ * Work item = (query token, kv head): the group of query heads sharing that kv head reads each K and V
+ * row once (grouped-query attention). Scores are exact (two passes: max, then exp and sums). */
+void paged_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                         const int32_t *block_tables, int64_t bt_stride, const int64_t *cu_q,
+                         const int64_t *ctx_len, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                         int64_t d, int64_t block_size, int64_t window, float scale, float *out,
+                         int64_t out_stride, int64_t max_ctx, int threads) {
+    const int64_t T = cu_q[num_seqs];
+    const int64_t g = num_heads / num_kv_heads;
+    int64_t *seq_of = malloc(sizeof(int64_t) * (T > 0 ? T : 1));
+    for (int64_t s = 0; s < num_seqs; s++)
+        for (int64_t t = cu_q[s]; t < cu_q[s + 1]; t++) seq_of[t] = s;
+    const int64_t row = num_kv_heads * d;        /* floats per cached token */
+    #pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * g * (max_ctx > 0 ? max_ctx : 1));
+        float *acc = malloc(sizeof(float) * g * d);
+        #pragma omp for schedule(dynamic, 2)
+        for (int64_t w = 0; w < T * num_kv_heads; w++) {
+            const int64_t t = w / num_kv_heads, kh = w % num_kv_heads, s = seq_of[t];
+            const int64_t nq = cu_q[s + 1] - cu_q[s];
+            const int64_t p = ctx_len[s] - nq + (t - cu_q[s]);
+            const int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
+            const int64_t n = p + 1 - lo;
+            const int32_t *table = block_tables + s * bt_stride;
+            const float *qh = q + t * q_stride + kh * g * d;
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t pos = lo + j;
+                const float *k = k_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * row + kh * d;
+                for (int64_t h = 0; h < g; h++) {
+                    const float *qq = qh + h * d;
+                    float dot = 0.f;
+                    for (int64_t x = 0; x < d; x++) dot += qq[x] * k[x];
+                    scores[h * n + j] = dot * scale;
+                }
+            }
+            for (int64_t h = 0; h < g; h++) {
+                float *sc = scores + h * n, m = -INFINITY, sum = 0.f;
+                for (int64_t j = 0; j < n; j++) m = sc[j] > m ? sc[j] : m;
+                for (int64_t j = 0; j < n; j++) { sc[j] = expf(sc[j] - m); sum += sc[j]; }
+                const float inv = 1.f / sum;
+                for (int64_t j = 0; j < n; j++) sc[j] *= inv;
+            }
+            memset(acc, 0, sizeof(float) * g * d);
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t pos = lo + j;
+                const float *v = v_cache + ((int64_t)table[pos / block_size] * block_size + pos % block_size) * row + kh * d;
+                for (int64_t h = 0; h < g; h++) {
+                    const float pj = scores[h * n + j];
+                    float *a = acc + h * d;
+                    for (int64_t x = 0; x < d; x++) a[x] += pj * v[x];
+                }
+            }
+            for (int64_t h = 0; h < g; h++)
+                memcpy(out + t * out_stride + (kh * g + h) * d, acc + h * d, sizeof(float) * d);
+        }
+        free(scores);
+        free(acc);
+    }
+    free(seq_of);
+}

@@ -100,6 +100,8 @@ def activation_(x: torch.Tensor, kind: str) -> torch.Tensor:
         return torch._C._nn.gelu_(x, approximate="tanh")
     if kind == "relu":
         return torch.relu_(x)
+    if kind == "silu":
+        return F.silu(x, inplace=True)
     raise ValueError(f"unknown activation {kind!r}")
 
 
@@ -215,4 +217,110 @@ def _sdpa_varlen(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int, out: 
         o = F.scaled_dot_product_attention(seqs[0], seqs[1], seqs[2], scale=scale)   # [B, nh, L, d]
         out_view[start:end].view(count, length, num_heads, head_dim).copy_(o.transpose(1, 2))
         i = j
+    return out
+
+
+# ---------------------------------------------------------------------- decoder ops
+class WeightOnlyInt8Linear:
+    """y = x @ (W_int8 * scale)^T + b, int8 weights with per-output-channel scales and float activations:
+    decode is bound by reading weights (one or a few rows of x per step), so int8 weights move a
+    quarter of fp32's bytes. Uses torch's `_weight_int8pack_mm` kernel."""
+    takes_int8 = False
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.weight_q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()   # [N, K]
+        self.scale = scale.contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.out_features, self.in_features = self.weight_q.shape
+        self.dtype = torch.float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_q.numel() + 4 * self.scale.numel()
+
+    def __call__(self, x: torch.Tensor, xq=None, *, out: torch.Tensor | None = None, **epi):
+        y = torch._weight_int8pack_mm(x.contiguous(), self.weight_q, self.scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        if out is not None:
+            out.copy_(y)
+            y = out
+        return y, None
+
+
+def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str):
+    """Decoders: fp32, bf16 (weights and activations) or int8 weight-only."""
+    if dtype == "int8":
+        return WeightOnlyInt8Linear(weight, bias)
+    return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+def linear(lin, x: torch.Tensor) -> torch.Tensor:
+    """A fresh [T, N] output of a DenseLinear / WeightOnlyInt8Linear."""
+    if isinstance(lin, WeightOnlyInt8Linear):
+        return lin(x)[0]
+    x = x.to(lin.dtype)
+    return lin(x, out=torch.empty(x.shape[0], lin.out_features, dtype=lin.dtype))[0]
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+    if kind == "rmsnorm":
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
+    """Rotary embedding in place, HF's rotate-half layout. x: [T, num_heads * d] (a view);
+    cos, sin: [T, d / 2] for each token's position."""
+    T = x.shape[0]
+    xh = x.view(T, num_heads, -1)
+    half = xh.shape[-1] // 2
+    x1, x2 = xh[..., :half], xh[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    r1 = x1 * c - x2 * s
+    r2 = x2 * c + x1 * s
+    x1.copy_(r1)
+    x2.copy_(r2)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
+                    max_ctx: int) -> torch.Tensor:
+    """Causal attention of each sequence's new query tokens over its cached context; see kernels.c."""
+    T = q.shape[0]
+    d = k_cache.shape[-1]
+    out = torch.empty(T, num_heads * d, dtype=torch.float32)
+    if q.dtype == torch.float32 and k_cache.dtype == torch.float32 and _native_ok(k_cache, v_cache, out):
+        return native.paged_attention(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale,
+                                      max_ctx, out)
+    return _paged_attention_torch(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
+
+
+def _paged_attention_torch(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out):
+    _, block_size, kv_heads, d = k_cache.shape
+    cu, lens = cu_q.tolist(), ctx_len.tolist()
+    for s in range(len(lens)):
+        a, b, n = cu[s], cu[s + 1], lens[s]
+        nblk = -(-n // block_size)
+        blocks = block_tables[s, :nblk].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, d)[:n].float().transpose(0, 1)      # [kvh, n, d]
+        v = v_cache[blocks].reshape(-1, kv_heads, d)[:n].float().transpose(0, 1)
+        qs = q[a:b, :num_heads * d].float().reshape(b - a, num_heads, d).transpose(0, 1)  # [nh, nq, d]
+        pos = torch.arange(n - (b - a), n)[:, None]
+        keys = torch.arange(n)[None, :]
+        allowed = keys <= pos
+        if window > 0:
+            allowed &= keys > pos - window
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=allowed, scale=scale,
+                                           enable_gqa=kv_heads != num_heads)
+        out[a:b] = o.transpose(0, 1).reshape(b - a, num_heads * d)
     return out

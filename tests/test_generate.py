@@ -1,0 +1,203 @@
+"""Generation: greedy parity with transformers' generate, batch invariance, joining mid-flight,
+preemption, sampling, stop handling, and the paged attention kernel against its PyTorch version."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from tests.conftest import DECODER_ARCHS, random_sequences
+from turboserve.errors import InputTooLongError, InvalidInputError
+from turboserve.llm import LLM, DecoderTokenizer
+from turboserve.sampling import SamplingParams, StopChecker, apply_min_p, apply_top_k, apply_top_p
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def hf_greedy(path, prompt: list[int], n: int) -> list[int]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=0,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+PROMPT_LENGTHS = [1, 7, 33, 64, 100]
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_greedy_matches_transformers_with_requests_joining_mid_flight(decoder_dirs, arch):
+    prompts = random_sequences(PROMPT_LENGTHS, seed=3)
+    ref = [hf_greedy(decoder_dirs[arch], p, GREEDY.max_tokens) for p in prompts]
+    llm = LLM.load(decoder_dirs[arch], max_batch_tokens=64)      # long prompts prefill in chunks
+    eng = llm.engine
+    # two requests start; the others join while those are decoding
+    seqs = {i: eng.add_request(f"r{i}", prompts[i], GREEDY)[0] for i in (0, 3)}
+    for _ in range(3):
+        eng.step()
+    for i in (1, 2, 4):
+        seqs[i] = eng.add_request(f"r{i}", prompts[i], GREEDY)[0]
+        eng.step()
+    while eng.has_work():
+        eng.step()
+    for i, p in enumerate(prompts):
+        assert seqs[i].output_ids == ref[i], (arch, i)
+    eng.blocks.check()
+    assert eng.blocks.used_blocks == 0 or eng.blocks.prefix_caching      # finished requests freed theirs
+
+
+def test_batch_invariance_fp32(decoder_dirs):
+    """A request's tokens do not depend on what runs beside it."""
+    llm = LLM.load(decoder_dirs["llama"])
+    prompts = random_sequences([5, 40, 17, 90, 2], seed=9)
+    alone = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
+    together = [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)]
+    assert alone == together
+
+
+def test_preemption_recomputes_to_the_same_tokens(decoder_dirs):
+    """A KV cache too small for all requests at once preempts the newest and recomputes it later."""
+    prompts = random_sequences([60, 61, 59, 63], seed=4)       # 4 x ~6 blocks; the cache holds 16
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    roomy = LLM.load(decoder_dirs["gpt2"]).generate(prompts, params)
+    block_bytes = 16 * LLM.load(decoder_dirs["gpt2"]).model.kv_bytes_per_token()
+    tight = LLM.load(decoder_dirs["gpt2"], kv_cache_bytes=16 * block_bytes, prefix_caching=False)
+    out = tight.generate(prompts, params)
+    assert tight.engine.stats.preemptions > 0
+    assert [r.outputs[0].token_ids for r in out] == [r.outputs[0].token_ids for r in roomy]
+    tight.engine.blocks.check()
+    assert tight.engine.blocks.used_blocks == 0
+
+
+def test_prefix_caching_reuses_blocks_and_keeps_outputs(decoder_dirs):
+    shared = random_sequences([48], seed=5)[0]
+    prompts = [shared + [1000 + i] for i in range(3)]
+    llm = LLM.load(decoder_dirs["llama"])
+    first = llm.generate(prompts[:1], GREEDY)
+    rest = llm.generate(prompts[1:], GREEDY)
+    assert llm.engine.blocks.prefix_hits >= 2 * (48 // 16)
+    fresh = LLM.load(decoder_dirs["llama"], prefix_caching=False).generate(prompts, GREEDY)
+    assert [r.outputs[0].token_ids for r in first + rest] == [r.outputs[0].token_ids for r in fresh]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(decoder_dirs):
+    llm = LLM.load(decoder_dirs["gpt2"])
+    p = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=16)
+    prompt = random_sequences([12], seed=1)[0]
+    a = llm.generate([prompt], p)[0].outputs[0].token_ids
+    others = random_sequences([5, 60], seed=2)
+    b = llm.generate([others[0], prompt, others[1]], [SamplingParams(temperature=1.0, max_tokens=9), p,
+                                                      SamplingParams(temperature=0.0, max_tokens=20)])[1]
+    assert b.outputs[0].token_ids == a
+    c = llm.generate([prompt], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=99, max_tokens=16))
+    assert c[0].outputs[0].token_ids != a
+
+
+def test_n_continuations_and_logprobs(decoder_dirs):
+    llm = LLM.load(decoder_dirs["qwen2"])
+    out = llm.generate([random_sequences([10], seed=6)[0]],
+                       SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, logprobs=3))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    for o in out.outputs:
+        assert len(o.logprobs) == len(o.token_ids)
+        for tok, draw in zip(o.token_ids, o.logprobs):
+            assert draw.token == tok and draw.logprob <= 0 and len(draw.top) == 3
+            assert draw.top[0][1] >= draw.logprob - 1e-6
+
+
+def test_masks_on_constructed_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert torch.isfinite(apply_top_k(logits, 2)).tolist() == [[True, True, False, False, False]]
+    # top_p 0.8: 0.5 + 0.2 = 0.7 < 0.8, so 0.15 is needed too
+    assert torch.isfinite(apply_top_p(logits, 0.8)).tolist() == [[True, True, True, False, False]]
+    assert torch.isfinite(apply_top_p(logits, 0.5)).tolist() == [[True, False, False, False, False]]
+    # min_p 0.3: keep p >= 0.15
+    assert torch.isfinite(apply_min_p(logits, 0.3)).tolist() == [[True, True, True, False, False]]
+
+
+def test_penalties_change_greedy_choice():
+    from turboserve.sampling import apply_penalties
+    logits = torch.tensor([2.0, 1.9, -1.0])
+    rep = apply_penalties(logits.clone(), [0], [], SamplingParams(repetition_penalty=2.0))
+    assert torch.allclose(rep, torch.tensor([1.0, 1.9, -1.0])) and rep.argmax() == 1
+    freq = apply_penalties(logits.clone(), [], [0, 0, 2], SamplingParams(frequency_penalty=0.5, presence_penalty=0.1))
+    assert torch.allclose(freq, torch.tensor([2.0 - 1.0 - 0.1, 1.9, -1.0 - 0.5 - 0.1]))
+
+
+def test_stop_strings_cut_where_they_start(decoder_dirs):
+    tok = DecoderTokenizer(decoder_dirs["gpt2"])
+    ids = tok.encode("the cat sat on the mat today", add_special_tokens=False)
+    checker = StopChecker(tok, ["on the"])
+    shown = ""
+    for i in range(1, len(ids) + 1):
+        shown = checker.update(ids[:i])
+        assert "on" not in shown[len("the cat sat"):]          # never shows a stop string's start
+        if checker.stopped:
+            break
+    assert checker.stopped and checker.text == "the cat sat "
+    # end to end: a stop string that the model will produce is cut from the output
+    llm = LLM.load(decoder_dirs["gpt2"])
+    prompt = random_sequences([8], seed=11)[0]
+    full = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))[0].outputs[0].text
+    words = full.split()
+    assert len(words) >= 3
+    stop = words[2]
+    cut = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
+
+
+def test_bad_requests_raise_clear_errors(decoder_dirs):
+    llm = LLM.load(decoder_dirs["gpt2"])
+    with pytest.raises(InputTooLongError, match="context length of 256"):
+        llm.generate([[5] * 250], SamplingParams(max_tokens=10))
+    with pytest.raises(InvalidInputError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(InvalidInputError, match="token ids"):
+        llm.generate([[5, 10**9]], GREEDY)
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(n=0), dict(logprobs=9), dict(max_tokens=0)):
+        with pytest.raises(InvalidInputError):
+            SamplingParams(**bad)
+    assert not llm.engine.has_work()
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention_native_matches_torch(window):
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    nh, kvh, d, bs, nb = 8, 2, 64, 4, 40
+    k_cache, v_cache = torch.randn(nb, bs, kvh, d), torch.randn(nb, bs, kvh, d)
+    q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, 20]          # decode, full prefill, decode, chunked prefill
+    cu = torch.tensor([0, *torch.tensor(q_counts).cumsum(0).tolist()])
+    perm = torch.randperm(nb).int()
+    tables = torch.stack([perm[i * 8:(i + 1) * 8] for i in range(4)])
+    qkv = torch.randn(int(cu[-1]), (nh + 2 * kvh) * d)
+    q = qkv[:, :nh * d]
+    args = (k_cache, v_cache, tables, cu, torch.tensor(ctx), nh, window, d ** -0.5)
+    fast = native.paged_attention(q, *args, max(ctx), torch.empty(int(cu[-1]), nh * d))
+    ref = cpu._paged_attention_torch(q, *args, torch.empty(int(cu[-1]), nh * d))
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+
+
+def next_token_logits(llm, prompt) -> torch.Tensor:
+    eng = llm.engine
+    eng.add_request("probe", prompt, SamplingParams(temperature=0.0, max_tokens=1))
+    step, _ = eng._batch(eng.schedule())
+    return eng.model.forward(step, eng.cache)[0]
+
+
+@pytest.mark.parametrize("dtype,bound", [("int8", 0.02), ("bf16", 0.01)])
+def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs, dtype, bound):
+    """Weight-only int8 (per-channel) and bf16 against fp32: KL divergence of next-token
+    distributions over mixed prompt lengths below the stated bound, and the same greedy token."""
+    for n in (1, 17, 90):
+        prompt = random_sequences([n], seed=n)[0]
+        ref = next_token_logits(LLM.load(decoder_dirs["llama"]), prompt)
+        got = next_token_logits(LLM.load(decoder_dirs["llama"], dtype=dtype), prompt)
+        kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                        reduction="sum")
+        assert kl < bound, (n, float(kl))
+        assert got.argmax() == ref.argmax()

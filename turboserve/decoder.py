@@ -1,0 +1,204 @@
+"""The packed-token causal decoder (GPT-2, LLaMA, Qwen2, Mistral; differences are data in arch.py).
+
+One forward pass runs one engine step: the new tokens of every scheduled sequence, flat [T, H] with
+`cu_q` (prefill chunks and single decode tokens side by side, no padding). Per layer:
+    h = norm1(x); qkv = h @ Wqkv (+ b); RoPE on q, k (LLaMA family)
+    write k, v into the paged cache at each token's slot
+    a = causal attention of each sequence's queries over its own cached context (paged, GQA)
+    x = x + a @ Wo (+ b)
+    h = norm2(x); x = x + mlp(h)         mlp: fc2(act(fc1 h)) or down(silu(gate h) * up h)
+then the final norm and the LM head only at the rows whose logits are needed (the last token of a
+sequence that samples this step), never at every prefill position.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for
+from .errors import ModelLoadError, UnsupportedArchitectureError
+from .loader import CheckpointView, read_config, read_state_dict, resolve_model_dir
+from .ops import backend_for
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+
+
+@dataclass
+class StepBatch:
+    """One engine step's tokens. Tensors are CPU, built by the engine."""
+    input_ids: torch.Tensor        # int64 [T]
+    positions: torch.Tensor        # int64 [T]
+    cu_q: torch.Tensor             # int64 [S + 1]: sequence s's new tokens are rows cu_q[s]..cu_q[s+1]
+    ctx_len: torch.Tensor          # int64 [S]: tokens in s's context after this step
+    block_tables: torch.Tensor     # int32 [S, W]
+    slots: torch.Tensor            # int64 [T]: flat cache slot (block * block_size + offset) of each token
+    logit_rows: torch.Tensor       # int64 [R]: rows whose next-token logits are wanted
+    max_ctx: int
+
+
+@dataclass
+class DecoderLayer:
+    norm1: tuple
+    qkv: object
+    o: object
+    norm2: tuple
+    up: object          # fc1, or gate|up fused
+    down: object        # fc2 / down
+
+
+def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_pos, head_dim / 2] with the config's rope_theta and rope_scaling."""
+    theta = float(spec.config_value(config, "rope_theta"))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    scaling = spec.config_value(config, "rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        medium = (wavelen <= old / low) & (wavelen >= old / high)
+        inv_freq = torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind != "default":
+        raise UnsupportedArchitectureError(
+            f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3")
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    return freqs.cos().float(), freqs.sin().float()
+
+
+class DecoderModel:
+    def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        self.model_dir = resolve_model_dir(path)
+        config = read_config(self.model_dir)
+        spec = decoder_spec_for(config)
+        view = CheckpointView(read_state_dict(self.model_dir), spec, self.model_dir)
+        self.config, self.spec, self.dtype_name = config, spec, dtype
+        self.ops = backend_for(device)
+        self.act_dtype = DTYPES[dtype]
+        try:
+            self.hidden = spec.config_value(config, "hidden")
+            self.num_heads = spec.config_value(config, "heads")
+            self.num_layers = spec.config_value(config, "layers")
+            self.max_positions = spec.config_value(config, "max_pos")
+            self.vocab_size = spec.config_value(config, "vocab")
+            self.eps = float(spec.config_value(config, "eps"))
+            act_name = spec.config_value(config, "act")
+        except KeyError as exc:
+            raise ModelLoadError(f"config.json lacks {exc.args[0]!r}") from exc
+        self.num_kv_heads = config.get("num_key_value_heads") or self.num_heads
+        self.head_dim = config.get("head_dim") or self.hidden // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(f"{self.num_heads} attention heads do not divide into {self.num_kv_heads} KV heads")
+        self.intermediate = config.get(spec.cfg_keys["intermediate"]) or 4 * self.hidden
+        if act_name not in DECODER_ACTIVATIONS:
+            raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(DECODER_ACTIVATIONS)}")
+        self.activation = DECODER_ACTIVATIONS[act_name]
+        window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
+        self.window = int(window) if window and config.get("use_sliding_window", True) else 0
+        self.eos_token_ids = _token_ids(config.get("eos_token_id"))
+
+        e = spec.emb_names
+        self.word_emb = view.get(e["word"] + ".weight")
+        self.pos_emb = view.get(e["pos"] + ".weight") if "pos" in e else None
+        self.final_norm = self._norm(view, e["final_norm"])
+        self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
+        head = None if spec.config_value(config, "tie") else view.get("lm_head.weight", required=False)
+        self.lm_head = (head if head is not None else self.word_emb).to(self.act_dtype).contiguous()
+        self.word_emb = self.word_emb.to(self.act_dtype)
+        if spec.rope:
+            self.cos, self.sin = rope_tables(config, spec, self.head_dim, self.max_positions)
+
+    # ------------------------------------------------------------------ loading
+    def _norm(self, view: CheckpointView, key: str) -> tuple:
+        bias = view.get(key + ".bias", required=False)
+        return view.get(key + ".weight").to(self.act_dtype), None if bias is None else bias.to(self.act_dtype)
+
+    def _linear(self, view: CheckpointView, keys: list[str]):
+        """One linear from one or more checkpoint linears stacked along the output (fused QKV / gate|up)."""
+        ws, bs = [], []
+        for k in keys:
+            w = view.get(k + ".weight")
+            ws.append(w.t() if self.spec.conv1d else w)
+            bs.append(view.get(k + ".bias", required=False))
+        weight = torch.cat(ws)
+        bias = None if all(b is None for b in bs) else torch.cat(
+            [b if b is not None else torch.zeros(w.shape[0]) for b, w in zip(bs, ws)])
+        return self.ops.make_decoder_linear(weight, bias, self.dtype_name)
+
+    def _load_layer(self, view: CheckpointView, i: int) -> DecoderLayer:
+        n = self.spec.layer_names
+        p = f"{self.spec.layer_prefix}.{i}."
+        if self.spec.fused_qkv_conv1d:
+            qkv = self._linear(view, [p + n["qkv"]])
+        else:
+            qkv = self._linear(view, [p + n["q"], p + n["k"], p + n["v"]])
+        if self.spec.gated_mlp:
+            up, down = self._linear(view, [p + n["gate"], p + n["up"]]), self._linear(view, [p + n["down"]])
+        else:
+            up, down = self._linear(view, [p + n["fc1"]]), self._linear(view, [p + n["fc2"]])
+        return DecoderLayer(self._norm(view, p + n["norm1"]), qkv, self._linear(view, [p + n["o"]]),
+                            self._norm(view, p + n["norm2"]), up, down)
+
+    # ------------------------------------------------------------------ cache
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+    def allocate_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (K, V), each [num_blocks, block_size, kv_heads, head_dim] fp32."""
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
+
+    @property
+    def weight_bytes(self) -> int:
+        lin = sum(x.nbytes for layer in self.layers for x in (layer.qkv, layer.o, layer.up, layer.down))
+        emb = self.word_emb.numel() * self.word_emb.element_size()
+        head = 0 if self.lm_head.data_ptr() == self.word_emb.data_ptr() else self.lm_head.numel() * self.lm_head.element_size()
+        return lin + emb + head
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def forward(self, step: StepBatch, cache) -> torch.Tensor:
+        """fp32 logits [len(step.logit_rows), vocab]."""
+        ops, adt = self.ops, self.act_dtype
+        nh, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = torch.embedding(self.word_emb, step.input_ids).float()
+        if self.pos_emb is not None:
+            x += torch.embedding(self.pos_emb, step.positions)
+        if self.spec.rope:
+            cos, sin = self.cos[step.positions], self.sin[step.positions]
+        scale = d ** -0.5
+        for layer, (k_cache, v_cache) in zip(self.layers, cache):
+            h = ops.norm(x.to(adt), *layer.norm1, self.eps, self.spec.norm)
+            qkv = ops.linear(layer.qkv, h).float()
+            q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
+            if self.spec.rope:
+                ops.rope_(q, cos, sin, nh)
+                ops.rope_(k, cos, sin, kvh)
+            k_cache.view(-1, kvh, d).index_copy_(0, step.slots, k.reshape(-1, kvh, d))
+            v_cache.view(-1, kvh, d).index_copy_(0, step.slots, v.reshape(-1, kvh, d))
+            a = ops.paged_attention(q, k_cache, v_cache, step.block_tables, step.cu_q, step.ctx_len, nh,
+                                    self.window, scale, step.max_ctx)
+            x += ops.linear(layer.o, a.to(adt))
+            h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm)
+            u = ops.linear(layer.up, h)
+            if self.spec.gated_mlp:
+                u = ops.silu_and_mul(u)
+            else:
+                u = ops.activation_(u, self.activation)
+            x += ops.linear(layer.down, u)
+        h = ops.norm(x[step.logit_rows].to(adt), *self.final_norm, self.eps, self.spec.norm)
+        return (h @ self.lm_head.t()).float()
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]

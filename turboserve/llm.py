@@ -1,0 +1,505 @@
+"""Generation with temporal fusion (Flover): iteration-level batching over a paged KV cache.
+
+Every engine step the scheduler picks {sequence: tokens} under a token budget: first the running
+sequences (one decode token each, or the next chunk of a long prompt), then waiting sequences whose
+prompt blocks fit. All of it runs as one packed forward pass (decoder.py). A sequence joins at the
+step after it arrives and leaves the step it finishes, freeing its KV blocks at once. When a running
+sequence cannot get a block, the newest running sequence is preempted: its blocks are freed and it
+waits at the head of the queue to be recomputed (prompt plus the tokens it had generated), which
+gives the same tokens it would have produced. Never an error, never a hang.
+
+Three layers: `LLMEngine` (synchronous: add / abort / step), `LLM` (offline `generate`) and
+`AsyncLLM` (a thread stepping the engine, async per-request streams; the server uses it).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .decoder import DecoderModel, StepBatch
+from .errors import InputTooLongError, InvalidInputError, TurboServeError
+from .kv_cache import BlockManager, CacheFull
+from .loader import read_json
+from .sampling import SamplingParams, StopChecker, sample
+
+log = logging.getLogger("turboserve")
+
+
+class QueueFull(TurboServeError):
+    """Too many waiting requests (HTTP 429)."""
+
+
+class EngineDead(TurboServeError):
+    """The engine thread failed or is stopping (HTTP 503)."""
+
+
+# ---------------------------------------------------------------------- tokenizer
+class DecoderTokenizer:
+    """tokenizer.json plus tokenizer_config.json (special tokens, chat template)."""
+
+    def __init__(self, model_dir: Path):
+        from tokenizers import Tokenizer
+        f = model_dir / "tokenizer.json"
+        if not f.is_file():
+            raise InvalidInputError(f"{model_dir} has no tokenizer.json")
+        self.tok = Tokenizer.from_file(str(f))
+        self.tok.no_padding()            # a tokenizer.json may pad or truncate to a fixed length
+        self.tok.no_truncation()
+        cfg_file = model_dir / "tokenizer_config.json"
+        self.config = read_json(cfg_file) if cfg_file.is_file() else {}
+        self.chat_template = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):            # named templates: take "default"
+            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        tmpl = model_dir / "chat_template.jinja"
+        if self.chat_template is None and tmpl.is_file():
+            self.chat_template = tmpl.read_text()
+
+    def special(self, name: str) -> str | None:
+        v = self.config.get(name)
+        return v.get("content") if isinstance(v, dict) else v
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not self.chat_template:
+            raise InvalidInputError("this model has no chat template (tokenizer_config.json chat_template)")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.TemplateError(message)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=True, bos_token=self.special("bos_token") or "",
+                eos_token=self.special("eos_token") or "")
+        except jinja2.TemplateError as exc:
+            raise InvalidInputError(f"chat template: {exc}") from None
+        return self.encode(text, add_special_tokens=False)
+
+
+# ---------------------------------------------------------------------- requests
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """One generated continuation (a request with n > 1 has n of them)."""
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    max_tokens: int
+    stop_checker: StopChecker
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    num_computed: int = 0            # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __hash__(self):
+        return self.seq_id
+
+    def __eq__(self, other):
+        return self is other
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    text: str                  # the text safe to show so far (grows monotonically)
+    new_tokens: int
+    finished: bool
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    preemptions: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: DecoderModel, tokenizer: DecoderTokenizer, *, max_num_seqs: int = 64,
+                 max_batch_tokens: int = 2048, block_size: int = 16, kv_cache_bytes: int | None = None,
+                 max_waiting: int = 1024, prefix_caching: bool = True, seed: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_num_seqs, self.max_batch_tokens, self.max_waiting = max_num_seqs, max_batch_tokens, max_waiting
+        self.max_context = model.max_positions
+        per_token = model.kv_bytes_per_token()
+        if kv_cache_bytes is None:
+            kv_cache_bytes = default_kv_budget(per_token, max_num_seqs, self.max_context)
+        num_blocks = max(kv_cache_bytes // (per_token * block_size), -(-self.max_context // block_size))
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.cache = model.allocate_cache(num_blocks, block_size)
+        self.kv_cache_bytes = num_blocks * block_size * per_token
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = EngineStats()
+        self._rng = torch.Generator().manual_seed(seed)
+        self._by_request: dict[str, list[Sequence]] = {}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        if not prompt_ids:
+            raise InvalidInputError("the prompt is empty")
+        if any(not isinstance(t, int) or t < 0 or t >= self.model.vocab_size for t in prompt_ids):
+            raise InvalidInputError(f"prompt token ids must be integers in [0, {self.model.vocab_size})")
+        room = self.max_context - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if len(prompt_ids) + max_tokens > self.max_context or room < 1:
+            raise InputTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: together over the "
+                f"model's context length of {self.max_context} tokens")
+        if request_id in self._by_request:
+            raise InvalidInputError(f"request id {request_id!r} is already in use")
+        if len(self.waiting) + params.n > self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} sequences are waiting (bound {self.max_waiting})")
+        seqs = []
+        for i in range(params.n):
+            g = torch.Generator()
+            g.manual_seed(params.seed + i if params.seed is not None
+                          else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
+            seqs.append(Sequence(request_id, i, list(prompt_ids), params, g, max_tokens,
+                                 StopChecker(self.tokenizer, params.stop)))
+        self._by_request[request_id] = seqs
+        self.waiting.extend(seqs)
+        return seqs
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request: its KV blocks are freed now, before the next step."""
+        for seq in self._by_request.pop(request_id, []):
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+            self.blocks.free(seq)
+            if seq in self.running:
+                self.running.remove(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+
+    def request_done(self, request_id: str) -> bool:
+        return request_id not in self._by_request
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ scheduling
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.max_batch_tokens
+        plan: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:          # preempted below to make room for an older one
+                continue
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.can_grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                plan = [(s, k) for s, k in plan if s is not victim]
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.blocks.grow(seq, seq.num_computed + n)
+            plan.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            try:
+                seq.num_computed = self.blocks.allocate_prompt(seq, seq.tokens)
+            except CacheFull:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def _batch(self, plan: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
+        bs = self.blocks.block_size
+        ids, pos, slots, cu, ctx, rows, sampled = [], [], [], [0], [], [], []
+        for seq, n in plan:
+            start = seq.num_computed
+            toks = seq.tokens
+            table = self.blocks.tables[seq]
+            ids.extend(toks[start:start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            cu.append(cu[-1] + n)
+            ctx.append(start + n)
+            if start + n == len(toks):
+                rows.append(cu[-1] - 1)
+                sampled.append(seq)
+        step = StepBatch(torch.tensor(ids), torch.tensor(pos), torch.tensor(cu), torch.tensor(ctx),
+                         self.blocks.block_table_tensor([s for s, _ in plan]), torch.tensor(slots),
+                         torch.tensor(rows, dtype=torch.long), max(ctx))
+        return step, sampled
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[StepOutput]:
+        plan = self.schedule()
+        if not plan:
+            return []
+        step, sampled = self._batch(plan)
+        logits = self.model.forward(step, self.cache)
+        for seq, n in plan:
+            seq.num_computed += n
+            if seq.num_computed <= len(seq.prompt_ids):
+                self.stats.prompt_tokens += n
+            self.blocks.register_full_blocks(seq, seq.tokens[:seq.num_computed])
+        self.stats.steps += 1
+        outputs = []
+        now = time.perf_counter()
+        for seq, draw in zip(sampled, sample(logits, sampled)):
+            seq.output_ids.append(draw.token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(draw)
+            self.stats.generated_tokens += 1
+            outputs.append(self._check_finished(seq, draw.token))
+        return outputs
+
+    def _check_finished(self, seq: Sequence, token: int) -> StepOutput:
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids:
+            reason = "stop"
+        elif not p.ignore_eos and token in self.model.eos_token_ids:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.max_tokens or len(seq.tokens) >= self.max_context:
+            reason = "length"
+        visible = seq.output_ids[:-1] if reason == "stop" else seq.output_ids     # not the stop token itself
+        text = seq.stop_checker.update(visible, final=reason is not None)
+        if seq.stop_checker.stopped:
+            reason = "stop"
+            text = seq.stop_checker.text
+        if reason is not None:
+            seq.finish_reason = reason
+            self._release(seq)
+        return StepOutput(seq, text, 1, reason is not None)
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        group = self._by_request.get(seq.request_id, [])
+        if all(s.finish_reason is not None for s in group):
+            self._by_request.pop(seq.request_id, None)
+
+
+def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_context: int) -> int:
+    """Room for every running sequence at full context, capped at a quarter of available memory."""
+    want = bytes_per_token * max_num_seqs * max_context
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 8 << 30
+    return max(min(want, avail // 4), bytes_per_token * max_context)
+
+
+# ---------------------------------------------------------------------- offline API
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+
+def _completion(seq: Sequence) -> CompletionOutput:
+    return CompletionOutput(seq.index, seq.stop_checker.text, list(seq.output_ids), seq.finish_reason,
+                            seq.logprobs if seq.params.logprobs is not None else None)
+
+
+class LLM:
+    """Offline generation: `LLM.load(path, dtype="fp32").generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: DecoderModel, tokenizer: DecoderTokenizer, **engine_kw):
+        self.model, self.tokenizer = model, tokenizer
+        self.engine_kw = engine_kw
+        self.engine = LLMEngine(model, tokenizer, **engine_kw)
+
+    @classmethod
+    def load(cls, path, dtype: str = "fp32", threads: int | None = None, **engine_kw) -> "LLM":
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        model = DecoderModel(path, dtype)
+        return cls(model, DecoderTokenizer(model.model_dir), **engine_kw)
+
+    def prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str) and prompt:
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidInputError("a prompt must be a non-empty string or a list of token ids")
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        groups = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist)):
+            rid = f"offline-{next(_ids)}-{i}"
+            groups.append((rid, self.engine.add_request(rid, self.prompt_ids(prompt), p)))
+        while self.engine.has_work():
+            self.engine.step()
+        return [RequestOutput(rid, seqs[0].prompt_ids, [_completion(s) for s in seqs]) for rid, seqs in groups]
+
+
+# ---------------------------------------------------------------------- async API (the server's)
+@dataclass
+class StreamEvent:
+    index: int
+    text: str            # text so far of this continuation
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    logprobs: list | None
+
+
+class AsyncLLM:
+    """A thread steps the engine while there is work; each request gets an asyncio.Queue of
+    StreamEvents. Requests are added and aborted through a lock-guarded inbox, applied between steps,
+    so an abort frees the request's KV blocks before the next step."""
+
+    def __init__(self, engine: LLMEngine, metrics=None):
+        self.engine, self.metrics = engine, metrics
+        self._lock = threading.Condition()
+        self._inbox: list = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = False
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="turboserve-llm", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.dead is None and not self._stopping
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+        if not self.alive():
+            raise EngineDead("the generation engine is not running")
+        e = self.engine
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if len(e.waiting) + sum(1 for x in self._inbox if x[0] == "add") >= e.max_waiting:
+                raise QueueFull(f"{len(e.waiting)} sequences are waiting (bound {e.max_waiting})")
+            self._check(prompt_ids, params)       # on the caller's side: errors become HTTP answers
+            self._streams[request_id] = (loop, queue)
+            self._inbox.append(("add", request_id, prompt_ids, params))
+            self._lock.notify()
+        return queue
+
+    def _check(self, prompt_ids, params) -> None:
+        e = self.engine
+        if not prompt_ids:
+            raise InvalidInputError("the prompt is empty")
+        room = e.max_context - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if room < 1 or len(prompt_ids) + max_tokens > e.max_context:
+            raise InputTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: together over the "
+                f"model's context length of {e.max_context} tokens")
+        if any(not isinstance(t, int) or t < 0 or t >= e.model.vocab_size for t in prompt_ids):
+            raise InvalidInputError(f"prompt token ids must be integers in [0, {e.model.vocab_size})")
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._inbox.append(("abort", request_id))
+            self._lock.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    def _emit(self, request_id: str, event) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def _run(self) -> None:
+        e = self.engine
+        try:
+            while True:
+                with self._lock:
+                    while not self._inbox and not e.has_work():
+                        if self._stopping:
+                            return
+                        self._lock.wait(1.0)
+                    inbox, self._inbox = self._inbox, []
+                for item in inbox:
+                    if item[0] == "add":
+                        try:
+                            e.add_request(item[1], item[2], item[3])
+                        except TurboServeError as exc:
+                            self._emit(item[1], exc)
+                    else:
+                        e.abort(item[1])
+                t = time.perf_counter()
+                outputs = e.step()
+                if self.metrics is not None:
+                    self.metrics.step(self, time.perf_counter() - t, outputs)
+                for out in outputs:
+                    s = out.seq
+                    self._emit(s.request_id, StreamEvent(s.index, out.text, list(s.output_ids), out.finished,
+                                                         s.finish_reason,
+                                                         s.logprobs if s.params.logprobs is not None else None))
+                # after all of the step's events: sibling continuations may finish in the same step
+                done = {out.seq.request_id for out in outputs if out.finished and e.request_done(out.seq.request_id)}
+                if done:
+                    with self._lock:
+                        for rid in done:
+                            self._streams.pop(rid, None)
+        except BaseException as exc:
+            log.exception("generation engine died")
+            self.dead = exc
+            with self._lock:
+                streams, self._streams = self._streams, {}
+            for loop, queue in streams.values():
+                loop.call_soon_threadsafe(queue.put_nowait, EngineDead("the generation engine failed"))
