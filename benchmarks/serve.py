@@ -65,7 +65,15 @@ class Http11Pool:
         self.idle: list = []
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        while self.idle:
+            reader, writer = self.idle.pop()
+            try:
+                return await self._post(reader, writer, path, body)
+            except (OSError, asyncio.IncompleteReadError):
+                continue        # the server closed this idle keep-alive connection: use another
+        return await self._post(*await asyncio.open_connection(self.host, self.port), path, body)
+
+    async def _post(self, reader, writer, path: str, body: bytes) -> tuple[int, bytes]:
         try:
             writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)

@@ -201,3 +201,16 @@ def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs,
                                         reduction="sum")
         assert kl < bound, (n, float(kl))
         assert got.argmax() == ref.argmax()
+
+
+def test_waiting_queue_is_bounded(decoder_dirs):
+    from turboserve.llm import QueueFull
+    llm = LLM.load(decoder_dirs["gpt2"], max_waiting=4)
+    for i in range(4):
+        llm.engine.add_request(f"r{i}", [5, 6, 7], GREEDY)
+    with pytest.raises(QueueFull, match="bound 4"):
+        llm.engine.add_request("r4", [5, 6, 7], GREEDY)
+    llm.engine.add_request("probe", [5], GREEDY, admit=False)      # health probes skip the bound
+    while llm.engine.has_work():
+        llm.engine.step()
+    llm.engine.add_request("r5", [5, 6, 7], GREEDY)                  # room again once they ran

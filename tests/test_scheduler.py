@@ -41,11 +41,13 @@ def test_dp_equals_brute_force(seed):
     lengths = [rng.randint(5, 300) for _ in range(rng.randint(1, 10))]
     table = synthetic_table(seed)
     budget = rng.choice([300, 600, 1024])
-    batches = dp_partition(lengths, table, budget)
+    overhead = rng.choice([0.0, 0.002])          # with and without the per-batch serving overhead
+    batches = dp_partition(lengths, table, budget, batch_overhead=overhead)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert sum(lengths[i] for i in b) <= budget or len(b) == 1
-    assert plan_cost(lengths, batches, table) == pytest.approx(brute_force_partition(lengths, table, budget))
+    assert plan_cost(lengths, batches, table) + overhead * len(batches) == pytest.approx(
+        brute_force_partition(lengths, table, budget, overhead))
 
 
 def test_budget_and_size_limits_hold_on_large_queues():

@@ -49,10 +49,12 @@ class DecoderLayer:
 
 
 def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_pos, head_dim / 2] with the config's rope_theta and rope_scaling."""
-    theta = float(spec.config_value(config, "rope_theta"))
+    """cos, sin [max_pos, head_dim / 2] with the config's RoPE base and scaling: transformers 4 writes
+    `rope_theta` and `rope_scaling`, transformers 5 one `rope_parameters` dict holding both."""
+    params = config.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", spec.config_value(config, "rope_theta")))
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    scaling = spec.config_value(config, "rope_scaling") or {}
+    scaling = spec.config_value(config, "rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])

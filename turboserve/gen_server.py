@@ -51,7 +51,7 @@ class GenMetrics:
     def step(self, llm: AsyncLLM, seconds: float, outputs) -> None:
         e = llm.engine
         self.step_seconds.observe(seconds)
-        self.step_tokens.observe(len(outputs))
+        self.step_tokens.observe(e.last_step_tokens)
         self.running.set(len(e.running))
         self.waiting.set(len(e.waiting))
         self.kv_usage.set(e.blocks.used_blocks / e.blocks.num_blocks)
@@ -225,9 +225,12 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                     llm.abort(rid)
                     raise asyncio.CancelledError
                 continue
+            if isinstance(ev, QueueFull):
+                raise ApiError(429, str(ev), "Overloaded")
+            if isinstance(ev, EngineDead) or not isinstance(ev, TurboServeError) and isinstance(ev, BaseException):
+                raise ApiError(503, str(ev), "Unhealthy")
             if isinstance(ev, BaseException):
-                raise ApiError(400 if isinstance(ev, TurboServeError) and not isinstance(ev, EngineDead) else 503,
-                               str(ev), "Unhealthy" if isinstance(ev, EngineDead) else "Validation")
+                raise ApiError(400, str(ev))
             return ev
 
     async def _collect(llm, rid, queue, params, ids, chat, meta, deadline, request, tok):
@@ -301,11 +304,24 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 llm.abort(rid)            # the client went away mid-stream: free its KV blocks now
 
     async def health(request):
+        """200 only when the engine produces a token for a one-token probe (which skips the queue bound)."""
         try:
-            require_ready()
+            llm = require_ready()
+            rid = "health-" + uuid.uuid4().hex
+            queue = llm.submit(rid, [0], SamplingParams(temperature=0.0, max_tokens=1), admit=False)
+            try:
+                ev = await asyncio.wait_for(queue.get(), timeout=10.0)
+            finally:
+                llm.abort(rid)
+            if isinstance(ev, BaseException):
+                raise ApiError(503, f"engine did not answer: {ev}", "Unhealthy")
             return Response(status_code=200)
-        except ApiError as err:
-            return JSONResponse({"error": err.message, "error_type": err.kind}, status_code=503)
+        except TimeoutError:
+            return JSONResponse({"error": "engine did not answer within 10 s", "error_type": "Unhealthy"},
+                                status_code=503)
+        except (ApiError, EngineDead) as err:
+            return JSONResponse({"error": str(getattr(err, "message", err)), "error_type": "Unhealthy"},
+                                status_code=503)
 
     async def models(request):
         return JSONResponse({"object": "list", "data": [

@@ -113,6 +113,7 @@ class Sequence:
     num_computed: int = 0            # tokens whose K/V are in the cache
     finish_reason: str | None = None
     first_token_time: float | None = None
+    finish_time: float | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     @property
@@ -161,9 +162,12 @@ class LLMEngine:
         self.stats = EngineStats()
         self._rng = torch.Generator().manual_seed(seed)
         self._by_request: dict[str, list[Sequence]] = {}
+        self.stream_text = False         # AsyncLLM sets it: streams need the text after every token
+        self.last_step_tokens = 0
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    admit: bool = True) -> list[Sequence]:
         if not prompt_ids:
             raise InvalidInputError("the prompt is empty")
         if any(not isinstance(t, int) or t < 0 or t >= self.model.vocab_size for t in prompt_ids):
@@ -176,7 +180,7 @@ class LLMEngine:
                 f"model's context length of {self.max_context} tokens")
         if request_id in self._by_request:
             raise InvalidInputError(f"request id {request_id!r} is already in use")
-        if len(self.waiting) + params.n > self.max_waiting:
+        if admit and len(self.waiting) + params.n > self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} sequences are waiting (bound {self.max_waiting})")
         seqs = []
         for i in range(params.n):
@@ -273,6 +277,7 @@ class LLMEngine:
         if not plan:
             return []
         step, sampled = self._batch(plan)
+        self.last_step_tokens = len(step.input_ids)
         logits = self.model.forward(step, self.cache)
         for seq, n in plan:
             seq.num_computed += n
@@ -301,13 +306,16 @@ class LLMEngine:
             reason = "stop"
         elif len(seq.output_ids) >= seq.max_tokens or len(seq.tokens) >= self.max_context:
             reason = "length"
-        visible = seq.output_ids[:-1] if reason == "stop" else seq.output_ids     # not the stop token itself
-        text = seq.stop_checker.update(visible, final=reason is not None)
-        if seq.stop_checker.stopped:
-            reason = "stop"
-            text = seq.stop_checker.text
+        text = ""
+        if reason is not None or p.stop or self.stream_text:         # detokenize only when someone looks
+            visible = seq.output_ids[:-1] if reason == "stop" else seq.output_ids     # not the stop token
+            text = seq.stop_checker.update(visible, final=reason is not None)
+            if seq.stop_checker.stopped:
+                reason = "stop"
+                text = seq.stop_checker.text
         if reason is not None:
             seq.finish_reason = reason
+            seq.finish_time = time.perf_counter()
             self._release(seq)
         return StepOutput(seq, text, 1, reason is not None)
 
@@ -360,6 +368,7 @@ class LLM:
         self.model, self.tokenizer = model, tokenizer
         self.engine_kw = engine_kw
         self.engine = LLMEngine(model, tokenizer, **engine_kw)
+        self.last_sequences: list[Sequence] = []      # of the last generate() call (benchmarks read timings)
 
     @classmethod
     def load(cls, path, dtype: str = "fp32", threads: int | None = None, **engine_kw) -> "LLM":
@@ -385,6 +394,7 @@ class LLM:
             groups.append((rid, self.engine.add_request(rid, self.prompt_ids(prompt), p)))
         while self.engine.has_work():
             self.engine.step()
+        self.last_sequences = [s for _, seqs in groups for s in seqs]
         return [RequestOutput(rid, seqs[0].prompt_ids, [_completion(s) for s in seqs]) for rid, seqs in groups]
 
 
@@ -406,6 +416,7 @@ class AsyncLLM:
 
     def __init__(self, engine: LLMEngine, metrics=None):
         self.engine, self.metrics = engine, metrics
+        engine.stream_text = True
         self._lock = threading.Condition()
         self._inbox: list = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -417,18 +428,20 @@ class AsyncLLM:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.dead is None and not self._stopping
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               admit: bool = True) -> asyncio.Queue:
+        """admit=False (health probes) skips the bound on waiting sequences."""
         if not self.alive():
             raise EngineDead("the generation engine is not running")
         e = self.engine
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         with self._lock:
-            if len(e.waiting) + sum(1 for x in self._inbox if x[0] == "add") >= e.max_waiting:
+            if admit and len(e.waiting) + sum(1 for x in self._inbox if x[0] == "add") >= e.max_waiting:
                 raise QueueFull(f"{len(e.waiting)} sequences are waiting (bound {e.max_waiting})")
             self._check(prompt_ids, params)       # on the caller's side: errors become HTTP answers
             self._streams[request_id] = (loop, queue)
-            self._inbox.append(("add", request_id, prompt_ids, params))
+            self._inbox.append(("add", request_id, prompt_ids, params, admit))
             self._lock.notify()
         return queue
 
@@ -476,7 +489,7 @@ class AsyncLLM:
                 for item in inbox:
                     if item[0] == "add":
                         try:
-                            e.add_request(item[1], item[2], item[3])
+                            e.add_request(item[1], item[2], item[3], item[4])
                         except TurboServeError as exc:
                             self._emit(item[1], exc)
                     else:

@@ -25,3 +25,12 @@ def token_sequences(lengths: list[int], words: list[int], cls_id: int, sep_id: i
     """[CLS] w1 ... w(n-2) [SEP] for each length n, words drawn uniformly from `words`."""
     rng = np.random.default_rng(seed)
     return [[cls_id] + [int(w) for w in rng.choice(words, size=n - 2)] + [sep_id] for n in lengths]
+
+
+def decoder_offline(vocab_size: int, count: int = 64) -> tuple[list[list[int]], list[int]]:
+    """The decoder workload: prompts (random token ids) and output lengths, both uniform in [16, 256]."""
+    rng = np.random.default_rng(7)
+    prompt_lens = rng.integers(16, 256, size=count, endpoint=True)
+    out_lens = [int(n) for n in rng.integers(16, 256, size=count, endpoint=True)]
+    prompts = [[int(t) for t in rng.integers(3, vocab_size, size=n)] for n in prompt_lens]
+    return prompts, out_lens
