@@ -169,7 +169,7 @@ def test_paged_attention_native_matches_torch(window):
         pytest.skip("no C compiler")
     torch.manual_seed(0)
     nh, kvh, d, bs, nb = 8, 2, 64, 4, 40
-    k_cache, v_cache = torch.randn(nb, bs, kvh, d), torch.randn(nb, bs, kvh, d)
+    k_cache, v_cache = torch.randn(nb, kvh, bs, d), torch.randn(nb, kvh, bs, d)
     q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, 20]          # decode, full prefill, decode, chunked prefill
     cu = torch.tensor([0, *torch.tensor(q_counts).cumsum(0).tolist()])
     perm = torch.randperm(nb).int()
@@ -191,7 +191,7 @@ def next_token_logits(llm, prompt) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype,bound", [("int8", 0.02), ("bf16", 0.01)])
 def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs, dtype, bound):
-    """Weight-only int8 (per-channel) and bf16 against fp32: KL divergence of next-token
+    """int8 (W8A8: per-channel weights, per-token activations) and bf16 against fp32: KL divergence of next-token
     distributions over mixed prompt lengths below the stated bound, and the same greedy token."""
     for n in (1, 17, 90):
         prompt = random_sequences([n], seed=n)[0]

@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inputs accepted in one request (split across batches by the scheduler)")
     s.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 60)),
                    help="seconds before a queued request is answered 504")
-    s.add_argument("--batch-policy", choices=["dp", "fifo"], default=_env("BATCH_POLICY", "dp"),
-                   help="dp: TurboTransformers' DP over a measured cost table; fifo: token-budget baseline")
+    s.add_argument("--batch-policy", choices=["dp", "fifo"], default=_env("BATCH_POLICY", "fifo"),
+                   help="fifo (default): token-budget batches in arrival order; dp: TurboTransformers' DP over a "
+                        "cost table measured at start-up (measured no better here: docs/benchmarks.md)")
     s.add_argument("--lazy-timeout-ms", type=float, default=float(_env("LAZY_TIMEOUT_MS", 0)),
                    help="0: hungry (batch as soon as the model is idle); >0: wait up to this for a fuller batch")
     s.add_argument("--auto-truncate", action="store_true", default=_env("AUTO_TRUNCATE", "0") == "1",

@@ -33,7 +33,8 @@ class StepBatch:
     cu_q: torch.Tensor             # int64 [S + 1]: sequence s's new tokens are rows cu_q[s]..cu_q[s+1]
     ctx_len: torch.Tensor          # int64 [S]: tokens in s's context after this step
     block_tables: torch.Tensor     # int32 [S, W]
-    slots: torch.Tensor            # int64 [T]: flat cache slot (block * block_size + offset) of each token
+    slot_blocks: torch.Tensor      # int64 [T]: cache block of each new token
+    slot_offsets: torch.Tensor     # int64 [T]: its offset inside the block
     logit_rows: torch.Tensor       # int64 [R]: rows whose next-token logits are wanted
     max_ctx: int
 
@@ -154,8 +155,9 @@ class DecoderModel:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (K, V), each [num_blocks, block_size, kv_heads, head_dim] fp32."""
-        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        """Per layer (K, V), each [num_blocks, kv_heads, block_size, head_dim] fp32: head-major inside
+        a block, so the attention kernel reads one head's keys contiguously."""
+        shape = (num_blocks, self.num_kv_heads, block_size, self.head_dim)
         return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
 
     @property
@@ -184,8 +186,8 @@ class DecoderModel:
             if self.spec.rope:
                 ops.rope_(q, cos, sin, nh)
                 ops.rope_(k, cos, sin, kvh)
-            k_cache.view(-1, kvh, d).index_copy_(0, step.slots, k.reshape(-1, kvh, d))
-            v_cache.view(-1, kvh, d).index_copy_(0, step.slots, v.reshape(-1, kvh, d))
+            k_cache[step.slot_blocks, :, step.slot_offsets] = k.view(-1, kvh, d)
+            v_cache[step.slot_blocks, :, step.slot_offsets] = v.view(-1, kvh, d)
             a = ops.paged_attention(q, k_cache, v_cache, step.block_tables, step.cu_q, step.ctx_len, nh,
                                     self.window, scale, step.max_ctx)
             x += ops.linear(layer.o, a.to(adt))

@@ -86,7 +86,7 @@ class WorkItem:
 
 class EncoderEngine:
     def __init__(self, encoder: Encoder, *, max_batch_tokens: int = 4096, max_queued_requests: int = 512,
-                 max_queued_tokens: int = 262144, policy: str = "dp", lazy_timeout: float = 0.0,
+                 max_queued_tokens: int = 262144, policy: str = "fifo", lazy_timeout: float = 0.0,
                  cost_table: CostTable | None = None, metrics=None):
         self.encoder = encoder
         self.max_batch_tokens = max_batch_tokens

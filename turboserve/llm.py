@@ -253,21 +253,23 @@ class LLMEngine:
 
     def _batch(self, plan: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
         bs = self.blocks.block_size
-        ids, pos, slots, cu, ctx, rows, sampled = [], [], [], [0], [], [], []
+        ids, pos, blocks, offsets, cu, ctx, rows, sampled = [], [], [], [], [0], [], [], []
         for seq, n in plan:
             start = seq.num_computed
             toks = seq.tokens
             table = self.blocks.tables[seq]
             ids.extend(toks[start:start + n])
             pos.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            blocks.extend(table[p // bs] for p in range(start, start + n))
+            offsets.extend(p % bs for p in range(start, start + n))
             cu.append(cu[-1] + n)
             ctx.append(start + n)
             if start + n == len(toks):
                 rows.append(cu[-1] - 1)
                 sampled.append(seq)
         step = StepBatch(torch.tensor(ids), torch.tensor(pos), torch.tensor(cu), torch.tensor(ctx),
-                         self.blocks.block_table_tensor([s for s, _ in plan]), torch.tensor(slots),
+                         self.blocks.block_table_tensor([s for s, _ in plan]), torch.tensor(blocks),
+                         torch.tensor(offsets),
                          torch.tensor(rows, dtype=torch.long), max(ctx))
         return step, sampled
 

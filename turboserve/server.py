@@ -56,7 +56,7 @@ class ServerConfig:
     max_client_batch_size: int = 1024         # inputs in one request
     request_timeout: float = 60.0
     payload_limit: int = 2 * 1024 * 1024      # bytes
-    policy: str = "dp"                        # "dp" | "fifo"
+    policy: str = "fifo"                      # "fifo" | "dp" (see docs/benchmarks.md: FIFO measured >= DP here)
     lazy_timeout: float = 0.0                 # seconds; 0 = hungry
     auto_truncate: bool = False
     served_name: str | None = None

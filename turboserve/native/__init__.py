@@ -128,10 +128,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
                     max_ctx: int, out: torch.Tensor) -> torch.Tensor:
     """See kernels.c. q: [T, >= num_heads * d] rows (a view into the QKV output is fine: its row stride
-    is passed); out: [T, num_heads * d]; caches [blocks, block_size, kv_heads, d]."""
+    is passed); out: [T, num_heads * d]; caches [blocks, kv_heads, block_size, d]."""
     _check(k_cache, v_cache, block_tables, cu_q, ctx_len, out)
     assert q.stride(1) == 1 and q.dtype == torch.float32
-    num_blocks, block_size, kv_heads, d = k_cache.shape
+    num_blocks, kv_heads, block_size, d = k_cache.shape
     lib().paged_attention_f32(_ptr(q), q.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
                               block_tables.stride(0), _ptr(cu_q), _ptr(ctx_len), ctx_len.numel(), num_heads,
                               kv_heads, d, block_size, window, scale, _ptr(out), out.stride(0), max_ctx,
