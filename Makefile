@@ -19,3 +19,4 @@ bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[peers]'
 	$(PY) benchmarks/encoder.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/generate.py

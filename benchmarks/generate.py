@@ -41,12 +41,24 @@ CACHE = ROOT / ".bench" / "gen-models"
 
 
 def build(name: str) -> Path:
+    """The random-weight model (built once) and a word-level tokenizer "t0" ... "tN" beside it."""
     import transformers as tf
     from tokenizers import Tokenizer, models
     d = CACHE / name
-    if (d / "config.json").exists():
-        return d
-    torch.manual_seed(0)
+    if not (d / "config.json").exists():
+        torch.manual_seed(0)
+        _random_model(name).save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())
+    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.save(str(d / "tokenizer.json"))
+    eos = f"t{config.get('eos_token_id') or 0}"      # CTranslate2's converter needs the special tokens
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token=eos, eos_token=eos).save_pretrained(d)
+    return d
+
+
+def _random_model(name: str):
+    import transformers as tf
     if name == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=768, n_head=12, n_layer=12, n_positions=1024,
                                                  vocab_size=50257))
@@ -54,12 +66,7 @@ def build(name: str) -> Path:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
                                                    num_hidden_layers=8, intermediate_size=2816, vocab_size=32000,
                                                    max_position_embeddings=1024))
-    model.save_pretrained(d)
-    vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.save(str(d / "tokenizer.json"))
-    tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(d)
-    return d
+    return model
 
 
 def machine() -> str:
@@ -108,9 +115,10 @@ def run_transformers(path, prompts, outs, batch):
 def run_ctranslate2(path, prompts, outs, compute_type):
     import ctranslate2
     out_dir = CACHE / f"{path.name}-ct2-{compute_type}"
+    ct2_type = {"fp32": "float32", "int8": "int8_float32"}[compute_type]
     if not out_dir.exists():
-        ctranslate2.converters.TransformersConverter(str(path)).convert(str(out_dir), quantization=compute_type)
-    gen = ctranslate2.Generator(str(out_dir), device="cpu", intra_threads=2, inter_threads=1, compute_type=compute_type)
+        ctranslate2.converters.TransformersConverter(str(path)).convert(str(out_dir), quantization=ct2_type)
+    gen = ctranslate2.Generator(str(out_dir), device="cpu", intra_threads=2, inter_threads=1, compute_type=ct2_type)
     order = sorted(range(len(prompts)), key=lambda i: outs[i])
     t = time.perf_counter()
     for i in range(0, len(order), 16):
@@ -189,7 +197,7 @@ def main():
         print(f"\n## {name}, online (turboserve fp32, AsyncLLM in-process, Poisson arrivals)")
         print("| rate req/s | generated tokens/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms |")
         print("|---:|---:|---:|---:|")
-        for rate in (float(r) for r in args.rates.split(",")):
+        for rate in (float(r) for r in args.rates.split(",") if r):
             tps, ttft, tpot = asyncio.run(online(path, prompts, outs, rate))
             print(f"| {rate:g} | {tps:,.0f} | {pct(ttft, 50):.0f} / {pct(ttft, 99):.0f} | "
                   f"{pct(tpot, 50):.1f} / {pct(tpot, 99):.1f} |", flush=True)
