@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_BACKENDS = {"cpu": "turboserve.ops.cpu"}
+_BACKENDS = {"cpu": "turboserve.ops.cpu", "cuda": "turboserve.ops.cuda"}
 
 
 def backend_for(device: str):

@@ -1,0 +1,398 @@
+"""The CUDA backend without a GPU: every Triton kernel in Triton's interpreter on CPU tensors against a
+PyTorch reference, the backend's functions inside the real encoder and decoder, the kernels compiled
+for a Hopper GPU (to PTX and cubin: no GPU needed), and the CUDA-graph padding of decode steps.
+
+Inputs are random with mixed lengths (1, odd, crossing tile and KV block boundaries). Errors are
+max |got - ref| / max |ref| with the reference computed in fp32 from the same (rounded) inputs;
+bounds by input dtype: fp32 1e-4 (1e-5 for elementwise kernels), fp16 5e-3, bf16 3e-2 (8 mantissa bits).
+
+Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, so it is set before
+turboserve.ops.triton_kernels is first imported, and stays set for this test process. A missing
+Triton fails the import (it is in the `test` extra): these tests must run in CI, not skip.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import dataclasses
+import functools
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import triton.language as tl  # a missing Triton fails here, loudly
+from triton.runtime import interpreter
+
+from tests.conftest import build_model, random_sequences
+from turboserve.ops import cpu, cuda, cuda_graphs
+from turboserve.ops import triton_kernels as tk
+
+
+def _widen_bf16_in_interpreted_dot():
+    """Triton 3.9's interpreter keeps bf16 as its uint16 bit patterns and its tl.dot multiplies those
+    integers. Widen bf16 operands to fp32 first, which is what a GPU's bf16 MMA computes (exact
+    products, fp32 accumulation); everything else in the interpreter handles bf16 correctly."""
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widen(t):
+        if t.dtype.scalar != tl.bfloat16:
+            return t
+        return interpreter.TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+_widen_bf16_in_interpreted_dot()
+
+BOUND = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+ELEMENTWISE_BOUND = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def rand(*shape, dtype=torch.float32, gen=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def cu_of(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------- attention
+VARLEN_CASES = [(d, causal, DTYPES[i % 3]) for i, (d, causal) in
+                enumerate((d, c) for d in (64, 80, 96, 128) for c in (False, True))]
+
+
+@pytest.mark.parametrize("head_dim,causal,dtype", VARLEN_CASES)
+def test_varlen_attention_matches_sdpa(head_dim, causal, dtype):
+    gen = torch.Generator().manual_seed(head_dim + causal)
+    lengths = [1, 70, 2, 33, int(torch.randint(3, 40, (1,), generator=gen))]   # 70: two 64-row tiles
+    heads, cu = 2, cu_of(lengths)
+    T = int(cu[-1])
+    qkv = rand(T, 3 * heads * head_dim, dtype=dtype, gen=gen)
+    order = torch.tensor(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    out = torch.full((T, heads * head_dim), float("nan"), dtype=dtype)
+    tk.varlen_attention(qkv, cu, order, heads, max(lengths), out, causal=causal)
+    view = qkv.float().view(T, 3, heads, head_dim)
+    ref = torch.cat([F.scaled_dot_product_attention(*view[a:b].permute(1, 2, 0, 3), is_causal=causal)
+                     .transpose(0, 1).reshape(b - a, -1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    assert rel_err(out, ref) < BOUND[dtype]
+
+
+PAGED_CASES = [  # (query heads, kv heads, head dim, page size, window, dtype)
+    (8, 2, 64, 4, 0, torch.float32),       # GQA 4
+    (7, 1, 80, 16, 0, torch.bfloat16),     # GQA 7: a group padded to 8 rows
+    (4, 4, 96, 4, 5, torch.float16),       # no GQA, sliding window
+    (4, 2, 128, 8, 11, torch.float32),     # window across page boundaries
+]
+
+
+@pytest.mark.parametrize("nh,kvh,d,page,window,dtype", PAGED_CASES)
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_paged_attention_matches_torch(nh, kvh, d, page, window, dtype, decode_only):
+    gen = torch.Generator().manual_seed(nh * d + window)
+    if decode_only:                         # one token per sequence: the decode tile shape
+        q_counts, ctx = [1, 1, 1], [1, 37, page + 1]
+    else:                                   # decode, whole prefill, decode, chunked prefill
+        q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, page * 3 + 1]
+    width = max(-(-n // page) for n in ctx)
+    num_blocks = 2 + width * len(ctx)
+    k_cache = rand(num_blocks, kvh, page, d, dtype=dtype, gen=gen)
+    v_cache = rand(num_blocks, kvh, page, d, dtype=dtype, gen=gen)
+    perm = torch.randperm(num_blocks, generator=gen).int()           # blocks scattered over the cache
+    tables = torch.stack([perm[i * width:(i + 1) * width] for i in range(len(ctx))])
+    cu = cu_of(q_counts)
+    T = int(cu[-1])
+    qkv = rand(T, (nh + 2 * kvh) * d, dtype=dtype, gen=gen)
+    q = qkv[:, :nh * d]                    # strided rows, as the decoder passes them
+    args = (tables, cu, torch.tensor(ctx), nh, window, d ** -0.5)
+    out = torch.full((T, nh * d), float("nan"), dtype=torch.float32)
+    tk.paged_attention(q, k_cache, v_cache, *args, out)
+    ref = cpu._paged_attention_torch(q.float(), k_cache.float(), v_cache.float(), *args, torch.empty(T, nh * d))
+    assert rel_err(out, ref) < BOUND[dtype]
+
+
+# ---------------------------------------------------------------------- row and elementwise fusions
+ACTS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "relu": F.relu, "silu": F.silu,
+        None: lambda v: v}
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_norm_fuses_bias_act_residual(kind, dtype):
+    gen = torch.Generator().manual_seed(len(kind))
+    M, N = 37, 200                               # N: a padded, masked row
+    x, res, bias = rand(M, N, dtype=dtype, gen=gen), rand(M, N, dtype=dtype, gen=gen), rand(N, dtype=dtype, gen=gen)
+    w, b = rand(N, dtype=dtype, gen=gen), rand(N, dtype=dtype, gen=gen)
+    for act in ("gelu", None):
+        v = ACTS[act](x.float() + bias.float()) + res.float()
+        if kind == "layer":
+            ref = F.layer_norm(v, (N,), w.float(), b.float(), 1e-5)
+        else:
+            ref = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float() + b.float()
+        out = torch.empty(M, N, dtype=dtype)
+        tk.row_norm(x, w, b, 1e-5, kind, out, bias=bias, act=act, residual=res)
+        assert rel_err(out, ref) < BOUND[dtype], act
+    # plain norm, in place
+    ref = F.layer_norm(x.float(), (N,), w.float(), None, 1e-6) if kind == "layer" else \
+        x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+    assert rel_err(tk.row_norm(x, w, None, 1e-6, kind, x), ref) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "silu"])
+def test_bias_act_and_residual(act):
+    gen = torch.Generator().manual_seed(len(act))
+    for dtype in DTYPES:
+        x, res, bias = rand(33, 300, dtype=dtype, gen=gen) * 3, rand(33, 300, dtype=dtype, gen=gen), rand(300, dtype=dtype, gen=gen)
+        ref = ACTS[act](x.float() + bias.float())
+        out = tk.bias_act(x, torch.empty_like(x), bias=bias, act=act)
+        assert rel_err(out, ref) < ELEMENTWISE_BOUND[dtype], dtype
+        ref = ref + res.float()
+        y = x.clone()
+        tk.bias_act(y, y, bias=bias, act=act, residual=res)       # in place
+        assert rel_err(y, ref) < ELEMENTWISE_BOUND[dtype], dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype):
+    gate_up = rand(19, 2 * 150, dtype=dtype, gen=torch.Generator().manual_seed(1))
+    assert rel_err(tk.silu_and_mul(gate_up), cpu.silu_and_mul(gate_up.float())) < ELEMENTWISE_BOUND[dtype]
+
+
+@pytest.mark.parametrize("heads,d", [(7, 80), (4, 64), (2, 128)])
+def test_rope_in_place_on_strided_views(heads, d):
+    gen = torch.Generator().manual_seed(d)
+    T, kvh = 21, 1
+    qkv = rand(T, (heads + 2 * kvh) * d, gen=gen)
+    angles = torch.rand(T, d // 2, generator=gen) * 6.28
+    cos, sin = angles.cos(), angles.sin()
+    ref = qkv.clone()
+    for a, n in ((0, heads), (heads * d, kvh)):
+        cpu.rope_(ref[:, a:a + n * d], cos, sin, n)
+        tk.rope_(qkv[:, a:a + n * d], cos, sin, n)
+    assert rel_err(qkv, ref) < ELEMENTWISE_BOUND[torch.float32]
+    assert torch.equal(qkv[:, (heads + kvh) * d:], ref[:, (heads + kvh) * d:])      # V untouched
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_int8_weight_only_matmul(rows):
+    gen = torch.Generator().manual_seed(rows)
+    K, N = 200, 100                                       # K: a partial last K tile
+    w, bias = rand(N, K, gen=gen), rand(N, gen=gen)
+    lin = cuda.Int8WeightOnlyLinear(w, bias, device="cpu")
+    dequant = lin.weight_q.float() * lin.weight_scale
+    for dtype in DTYPES:
+        x = rand(rows, K, dtype=dtype, gen=gen)
+        out = torch.empty(rows, N, dtype=dtype)
+        tk.w8_matmul(x, lin.weight_q, lin.weight_scale, bias.to(dtype), out)
+        assert rel_err(out, x.float() @ dequant + bias.to(dtype).float()) < BOUND[dtype], dtype
+    # and against the fp32 weight: what int8 weights cost (per-channel rounding, K = 200)
+    x = rand(rows, K, gen=gen)
+    assert rel_err(tk.w8_matmul(x, lin.weight_q, lin.weight_scale, bias, torch.empty(rows, N)),
+                   F.linear(x, w, bias)) < 2e-2
+
+
+# ---------------------------------------------------------------------- the backend's functions
+def cuda_backend_on_cpu():
+    """ops/cuda.py with its linears' weights on the CPU, so the kernels run in the interpreter."""
+    ops = types.SimpleNamespace(**{k: v for k, v in vars(cuda).items() if not k.startswith("__")})
+    ops.make_linear = functools.partial(cuda.make_linear, device="cpu")
+    ops.make_decoder_linear = functools.partial(cuda.make_decoder_linear, device="cpu")
+    return ops
+
+
+def test_backend_has_every_op_the_models_call():
+    for name in ("make_linear", "make_decoder_linear", "epilogue", "activation_", "layer_norm", "varlen_attention",
+                 "linear", "norm", "silu_and_mul", "rope_", "paged_attention"):
+        assert callable(getattr(cuda, name)), name
+    from turboserve.ops import backend_for
+    assert backend_for("cuda:0") is cuda
+
+
+def test_linears_and_their_epilogue():
+    gen = torch.Generator().manual_seed(5)
+    K, N, M = 96, 64, 70                     # 70 rows: the int8 linear's dequantize + GEMM path too
+    w, b = rand(N, K, gen=gen), rand(N, gen=gen)
+    x, res = rand(M, K, gen=gen), rand(M, N, gen=gen)
+    gamma, beta = rand(N, gen=gen), rand(N, gen=gen)
+    ref_lin = cpu.DenseLinear(w, b, torch.float32)
+    epi = {"residual": res, "ln": (gamma, beta, 1e-5)}
+    ref = ref_lin(x, None, out=torch.empty(M, N), **epi)[0]
+    dense = cuda.make_linear(w, b, "fp32", device="cpu")
+    assert rel_err(dense(x, None, out=torch.empty(M, N), **epi)[0], ref) < BOUND[torch.float32]
+    ref_gelu = ref_lin(x, None, out=torch.empty(M, N), act="gelu")[0]
+    assert rel_err(dense(x, None, out=torch.empty(M, N), act="gelu")[0], ref_gelu) < BOUND[torch.float32]
+    bf16 = cuda.make_linear(w, b, "bf16", device="cpu")            # bf16 GEMM inside an fp32 model
+    assert rel_err(bf16(x, None, out=torch.empty(M, N), **epi)[0], ref) < BOUND[torch.bfloat16]
+    int8 = cuda.make_decoder_linear(w, b, "int8", device="cpu")
+    assert not int8.takes_int8 and int8.nbytes < dense.nbytes / 3
+    for rows in (3, M):                      # Triton kernel, then the dequantized cuBLAS-style path
+        got = cuda.linear(int8, x[:rows])
+        assert got.shape == (rows, N) and rel_err(got, F.linear(x[:rows], w, b)) < 2e-2
+    with pytest.raises(ValueError, match="weight-only"):
+        dense(x, None, out=None, quant_for=int8)
+
+
+def test_encoder_forward_with_the_cuda_backend(tmp_path, monkeypatch):
+    """The unchanged encoder model code on the cuda backend (kernels interpreted) against the CPU one."""
+    from turboserve import Encoder
+    from turboserve import model as model_mod
+    path = build_model("bert", tmp_path / "bert")
+    texts = [random_sequences([n], seed=n)[0] for n in (1, 9, 40)]
+    ref = Encoder.load(path).hidden_states(texts)
+    monkeypatch.setattr(model_mod, "backend_for", lambda device: cuda_backend_on_cpu())
+    got = Encoder.load(path).hidden_states(texts)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_generation_with_the_cuda_backend(decoder_dirs, arch, monkeypatch):
+    """Greedy tokens and their logprobs from the unchanged decoder model code on the cuda backend:
+    RMSNorm/LayerNorm, RoPE, SiLU-and-mul / GELU, paged GQA attention (chunked prefill, decode, and
+    Mistral's sliding window of 24 crossed by a 30-token prompt)."""
+    from turboserve import decoder as decoder_mod
+    from turboserve.llm import LLM
+    from turboserve.sampling import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0, ignore_eos=True)
+    prompts = random_sequences([1, 30, 17], seed=11)
+    ref = LLM.load(decoder_dirs[arch], max_batch_tokens=32).generate(prompts, params)
+    monkeypatch.setattr(decoder_mod, "backend_for", lambda device: cuda_backend_on_cpu())
+    got = LLM.load(decoder_dirs[arch], max_batch_tokens=32).generate(prompts, params)
+    for g, r in zip(got, ref):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids
+        logprobs = [torch.tensor([d.logprob for d in out.outputs[0].logprobs]) for out in (g, r)]
+        assert torch.allclose(*logprobs, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- compiled for a GPU (no GPU needed)
+COMPILE_CHECK = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from turboserve.ops import triton_kernels as tk
+
+calls = []
+class Record:                      # stands in for a kernel: keeps the launcher's arguments
+    def __init__(self, fn): self.fn = fn
+    def __getitem__(self, grid): return lambda *a, **kw: calls.append((self.fn, a, kw))
+for name, obj in list(vars(tk).items()):
+    if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+        setattr(tk, name, Record(obj))
+TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
+bf = torch.bfloat16
+tk.varlen_attention(torch.empty(90, 480, dtype=bf), torch.tensor([0, 50, 90]), torch.tensor([0, 1]), 2, 50,
+                    torch.empty(90, 160, dtype=bf), causal=True)
+cache = torch.empty(9, 2, 16, 128, dtype=bf)
+for T in (2, 40):                  # decode tile (GQA 7 padded to 8 rows), prefill tile
+    tk.paged_attention(torch.empty(T, 14 * 128, dtype=bf), cache, cache, torch.empty(2, 4, dtype=torch.int32),
+                       torch.tensor([0, 1, T]), torch.tensor([9, 50]), 14, 8, 0.1, torch.empty(T, 14 * 128))
+x = torch.empty(8, 768, dtype=bf)
+tk.row_norm(x, x[0], None, 1e-5, "rms", x, bias=x[0], act="gelu_tanh", residual=x)
+tk.bias_act(x, x, bias=x[0], act="gelu")
+tk.silu_and_mul(x)
+tk.rope_(torch.empty(8, 640), torch.empty(8, 40), torch.empty(8, 40), 8)
+tk.w8_matmul(torch.empty(2, 768, dtype=bf), torch.empty(768, 256, dtype=torch.int8), torch.empty(256),
+             None, torch.empty(2, 256, dtype=bf))
+for fn, args, kw in calls:
+    sig, const = {}, {}
+    for p in fn.params:
+        a = args[p.num] if p.num < len(args) else kw[p.name]
+        if p.is_constexpr:
+            sig[p.name], const[(p.num,)] = "constexpr", a
+        elif isinstance(a, torch.Tensor):
+            sig[p.name] = "*" + TY[a.dtype]
+        else:
+            sig[p.name] = "fp32" if isinstance(a, float) else "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": kw["num_warps"]})
+    assert k.asm["cubin"], fn.__name__
+    print("compiled", fn.__name__)
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter accepts programs the compiler rejects (dot tiles under 16, branch type
+    mismatches): lower each kernel, as its launcher specializes it, through PTX to an sm_90 cubin."""
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    env.pop("TRITON_INTERPRET")
+    run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compiled") == 8, run.stdout
+
+
+# ---------------------------------------------------------------------- CUDA graphs: what runs without a GPU
+def test_bucket_choice():
+    assert [cuda_graphs.bucket_for(n) for n in (1, 2, 3, 8, 9, 256)] == [1, 2, 4, 8, 16, 256]
+    assert cuda_graphs.bucket_for(257) is None
+    assert cuda_graphs.bucket_for(5, (4, 12)) == 12
+
+
+def _decode_step(decoder_dirs):
+    """A real decode step of three sequences (contexts 2, 21, 38) from a llama engine, and the engine."""
+    from turboserve.llm import LLM
+    from turboserve.sampling import SamplingParams
+    llm = LLM.load(decoder_dirs["llama"], block_size=4)
+    eng = llm.engine
+    for i, p in enumerate(random_sequences([1, 20, 37], seed=2)):
+        eng.add_request(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    eng.step()                                      # prefill all three
+    step, _ = eng._batch(eng.schedule())
+    assert cuda_graphs.is_decode_only(step)
+    return eng, step
+
+
+def test_padded_decode_step_leaves_real_sequences_alone(decoder_dirs):
+    """Run a decode step padded to its bucket on the CPU model: the real sequences' logits are the
+    unpadded step's, so is their KV cache, and the padding wrote only into the reserved pad block."""
+    eng, step = _decode_step(decoder_dirs)
+    model, num_blocks = eng.model, eng.cache[0][0].shape[0]
+    pad_block = num_blocks                          # one block past what the block manager hands out
+
+    def cache_copy():
+        return [tuple(torch.cat([t, torch.zeros_like(t[:1])]) for t in layer) for layer in eng.cache]
+
+    bucket = cuda_graphs.bucket_for(3)
+    padded = cuda_graphs.pad_decode_step(step, bucket, max_blocks=16, pad_block=pad_block)
+    assert padded.input_ids.shape == (bucket,) and padded.block_tables.shape == (bucket, 16)
+    assert padded.cu_q.tolist() == list(range(bucket + 1)) and padded.ctx_len[3:].tolist() == [1]
+    assert (padded.block_tables[3:] == pad_block).all() and (padded.slot_blocks[3:] == pad_block).all()
+    plain_cache, padded_cache = cache_copy(), cache_copy()
+    ref = model.forward(step, plain_cache)
+    got = model.forward(padded, padded_cache)
+    assert rel_err(got[:3], ref) < 1e-5          # GEMMs of 4 rows and of 3 may round differently
+    for (k0, v0), (k1, v1) in zip(plain_cache, padded_cache):
+        for a, b in ((k0, k1), (v0, v1)):
+            assert torch.allclose(a[:pad_block], b[:pad_block], rtol=0, atol=1e-5)
+        assert k1[pad_block].abs().sum() > 0       # the padding sequence's K went to the pad block
+    with pytest.raises(ValueError, match="does not fit"):
+        cuda_graphs.pad_decode_step(step, 2, max_blocks=16, pad_block=pad_block)
+
+
+def test_decode_graphs_run_eagerly_off_cuda(decoder_dirs):
+    eng, step = _decode_step(decoder_dirs)
+    calls = []
+
+    def forward(s):
+        calls.append(s)
+        return eng.model.forward(s, eng.cache)
+
+    graphs = cuda_graphs.DecodeGraphs(forward, max_blocks=16, pad_block=0, device="cpu")
+    assert not graphs.replayable(step)
+    logits = graphs(step)
+    assert len(calls) == 1 and calls[0] is step and logits.shape[0] == 3
+    prefill = dataclasses.replace(step, input_ids=torch.cat([step.input_ids, step.input_ids[:1]]))
+    assert not cuda_graphs.is_decode_only(prefill)

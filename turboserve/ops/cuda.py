@@ -1,0 +1,194 @@
+"""CUDA ops: the functions of ops/cpu.py for NVIDIA GPUs, registered under "cuda" in ops/__init__.py.
+
+GEMMs run in cuBLAS through torch; everything between two GEMMs is one Triton pass
+(ops/triton_kernels.py): bias + activation (+ residual), bias + residual + LayerNorm or RMSNorm,
+SiLU-and-multiply, RoPE in place, and attention (varlen for encoders, paged with GQA for decoders).
+Model code calls these exactly as it calls the CPU backend's; Triton is imported only when a model
+asks for this backend (the registry imports backends lazily), so the CPU path never needs it.
+
+int8 here is weight-only: int8 weights with per-output-channel scales, activations stay in floating
+point and the dequantization happens inside the Triton GEMM's K loop. Decode GEMMs (a few rows) are
+bound by reading the weights, so halving their bytes against bf16 is the win; at many rows the GEMM is
+compute bound and cuBLAS on a dequantized copy is the better kernel. The row count where one overtakes
+the other (`Int8WeightOnlyLinear.triton_max_rows`) is a placeholder until benchmarks/gpu.py measures it
+on a GPU (docs/gpu.md). There is no W8A8 path, so no linear here takes int8 input (`takes_int8` is
+False) and no epilogue quantizes (`quant_for` must be None).
+
+Linears put their weights on `device` ("cuda" unless a test asks for "cpu" to run the kernels in
+Triton's interpreter).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import triton_kernels as tk
+except ModuleNotFoundError as exc:        # triton itself missing: say what to install
+    raise ModuleNotFoundError(f"the cuda ops backend needs Triton (pip install triton): {exc}") from exc
+
+
+def _no_int8_consumer(quant_for) -> None:
+    if quant_for is not None:
+        raise ValueError("the cuda backend's int8 linears are weight-only and take floating-point input")
+
+
+def epilogue(src: torch.Tensor, *, out: torch.Tensor | None = None, act: str | None = None, residual=None,
+             ln=None, quant_for=None, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    """out = LN(act(src + bias) + residual) in one pass; ln: (gamma, beta, eps). out may alias src
+    (None means in place). Returns (out, None): nothing here is quantized for a next GEMM."""
+    _no_int8_consumer(quant_for)
+    out = src if out is None else out
+    if ln is not None:
+        tk.row_norm(src, ln[0], ln[1], ln[2], "layer", out, bias=bias, act=act, residual=residual)
+    elif act is not None or residual is not None or bias is not None:
+        tk.bias_act(src, out, bias=bias, act=act, residual=residual)
+    elif out is not src:
+        out.copy_(src)
+    return out, None
+
+
+def activation_(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(x) in place on a [rows, cols] tensor with unit column stride."""
+    if kind not in ("gelu", "gelu_tanh", "relu", "silu"):
+        raise ValueError(f"unknown activation {kind!r}")
+    return tk.bias_act(x, x, act=kind)
+
+
+class _Linear:
+    """What both linears share: the call convention of ops/cpu.py's linears. The GEMM writes straight
+    into `out` when the dtypes agree; with an epilogue, the bias rides in the epilogue's one pass."""
+    takes_int8 = False
+    dtype: torch.dtype
+    bias: torch.Tensor | None
+
+    def _gemm(self, x: torch.Tensor, out: torch.Tensor | None, with_bias: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, xq=None, *, out: torch.Tensor | None, act: str | None = None,
+                 residual=None, ln=None, quant_for=None):
+        _no_int8_consumer(quant_for)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)          # e.g. a bf16 linear inside an fp32 model
+        fused = act is not None or residual is not None or ln is not None
+        direct = out is not None and out.dtype == self.dtype
+        y = self._gemm(x, out if direct else None, with_bias=not fused)
+        if fused:
+            return epilogue(y, out=out, act=act, residual=residual, ln=ln, bias=self.bias)
+        if out is not None and not direct:
+            y = out.copy_(y)
+        return y, None
+
+
+class DenseLinear(_Linear):
+    """y = x @ W^T + b in fp32 or bf16 (cuBLAS); W stays [N, K] as checkpoints store it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device="cuda"):
+        self.weight = weight.detach().to(device=device, dtype=dtype).contiguous()
+        self.bias = None if bias is None else bias.detach().to(device=device, dtype=dtype).contiguous()
+        self.out_features, self.in_features = self.weight.shape
+        self.dtype = dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def _gemm(self, x, out, with_bias):
+        w_t = self.weight.t()
+        if with_bias and self.bias is not None:
+            return torch.addmm(self.bias, x, w_t) if out is None else torch.addmm(self.bias, x, w_t, out=out)
+        return torch.mm(x, w_t) if out is None else torch.mm(x, w_t, out=out)
+
+
+class Int8WeightOnlyLinear(_Linear):
+    """y = x @ (W_q * scale)^T + b: int8 weights [K, N] with fp32 per-output-channel scales.
+
+    Up to `triton_max_rows` rows, the Triton GEMM converts int8 tiles inside its K loop (reads 1 byte a
+    weight); above it, the weight is dequantized once for a cuBLAS GEMM. 64 is a first guess to be
+    replaced by the crossover benchmarks/gpu.py measures."""
+    triton_max_rows = 64
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype = torch.float32,
+                 device="cuda"):
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0                     # [N]
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.weight_q = q.t().contiguous().to(device)                            # [K, N]
+        self.weight_scale = scale.to(device)
+        self.bias = None if bias is None else bias.detach().to(device=device, dtype=act_dtype).contiguous()
+        self.in_features, self.out_features = self.weight_q.shape
+        self.dtype = act_dtype
+
+    @property
+    def nbytes(self) -> int:
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.weight_q.numel() + 4 * self.weight_scale.numel() + bias
+
+    def _gemm(self, x, out, with_bias):
+        bias = self.bias if with_bias else None
+        x = x.contiguous()
+        if x.shape[0] <= self.triton_max_rows:
+            if out is None:
+                out = torch.empty(x.shape[0], self.out_features, dtype=self.dtype, device=x.device)
+            return tk.w8_matmul(x, self.weight_q, self.weight_scale, bias, out)
+        w = self.weight_q.to(self.dtype) * self.weight_scale.to(self.dtype)
+        if bias is None:
+            return torch.mm(x, w) if out is None else torch.mm(x, w, out=out)
+        return torch.addmm(bias, x, w) if out is None else torch.addmm(bias, x, w, out=out)
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, smooth: torch.Tensor | None = None,
+                device="cuda"):
+    """Encoder linears. `smooth` (SmoothQuant factors) only matters for W8A8, which this backend does
+    not have: a weight-only linear keeps activations in floating point, so it is not applied."""
+    if dtype == "int8":
+        return Int8WeightOnlyLinear(weight, bias, torch.float32, device)
+    return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32, device)
+
+
+def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, device="cuda"):
+    """Decoders: fp32, bf16 or weight-only int8 (activations fp32, as decoder.py's DTYPES says)."""
+    return make_linear(weight, bias, dtype, device=device)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out: torch.Tensor) -> torch.Tensor:
+    return tk.row_norm(x, weight, bias, eps, "layer", out)
+
+
+def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, out: torch.Tensor,
+                     order: torch.Tensor, max_len: int, causal: bool = False) -> torch.Tensor:
+    """Attention of each packed sequence over its own tokens (causal=True: each token over the ones
+    before it). qkv [T, 3H]; out [T, H]; cu_seqlens int64 [B + 1]; order: the grid's sequence order
+    (longest first)."""
+    return tk.varlen_attention(qkv, cu_seqlens, order, num_heads, max_len, out, causal=causal)
+
+
+# ---------------------------------------------------------------------- decoder ops
+def linear(lin, x: torch.Tensor) -> torch.Tensor:
+    """A fresh [T, N] output of a DenseLinear / Int8WeightOnlyLinear, in the linear's dtype."""
+    return lin(x, None, out=None)[0]
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+    return tk.row_norm(x, weight, bias, eps, "rms" if kind == "rmsnorm" else "layer", torch.empty_like(x))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
+    return tk.silu_and_mul(gate_up)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
+    """Rotary embedding in place, HF's rotate-half layout. x: [T, num_heads * d] (a view);
+    cos, sin: [T, d / 2] for each token's position."""
+    tk.rope_(x, cos.contiguous(), sin.contiguous(), num_heads)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
+                    max_ctx: int) -> torch.Tensor:
+    """Causal attention of each sequence's new query tokens over its cached context, fp32 [T, nh * d]
+    as on the CPU. `max_ctx` is not needed: the kernel reads each context length on the device, so a
+    decode step calling this can be captured as a CUDA graph."""
+    out = torch.empty(q.shape[0], num_heads * k_cache.shape[-1], dtype=torch.float32, device=q.device)
+    return tk.paged_attention(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out)

@@ -1,0 +1,380 @@
+"""Triton kernels of the CUDA backend, and thin launchers that pick block sizes and grids.
+
+Every launcher takes tensors on one device and returns (or writes) tensors there; it never reads a
+device tensor back to the host, so the decode step that calls them can be captured as a CUDA graph.
+With TRITON_INTERPRET=1 set before this module is imported, the same kernels run on CPU tensors in
+Triton's interpreter: that is how tests/test_triton_kernels.py checks them on machines without a GPU.
+
+Kernels
+  varlen_attention    flash-style attention of packed sequences over their own tokens (cu_seqlens),
+                      bidirectional (encoders) or causal; reads Q, K, V straight from the packed
+                      [T, 3H] projection
+  paged_attention     causal attention of each sequence's new tokens (prefill chunks and decode tokens
+                      in one launch) over its paged KV cache; GQA: the query heads that share a KV head
+                      are rows of one tile, so each K/V block is loaded once per group; sliding window
+  row_norm            one pass per row: act(x + bias) + residual, then LayerNorm or RMSNorm
+  bias_act            elementwise act(x + bias) (+ residual): bias+GELU after a GEMM
+  silu_and_mul        [T, 2I] (gate | up) -> silu(gate) * up
+  rope_               rotary embedding in place (rotate-half layout), all heads of a token per program
+  w8_matmul           x @ dequant(W_int8): per-output-channel scales, the int8 -> float conversion
+                      inside the K loop, fp32 accumulation
+
+Numerics: accumulation and softmax statistics in fp32. fp32 inputs take IEEE fp32 dot products (not
+TF32) so the fp32 path keeps the reference contract of the CPU backend; bf16/fp16 are the fast path.
+Head dimensions that are not powers of two (80, 96) run in a padded BLOCK_D with masked lanes.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"     # the latter is ignored for 16-bit inputs
+
+
+# ---------------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _activate(v, ACT: tl.constexpr):
+    """v in fp32; ACT one of "", "gelu", "gelu_tanh", "relu", "silu"."""
+    if ACT == "gelu":
+        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        inner = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        # tanh(z) = 2 sigmoid(2z) - 1, without a libdevice call
+        v = 0.5 * v * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+    elif ACT == "relu":
+        v = tl.maximum(v, 0.0)
+    elif ACT == "silu":
+        v = v / (1.0 + tl.exp(-v))
+    return v
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT: tl.constexpr):
+    """One key block of flash attention. s is in log2 units (qk_scale includes log2 e). m_i starts
+    at a large finite negative value, so a row whose keys are all masked in this block keeps alpha = 1
+    and gets p = 0 instead of NaN."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
+    return acc, m_new, l_i
+
+
+# ---------------------------------------------------------------------------------- varlen attention
+@triton.jit
+def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, stride_t, stride_o, qk_scale,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr):
+    qblk = tl.program_id(0)
+    seq = tl.load(order_ptr + tl.program_id(1))        # longest sequences first: better tail balance
+    head = tl.program_id(2)
+    start = tl.load(cu_ptr + seq)
+    length = (tl.load(cu_ptr + seq + 1) - start).to(tl.int32)
+    if qblk * BLOCK_M >= length:
+        return
+    offs_m = qblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    col = head * HEAD_DIM + offs_d[None, :]
+    m_mask = offs_m[:, None] < length
+    q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_t + col, mask=m_mask & d_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = length
+    if CAUSAL:
+        hi = tl.minimum(length, (qblk + 1) * BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n[:, None] < hi
+        kv_off = (start + offs_n)[:, None] * stride_t + col
+        k = tl.load(k_ptr + kv_off, mask=n_mask & d_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=n_mask & d_mask, other=0.0)
+        valid = offs_n[None, :] < hi
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)               # rows past the sequence end (never stored)
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + (start + offs_m)[:, None] * stride_o + col, out.to(o_ptr.dtype.element_ty),
+             mask=m_mask & d_mask)
+
+
+def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.Tensor, num_heads: int,
+                     max_len: int, out: torch.Tensor, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """qkv: [T, 3H] (Q | K | V, head-major inside each); out: [T, H]; cu_seqlens int64 [B + 1]; order:
+    sequence indices (any permutation; longest first balances the grid's tail)."""
+    hidden = qkv.shape[1] // 3
+    head_dim = hidden // num_heads
+    assert qkv.stride(1) == 1 and out.stride(1) == 1
+    scale = head_dim ** -0.5 if scale is None else scale
+    block_m = 64 if max_len > 32 else 16
+    block_n = 64 if head_dim <= 64 else 32
+    grid = (triton.cdiv(max(max_len, 1), block_m), cu_seqlens.numel() - 1, num_heads)
+    _varlen_attention_kernel[grid](
+        qkv, qkv[:, hidden:], qkv[:, 2 * hidden:], out, cu_seqlens, order, qkv.stride(0), out.stride(0),
+        scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
+        BLOCK_N=block_n, CAUSAL=causal, DOT=_dot_precision(qkv.dtype), num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------- paged attention
+@triton.jit(do_not_specialize=["num_seqs", "window"])
+def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, tables_ptr, cu_q_ptr, ctx_ptr, num_seqs,
+                            stride_q, stride_o, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                            stride_table, qk_scale, window,
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                            PAGE: tl.constexpr, DOT: tl.constexpr):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Program pid serves a block of BLOCK_Q query tokens. Sequence s owns programs from
+    # cu_q[s] // BLOCK_Q + s on (an upper bound on the blocks of sequences before it, so the grid is
+    # T // BLOCK_Q + S programs, known without reading cu_q on the host); binary search for s.
+    lo = pid * 0                                        # int32 tensors: loop-carried values
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_q_ptr + mid).to(tl.int32) // BLOCK_Q + mid <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(cu_q_ptr + seq)
+    n_q = (tl.load(cu_q_ptr + seq + 1) - q_start).to(tl.int32)
+    qblk = pid - (q_start.to(tl.int32) // BLOCK_Q + seq)
+    if qblk * BLOCK_Q >= n_q:
+        return
+    ctx = tl.load(ctx_ptr + seq).to(tl.int32)
+
+    # rows of the tile: (query token, head of the group); GROUP_PAD pads e.g. Qwen2's 7 to 8
+    offs_m = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    tok = qblk * BLOCK_Q + offs_m // GROUP_PAD
+    head = kv_head * GROUP + offs_m % GROUP_PAD
+    row_ok = (tok < n_q) & (offs_m % GROUP_PAD < GROUP)
+    pos = ctx - n_q + tok                               # each query's position in its sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    q_off = (q_start + tok)[:, None] * stride_q + head[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, BLOCK_D], tl.float32)
+    first_pos = ctx - n_q + qblk * BLOCK_Q
+    key_end = tl.minimum(ctx, first_pos + BLOCK_Q)      # keys past the block's last query are masked
+    key_start = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    table = tables_ptr + seq * stride_table
+    for n0 in range(key_start, key_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < key_end
+        block = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        slot = (offs_n % PAGE)[:, None]
+        kv_mask = n_ok[:, None] & d_mask
+        k = tl.load(k_cache + block[:, None] * stride_kb + kv_head * stride_kh + slot * stride_kt + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_cache + block[:, None] * stride_vb + kv_head * stride_vh + slot * stride_vt + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
+        valid = valid & ((window == 0) | (offs_n[None, :] > pos[:, None] - window))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), valid, qk_scale, DOT)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    o_off = (q_start + tok)[:, None] * stride_o + head[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
+                    out: torch.Tensor) -> torch.Tensor:
+    """q: [T, num_heads * d] (rows may be strided, e.g. a view of the qkv projection); caches
+    [num_blocks, kv_heads, block_size, d]; block_tables int32 [S, W]; cu_q int64 [S + 1]; ctx_len int64
+    [S] (context length after this step's tokens); out [T, num_heads * d]. window > 0 keeps the keys
+    in (pos - window, pos]. The grid depends only on tensor shapes (graph capture safe)."""
+    T = q.shape[0]
+    _, kv_heads, page, d = k_cache.shape
+    assert q.stride(1) == 1 and out.stride(1) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    group = num_heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    num_seqs = ctx_len.numel()
+    # a decode-only step (one token per sequence) wants few query rows per tile; prefill wants 64
+    rows = 16 if T == num_seqs else 64
+    block_q = max(1, rows // group_pad)
+    grid = (T // block_q + num_seqs, kv_heads)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, cu_q, ctx_len, num_seqs, q.stride(0), out.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), scale * LOG2E, window,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=block_q,
+        BLOCK_N=64 if d <= 64 else 32, PAGE=page, DOT=_dot_precision(q.dtype), num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------- row-wise fusions
+@triton.jit
+def _row_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr, o_ptr, N, stride_x, stride_r, stride_o, eps,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+                     HAS_NORM_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    v = _activate(v, ACT)
+    if HAS_RES:
+        v += tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    if NORM == "layer":
+        mean = tl.sum(v, 0) / N
+        v = tl.where(mask, v - mean, 0.0)
+    y = v * tl.math.rsqrt(tl.sum(v * v, 0) / N + eps)
+    y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM_BIAS:
+        y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + row * stride_o + cols, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def row_norm(x: torch.Tensor, weight: torch.Tensor, norm_bias: torch.Tensor | None, eps: float, kind: str,
+             out: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out = norm(act(x + bias) + residual) per row; kind "layer" or "rms". out may alias x."""
+    M, N = x.shape
+    for t in (x, out, residual):
+        assert t is None or t.stride(1) == 1
+    _row_norm_kernel[(M,)](
+        x, x if bias is None else bias, x if residual is None else residual, weight,
+        weight if norm_bias is None else norm_bias, out, N, x.stride(0),
+        0 if residual is None else residual.stride(0), out.stride(0), eps, HAS_BIAS=bias is not None,
+        ACT=act or "", HAS_RES=residual is not None, NORM=kind, HAS_NORM_BIAS=norm_bias is not None,
+        BLOCK_N=triton.next_power_of_2(N), num_warps=4 if N <= 2048 else 8)
+    return out
+
+
+@triton.jit
+def _bias_act_kernel(x_ptr, bias_ptr, res_ptr, o_ptr, M, N, stride_x, stride_r, stride_o,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    v = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    v = _activate(v, ACT)
+    if HAS_RES:
+        v += tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + rows[:, None] * stride_o + cols[None, :], v.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def bias_act(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out = act(x + bias) + residual, elementwise over [M, N]; out may alias x (in place)."""
+    M, N = x.shape
+    for t in (x, out, residual):
+        assert t is None or t.stride(1) == 1
+    grid = (triton.cdiv(M, 16), triton.cdiv(N, 128))
+    _bias_act_kernel[grid](x, x if bias is None else bias, x if residual is None else residual, out, M, N,
+                           x.stride(0), 0 if residual is None else residual.stride(0), out.stride(0),
+                           HAS_BIAS=bias is not None, ACT=act or "", HAS_RES=residual is not None,
+                           BLOCK_M=16, BLOCK_N=128, num_warps=4)
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, o_ptr, M, N, stride_x, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    src = x_ptr + rows[:, None] * stride_x + cols[None, :]
+    gate = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(src + N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + rows[:, None] * stride_o + cols[None, :], (_activate(gate, "silu") * up).to(o_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
+    M, two_n = gate_up.shape
+    assert gate_up.stride(1) == 1
+    out = torch.empty(M, two_n // 2, dtype=gate_up.dtype, device=gate_up.device)
+    grid = (triton.cdiv(M, 16), triton.cdiv(two_n // 2, 128))
+    _silu_and_mul_kernel[grid](gate_up, out, M, two_n // 2, gate_up.stride(0), out.stride(0),
+                               BLOCK_M=16, BLOCK_N=128, num_warps=4)
+    return out
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, num_heads, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < num_heads) & (j < HALF)
+    c = tl.load(cos_ptr + tok * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + tok * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
+    p1 = x_ptr + tok * stride_x + heads * (2 * HALF) + j
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, (x2 * c + x1 * s).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
+    """In place on x [T, num_heads * d] (rows may be strided); cos, sin [T, d / 2]."""
+    T = x.shape[0]
+    half = x.shape[1] // num_heads // 2
+    assert x.stride(1) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
+    _rope_kernel[(T,)](x, cos, sin, x.stride(0), cos.stride(0), num_heads, HALF=half,
+                       BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HALF=triton.next_power_of_2(half),
+                       num_warps=4)
+
+
+# ---------------------------------------------------------------------------------- int8 weight-only GEMM
+@triton.jit
+def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, o_ptr, M, N, K, stride_x, stride_w, stride_o,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m[:, None] < M
+    n_ok = offs_n[None, :] < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_x + k[None, :], mask=m_ok & (k[None, :] < K),
+                    other=0.0)
+        w = tl.load(w_ptr + k[:, None].to(tl.int64) * stride_w + offs_n[None, :], mask=(k[:, None] < K) & n_ok,
+                    other=0)
+        # per-output-channel scales factor out of the K sum: convert, multiply, scale once at the end.
+        # int8 -> fp32 -> x's type is exact (|w| <= 127) and is how int8 -> bf16 lowers on GPUs anyway;
+        # it also avoids Triton 3.9's interpreter, which converts int8 -> bf16 wrongly.
+        acc = tl.dot(x, w.to(tl.float32).to(x.dtype), acc, input_precision=DOT)
+    acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=m_ok & n_ok)
+
+
+def w8_matmul(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor) -> torch.Tensor:
+    """out = (x @ weight_q) * scale + bias. x [M, K] float; weight_q int8 [K, N] (row-major, so a tile's
+    rows are contiguous along N); scale fp32 [N]. Tiles are a first guess, to be tuned on a GPU."""
+    M, K = x.shape
+    N = weight_q.shape[1]
+    assert x.stride(1) == 1 and weight_q.stride(1) == 1 and out.stride(1) == 1
+    block_m = 16 if M <= 16 else 64
+    block_n, block_k = (64, 128) if M <= 16 else (64, 64)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _w8_matmul_kernel[grid](x, weight_q, scale, scale if bias is None else bias, out, M, N, K, x.stride(0),
+                            weight_q.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                            BLOCK_N=block_n, BLOCK_K=block_k, DOT=_dot_precision(x.dtype), num_warps=4)
+    return out
