@@ -123,6 +123,7 @@ class DecoderModel:
             self.lm_head_int8, self.lm_head = self.ops.make_decoder_linear(self.lm_head, None, "int8"), None
         if spec.rope:
             self.cos, self.sin = rope_tables(config, spec, self.head_dim, self.max_positions)
+        self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
 
     # ------------------------------------------------------------------ loading
     def _norm(self, view: CheckpointView, key: str) -> tuple:
@@ -156,13 +157,19 @@ class DecoderModel:
                             self._norm(view, p + n["norm2"]), up, down)
 
     # ------------------------------------------------------------------ cache
+    def heads(self) -> tuple[int, int]:
+        """(query heads, KV heads) this model computes: all of them, or a tensor-parallel shard's."""
+        if self.tp is None:
+            return self.num_heads, self.num_kv_heads
+        return self.tp.local_heads(self.num_heads, self.num_kv_heads)
+
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+        return 2 * self.num_layers * self.heads()[1] * self.head_dim * 4
 
     def allocate_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (K, V), each [num_blocks, kv_heads, block_size, head_dim] fp32: head-major inside
         a block, so the attention kernel reads one head's keys contiguously."""
-        shape = (num_blocks, self.num_kv_heads, block_size, self.head_dim)
+        shape = (num_blocks, self.heads()[1], block_size, self.head_dim)
         return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
 
     @property
@@ -181,9 +188,12 @@ class DecoderModel:
     @torch.inference_mode()
     def forward(self, step: StepBatch, cache) -> torch.Tensor:
         """fp32 logits [len(step.logit_rows), vocab]."""
-        ops, adt = self.ops, self.act_dtype
-        nh, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        x = torch.embedding(self.word_emb, step.input_ids).float()
+        ops, adt, tp = self.ops, self.act_dtype, self.tp
+        (nh, kvh), d = self.heads(), self.head_dim
+        # tensor parallel: a vocabulary-sharded lookup, and partial sums of O and down added over the ranks
+        reduce = (lambda t: t) if tp is None else (lambda t: tp.all_reduce(t.float()))
+        x = (torch.embedding(self.word_emb, step.input_ids) if tp is None else
+             tp.embedding(self.word_emb, step.input_ids)).float()
         if self.pos_emb is not None:
             x += torch.embedding(self.pos_emb, step.positions)
         if self.spec.rope:
@@ -200,18 +210,20 @@ class DecoderModel:
             v_cache[step.slot_blocks, :, step.slot_offsets] = v.view(-1, kvh, d)
             a = ops.paged_attention(q, k_cache, v_cache, step.block_tables, step.cu_q, step.ctx_len, nh,
                                     self.window, scale, step.max_ctx)
-            x += ops.linear(layer.o, a.to(adt))
+            x += reduce(ops.linear(layer.o, a.to(adt)))
             h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm)
             u = ops.linear(layer.up, h)
             if self.spec.gated_mlp:
                 u = ops.silu_and_mul(u)
             else:
                 u = ops.activation_(u, self.activation)
-            x += ops.linear(layer.down, u)
+            x += reduce(ops.linear(layer.down, u))
         h = ops.norm(x[step.logit_rows].to(adt), *self.final_norm, self.eps, self.spec.norm)
         if self.lm_head_int8 is not None:
-            return ops.linear(self.lm_head_int8, h)
-        return (h @ self.lm_head.t()).float()
+            logits = ops.linear(self.lm_head_int8, h)
+        else:
+            logits = (h @ self.lm_head.t()).float()
+        return logits if tp is None else tp.gather_vocab(logits)
 
 
 def _token_ids(value) -> list[int]:

@@ -25,6 +25,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from . import parallel
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .llm import AsyncLLM, DecoderTokenizer, EngineDead, LLMEngine, QueueFull, StreamEvent
 from .metrics import LATENCY_BUCKETS
@@ -141,7 +142,8 @@ def _logprobs_payload(events_logprobs, token_ids, tokenizer, chat: bool, start: 
 
 def make_gen_app(config: ServerConfig) -> Starlette:
     metrics = GenMetrics()
-    state = SimpleNamespace(status="loading", llm=None, tokenizer=None, name=config.served_name, error=None)
+    state = SimpleNamespace(status="loading", llm=None, tokenizer=None, name=config.served_name, error=None,
+                            on_rank_failure=None)
     started = int(time.time())
 
     def load() -> None:
@@ -149,6 +151,9 @@ def make_gen_app(config: ServerConfig) -> Starlette:
             from .decoder import DecoderModel
             torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
             model = DecoderModel(config.model, config.dtype)
+            if config.tensor_parallel != 1:
+                model = parallel.start(model, config.tensor_parallel, config.threads)
+                parallel.on_failure(model, lambda exc: state.on_rank_failure and state.on_rank_failure(exc))
             tok = DecoderTokenizer(model.model_dir)
             engine = LLMEngine(model, tok, max_batch_tokens=config.max_batch_tokens,
                                max_waiting=config.max_queued_requests)
@@ -338,6 +343,7 @@ def make_gen_app(config: ServerConfig) -> Starlette:
         state.status = "shutting_down"
         if state.llm is not None:
             await asyncio.get_running_loop().run_in_executor(None, state.llm.stop)
+            parallel.close(state.llm.engine.model)
 
     app = Starlette(routes=[
         Route("/v1/completions", make_handler("/v1/completions", False), methods=["POST"]),

@@ -373,10 +373,21 @@ class LLM:
         self.last_sequences: list[Sequence] = []      # of the last generate() call (benchmarks read timings)
 
     @classmethod
-    def load(cls, path, dtype: str = "fp32", threads: int | None = None, **engine_kw) -> "LLM":
+    def load(cls, path, dtype: str = "fp32", threads: int | None = None, tensor_parallel: int = 1,
+             **engine_kw) -> "LLM":
+        """tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
+        the engine stays in this process. Call close() to stop the ranks."""
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         model = DecoderModel(path, dtype)
+        if tensor_parallel != 1:
+            from . import parallel
+            model = parallel.start(model, tensor_parallel, threads)
         return cls(model, DecoderTokenizer(model.model_dir), **engine_kw)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (a single-process model holds nothing to release)."""
+        from . import parallel
+        parallel.close(self.model)
 
     def prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str) and prompt:

@@ -77,16 +77,18 @@ class EncoderModel:
         self.head = self._load_head(view, config)
 
         self.use_planner = use_planner
+        self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
         self._build_workspace()
 
     def _build_workspace(self) -> None:
         """Plan one layer's activations (call again after swapping linears, e.g. quantization)."""
         H, I, adt = self.hidden, self.intermediate, self.act_dtype
-        specs = [("hidden_a", 0, 4, H, adt), ("hidden_b", 0, 4, H, adt), ("qkv", 0, 1, 3 * H, adt),
-                 ("ctx", 1, 2, H, adt), ("h1", 2, 4, H, adt), ("inter", 3, 4, I, adt)]
-        if any(layer.qkv.takes_int8 for layer in self.layers):
+        n = 1 if self.tp is None else self.tp.world        # a shard holds 1/n of the heads and FFN columns
+        specs = [("hidden_a", 0, 4, H, adt), ("hidden_b", 0, 4, H, adt), ("qkv", 0, 1, 3 * H // n, adt),
+                 ("ctx", 1, 2, H // n, adt), ("h1", 2, 4, H, adt), ("inter", 3, 4, I // n, adt)]
+        if any(lin.takes_int8 for layer in self.layers for lin in (layer.qkv, layer.o, layer.fc1, layer.fc2)):
             # int32 accumulator of each int8 GEMM, reused by all four of them
-            specs.append(("acc", 0, 4, max(3 * H, I), torch.int32))
+            specs.append(("acc", 0, 4, max(3 * H, I) // n, torch.int32))
         self.workspace = Workspace(specs) if self.use_planner else NoWorkspace(specs)
 
     def raw_linears(self, view: CheckpointView, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -132,7 +134,9 @@ class EncoderModel:
         ops = self.ops
         v = self.workspace.views(T)
         acc = v.get("acc")
-        emb = torch.embedding(self.word_emb, batch.input_ids)
+        tp = self.tp
+        emb = torch.embedding(self.word_emb, batch.input_ids) if tp is None else tp.embedding(self.word_emb,
+                                                                                               batch.input_ids)
         emb.add_(torch.embedding(self.pos_emb, batch.positions))
         if self.type_emb is not None:
             emb.add_(torch.embedding(self.type_emb, batch.token_types))
@@ -143,20 +147,28 @@ class EncoderModel:
             nxt = layers[i + 1].qkv if i + 1 < len(layers) else None
             kw = self._acc(acc, layer.qkv, T)
             layer.qkv(x, xq, out=v["qkv"], **kw)
-            ops.varlen_attention(v["qkv"], batch.cu_tensor, self.num_heads, v["ctx"], batch.longest_first,
-                                 batch.max_len)
+            ops.varlen_attention(v["qkv"], batch.cu_tensor, self.num_heads // (tp.world if tp else 1), v["ctx"],
+                                 batch.longest_first, batch.max_len)
             kw = self._acc(acc, layer.o, T)
-            h1, h1q = layer.o(v["ctx"], None, out=v["h1"], residual=x, ln=(*layer.ln1, self.eps),
-                              quant_for=self._int8(layer.fc1), **kw)
+            h1, h1q = self._reduced(layer.o, v["ctx"], None, v["h1"], kw, residual=x, ln=(*layer.ln1, self.eps),
+                                    quant_for=self._int8(layer.fc1))
             # fc1's fp32 output is only needed when fc2 does not take int8
             kw = self._acc(acc, layer.fc1, T)
             inter, interq = layer.fc1(h1, h1q, out=None if layer.fc2.takes_int8 else v["inter"],
                                       act=self.activation, quant_for=self._int8(layer.fc2), **kw)
             kw = self._acc(acc, layer.fc2, T)
-            y, yq = layer.fc2(inter, interq, out=y, residual=h1, ln=(*layer.ln2, self.eps),
-                              quant_for=self._int8(nxt), **kw)
+            y, yq = self._reduced(layer.fc2, inter, interq, y, kw, residual=h1, ln=(*layer.ln2, self.eps),
+                                  quant_for=self._int8(nxt))
             x, xq, y = y, yq, x
         return x
+
+    def _reduced(self, linear, x, xq, out, acc_kw: dict, **epilogue):
+        """A linear and its epilogue. In a tensor-parallel shard the linear is row-parallel: its
+        partial sums are added over the ranks first, then the epilogue runs on the whole."""
+        if self.tp is None:
+            return linear(x, xq, out=out, **acc_kw, **epilogue)
+        out, _ = linear(x, xq, out=out, **acc_kw)
+        return self.ops.epilogue(self.tp.all_reduce(out), out=out, **epilogue)
 
     @property
     def weight_bytes(self) -> int:
