@@ -9,7 +9,8 @@ Quality is the minimum cosine, over all requests, between a system's pooled embe
 reference (transformers, each request alone). Peers need the `peers` extra (onnxruntime,
 ctranslate2); systems whose package is missing are reported as skipped.
 The GEMM peaks are measured at start on this machine, and each system's FLOP rate (linear layers plus
-attention, real tokens only) is printed as a fraction of the peak of its arithmetic.
+attention, real tokens only) is printed as a fraction of the peak of its arithmetic (for turboserve
+auto, a layer-wise mix of int8 and fp32, the fp32 peak).
 """
 from __future__ import annotations
 
@@ -133,7 +134,9 @@ def run_transformers(path, seqs, mode, dtype, sort, batch=32):
 
 
 def run_turboserve(path, seqs, mode, dtype):
-    enc = Encoder.load(path, dtype=dtype, normalize=False)
+    """dtype "auto": the layer-wise precision plan for min cosine 0.999 (made on first use with the
+    built-in calibration set, then read from the plan file beside the model)."""
+    enc = Encoder.load(path, dtype=dtype, normalize=False, quality_bound=0.999)
     out = [None]
 
     def go():
@@ -248,6 +251,7 @@ def main():
                 "turboserve fp32": (lambda: run_turboserve(path, seqs, mode, "fp32"), "fp32"),
                 "turboserve bf16": (lambda: run_turboserve(path, seqs, mode, "bf16"), "bf16"),
                 "turboserve int8": (lambda: run_turboserve(path, seqs, mode, "int8"), "int8"),
+                "turboserve auto (0.999)": (lambda: run_turboserve(path, seqs, mode, "auto"), "fp32"),
                 "transformers fp32 padded/32": (lambda: run_transformers(path, seqs, mode, torch.float32, False), "fp32"),
                 "transformers bf16 padded/32": (lambda: run_transformers(path, seqs, mode, torch.bfloat16, False), "bf16"),
                 "transformers fp32 sorted/32": (lambda: run_transformers(path, seqs, mode, torch.float32, True), "fp32"),

@@ -8,6 +8,10 @@ answers (open loop), by one asyncio client process. Per system and rate: achieve
 tokens/s, p50/p99 latency of answered requests, and the share refused with 429/503. The sustainable
 rate is the highest offered rate with p99 under --p99-bound and under 1% refused.
 
+"model busy" (turboserve): the share of the run's wall time the model thread spent in forward passes,
+from its /metrics counter; a `-nopipe` suffix (e.g. turboserve-int8-fifo-nopipe) runs the server with
+--no-pipeline, packing and answering on the model's thread.
+
 Systems: turboserve (fp32 and int8, `--batch-policy dp` and `fifo`); sentence-transformers behind
 the same Starlette/uvicorn stack (this file's `st_app`, FIFO batches of up to 32); Infinity
 (infinity-emb, its torch and optimum engines) if installed in the interpreter given by --infinity-python:
@@ -136,10 +140,24 @@ async def run_load(base: str, path: str, body_of, texts, lengths, rate: float) -
     await asyncio.gather(*(one(i) for i in range(len(texts))))
     wall = time.perf_counter() - start
     pool.close()
-    return {"rps": len(lat) / wall, "tps": tokens / wall,
+    return {"rps": len(lat) / wall, "tps": tokens / wall, "wall": wall,
             "p50": float(np.percentile(lat, 50)) if lat else float("nan"),
             "p99": float(np.percentile(lat, 99)) if lat else float("nan"),
             "refused": refused / len(texts), "failed": failed}
+
+
+def model_busy(base: str) -> float | None:
+    """turboserve's model_busy_seconds counter (None for servers without it): its growth over a run
+    divided by the run's wall time is the share of time the model thread was running forwards."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("turboserve_model_busy_seconds_total "):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def wait_healthy(base: str, proc, path="/health", timeout=300):
@@ -279,16 +297,17 @@ def main():
         reference = Encoder.load(threads=args.threads).embed(probe).numpy()
         print(f"\n## {wl}: {len(texts)} requests of one text each ({sum(lengths) / len(lengths):.1f} tokens on average), "
               "Poisson arrivals; min cos: served vectors of 48 texts against turboserve fp32 in-process")
-        print("| system | offered req/s | achieved req/s | tokens/s | p50 ms | p99 ms | refused | failed | min cos |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| system | offered req/s | achieved req/s | tokens/s | p50 ms | p99 ms | refused | failed | min cos | model busy |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for system in systems:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             env, cwd = dict(os.environ), None
             if system.startswith("turboserve"):
-                _, dtype, policy = system.split("-")
+                _, dtype, policy, *rest = system.split("-")
                 cmd = [sys.executable, "-m", "turboserve", "serve", "--port", str(port), "--dtype", dtype,
                        "--threads", str(args.threads), "--batch-policy", policy]
+                cmd += ["--no-pipeline"] if "nopipe" in rest else []
                 path, body = "/embed", (lambda t: {"inputs": t})
             elif system == "sentence-transformers":
                 cmd = [sys.executable, __file__, "--serve-st", str(port), "--threads", str(args.threads)]
@@ -313,9 +332,12 @@ def main():
                 quality = min_cosine(base, path, body, probe, reference)
                 best = (0.0, 0.0)
                 for rate in (float(r) for r in (args.rates if system.startswith("turboserve") else args.peer_rates).split(",")):
+                    busy0 = model_busy(base)
                     r = asyncio.run(run_load(base, path, body, texts, lengths, rate))
+                    busy1 = model_busy(base)
+                    busy = f"{(busy1 - busy0) / r['wall']:.0%}" if busy0 is not None and busy1 is not None else ""
                     print(f"| {system} | {rate:.0f} | {r['rps']:.1f} | {r['tps']:.0f} | {r['p50'] * 1e3:.0f} | {r['p99'] * 1e3:.0f} | "
-                          f"{r['refused']:.0%} | {r['failed']} | {quality:.5f} |", flush=True)
+                          f"{r['refused']:.0%} | {r['failed']} | {quality:.5f} | {busy} |", flush=True)
                     if r["p99"] <= args.p99_bound and r["refused"] < 0.01 and r["failed"] == 0:
                         best = max(best, (r["rps"], r["tps"]))
                 sustained[(wl, system)] = best

@@ -30,12 +30,14 @@ def _configs():
 ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert")
 
 
-def build_model(arch: str, out: Path, head: str | None = None, num_labels: int = 3, seed: int = 0) -> Path:
+def build_model(arch: str, out: Path, head: str | None = None, num_labels: int = 3, seed: int = 0,
+                **overrides) -> Path:
     """Save a random-weight model of `arch` (base model, or head="cls" for sequence classification)
-    with MiniLM's tokenizer (a WordPiece vocabulary of 30522 entries) beside it."""
+    with MiniLM's tokenizer (a WordPiece vocabulary of 30522 entries) beside it. overrides: config
+    fields to change (e.g. a wider hidden size)."""
     import transformers as tf
     cls, kwargs = _configs()[arch]
-    config = cls(vocab_size=30522, num_labels=num_labels, **kwargs)
+    config = cls(vocab_size=30522, num_labels=num_labels, **dict(kwargs, **overrides))
     torch.manual_seed(seed)
     name = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}[arch]
     model_cls = getattr(tf, f"{name}ForSequenceClassification" if head == "cls" else f"{name}Model")

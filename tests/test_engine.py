@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from turboserve import Encoder
 from turboserve.engine import EncoderEngine, Overloaded
@@ -92,3 +93,67 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(model_dirs, tmp_path):
             proc.kill()
         out = proc.stdout.read()
     assert "ready: model" in out and "dtype fp32" in out
+
+
+def _serve_all(engine, requests, kind="embed"):
+    async def go():
+        futures = [engine.submit(r, kind, timeout=30) for r in requests]
+        return await asyncio.gather(*futures, return_exceptions=True)
+    return asyncio.run(go())
+
+
+def test_pipeline_answers_equal_the_inline_engine_and_the_api(small):
+    """Mixed lengths, several inputs per request, more work than one batch: the pipelined engine's
+    answers are bit-identical to the one-thread engine's, in the same order, and equal the API's."""
+    g = torch.Generator().manual_seed(4)
+    texts = [[int(t) for t in torch.randint(1000, 20000, (int(n),), generator=g)]
+             for n in torch.randint(1, 120, (60,), generator=g)]
+    requests = [small.tokenize(texts[i:i + k]) for i, k in zip(range(0, 60, 6), [1, 2, 3, 4, 5, 6, 5, 4, 3, 2])]
+    answers = {}
+    for pipeline in (True, False):
+        engine = EncoderEngine(small, max_batch_tokens=600, pipeline=pipeline)
+        answers[pipeline] = _serve_all(engine, requests)
+        assert engine.alive() and engine.batches_run > 1
+        engine.stop()
+    for (a, _), (b, _) in zip(answers[True], answers[False]):
+        assert len(a) == len(b)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    flat = torch.stack([v for res, _ in answers[True] for v in res])
+    expected = small.embed([t for i, k in zip(range(0, 60, 6), [1, 2, 3, 4, 5, 6, 5, 4, 3, 2])
+                            for t in texts[i:i + k]], normalize=False)
+    assert torch.allclose(flat, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["pack", "model", "answer"])
+def test_an_error_in_one_stage_fails_only_its_own_requests(small, monkeypatch, stage):
+    """A batch holding token 7777 fails in `stage`; the budget keeps each request in its own batch,
+    so the others are answered and the engine stays alive."""
+    import turboserve.engine as engine_mod
+    bad = 7777
+
+    def poisoned(ids):
+        return any(bad in seq for seq in ids)
+    if stage == "pack":
+        real = engine_mod.pack_tokens
+        monkeypatch.setattr(engine_mod, "pack_tokens", lambda ids, *a: (_ for _ in ()).throw(ValueError("bad pack"))
+                            if poisoned(ids) else real(ids, *a))
+    engine = EncoderEngine(small, max_batch_tokens=50)
+    if stage == "model":
+        real_forward = small.model.forward
+        monkeypatch.setattr(small.model, "forward", lambda b: (_ for _ in ()).throw(ValueError("bad forward"))
+                            if bad in b.input_ids.tolist() else real_forward(b))
+    if stage == "answer":
+        real_answer = engine._answer_batch
+
+        def answer(done):
+            if any(bad in w.job.items[w.index].ids for w in done.batch):
+                raise ValueError("bad answer")
+            real_answer(done)
+        engine._answer.fn = answer
+    requests = [small.tokenize([[5] * 40]), small.tokenize([[5] * 20 + [bad] * 20]), small.tokenize([[6] * 40])]
+    results = _serve_all(engine, requests)
+    assert isinstance(results[1], ValueError)
+    assert not isinstance(results[0], BaseException) and not isinstance(results[2], BaseException)
+    assert torch.equal(results[0][0][0], small.embed([[5] * 40], normalize=False)[0])
+    assert engine.alive()
+    engine.stop()

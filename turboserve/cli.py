@@ -16,17 +16,28 @@ def _env(name: str, default=None):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=_env("MODEL"), help="Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--dtype", default=_env("DTYPE", "fp32"), choices=["fp32", "bf16", "int8"])
+    p.add_argument("--dtype", default=_env("DTYPE", "fp32"), choices=["fp32", "bf16", "int8", "auto"],
+                   help="auto: per layer, the fastest precision that keeps --quality-bound (docs/precision.md)")
+    p.add_argument("--quality-bound", type=float, default=float(_env("QUALITY_BOUND", 0.999)),
+                   help="with --dtype auto: minimum cosine of pooled embeddings against fp32")
+    p.add_argument("--calibration", default=_env("CALIBRATION"),
+                   help="with --dtype auto: a text file, one calibration input per line (default: built-in)")
     p.add_argument("--threads", type=int, default=int(_env("THREADS", 0)) or None, help="torch threads (default: all available cores)")
+    p.add_argument("--tensor-parallel", type=int, default=int(_env("TENSOR_PARALLEL", 1)),
+                   help="shard the model over N ranks (spawned here, or started by torchrun); each gets threads / N")
 
 
 def cmd_embed(args) -> int:
     from .encoder import Encoder
-    enc = Encoder.load(args.model, dtype=args.dtype, threads=args.threads)
-    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        raise TurboServeError("no input: give one text per line on standard input")
-    vectors = enc.embed(texts, truncate=args.truncate)
+    enc = Encoder.load(args.model, dtype=args.dtype, threads=args.threads, quality_bound=args.quality_bound,
+                       calibration=args.calibration, tensor_parallel=args.tensor_parallel)
+    try:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise TurboServeError("no input: give one text per line on standard input")
+        vectors = enc.embed(texts, truncate=args.truncate)
+    finally:
+        enc.close()
     out = sys.stdout
     for text, vec in zip(texts, vectors.tolist()):
         out.write(json.dumps({"text": text, "embedding": [round(v, 6) for v in vec]}) + "\n")
@@ -36,12 +47,14 @@ def cmd_embed(args) -> int:
 def cmd_serve(args) -> int:
     from .server import ServerConfig, serve
     return serve(ServerConfig(
-        model=args.model, dtype=args.dtype, host=args.host, port=args.port, threads=args.threads,
+        model=args.model, dtype=args.dtype, quality_bound=args.quality_bound, calibration=args.calibration,
+        host=args.host, port=args.port, threads=args.threads,
         max_batch_tokens=args.max_batch_tokens, max_queued_requests=args.max_queued_requests,
         max_queued_tokens=args.max_queued_tokens, request_timeout=args.request_timeout,
         max_client_batch_size=args.max_client_batch_size, policy=args.batch_policy,
         lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
-        served_name=args.served_model_name, access_log=args.access_log))
+        served_name=args.served_model_name, access_log=args.access_log, pipeline=args.pipeline,
+        tensor_parallel=args.tensor_parallel))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name reported by the API (default: the model directory's name)")
     s.add_argument("--access-log", action="store_true", default=_env("ACCESS_LOG", "0") == "1",
                    help="log one line per request (off by default: it costs event-loop time under load)")
+    s.add_argument("--no-pipeline", dest="pipeline", action="store_false", default=_env("PIPELINE", "1") != "0",
+                   help="run packing, the model and answering on one thread (the pipeline's baseline)")
     s.set_defaults(func=cmd_serve)
     return parser
 
@@ -86,6 +101,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.tensor_parallel != 1:
+            from . import parallel
+            if parallel.torchrun_rank():         # torchrun's ranks > 0 only run rank 0's steps
+                return parallel.run_worker_from_env(args.threads)
         return args.func(args)
     except TurboServeError as exc:
         print(f"turboserve: error: {exc}", file=sys.stderr)

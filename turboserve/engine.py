@@ -8,6 +8,16 @@ Admission: a request is refused with `Overloaded` (HTTP 429) when the queue alre
 `max_queued_requests` requests or its tokens would pass `max_queued_tokens`; nothing waits unbounded.
 A request's deadline passing drops its queued items (`DeadlineExceeded`, HTTP 504); a cancelled
 request (client gone) has its queued items dropped before they reach the model.
+
+Pipeline (pipeline=True, the default): three threads joined by bounded queues, so the model thread
+does nothing but forward passes back to back. The scheduler thread takes the queue, plans batches and
+packs batch N+1 while the model thread runs batch N (forward and pooling, which read the workspace);
+the answer thread copies out, accounts and resolves batch N-1 (response encoding then runs on the event
+loop). Each queue holds one batch, so at most three batches are in flight and planning never runs far
+ahead of the model. An error in a batch fails only that batch's requests, whichever stage it hits; an
+unexpected error in a stage kills the engine (health 503) and fails everything still in flight.
+pipeline=False runs the three stages inline on one thread (the baseline of benchmarks/serve.py's
+model-busy figure).
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +37,9 @@ import torch
 
 from .encoder import Encoder
 from .errors import TurboServeError
+from .loader import weights_fingerprint
 from .model import pool
+from .parallel import RankFailure
 from .packing import pack_tokens
 from .scheduler import CostTable, dp_partition, fifo_partition
 from .tokenizer import Encoded
@@ -84,10 +97,47 @@ class WorkItem:
         return len(self.job.items[self.index].ids)
 
 
+_END = object()
+
+
+class _Stage:
+    """A pipeline stage: one thread applying `fn` to the items of a one-slot queue, in order. An
+    exception from `fn` fails that item's requests (`discard(item, error)`) and the stage goes on;
+    after the engine died every item is discarded, so nothing upstream blocks and every request gets
+    an answer."""
+
+    def __init__(self, name: str, fn, engine: "EncoderEngine", discard):
+        self.fn, self.engine, self.discard = fn, engine, discard
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        self.queue.put(item)
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            self.engine._call(self.fn, item, self.discard)
+
+
+@dataclass
+class _Done:
+    """A batch the model has run: what the answer stage needs."""
+    batch: list
+    lengths: list[int]
+    tokens: int
+    pooled: torch.Tensor | None
+    logits: torch.Tensor | None
+    elapsed: float
+
+
 class EncoderEngine:
     def __init__(self, encoder: Encoder, *, max_batch_tokens: int = 4096, max_queued_requests: int = 512,
                  max_queued_tokens: int = 262144, policy: str = "fifo", lazy_timeout: float = 0.0,
-                 cost_table: CostTable | None = None, metrics=None):
+                 cost_table: CostTable | None = None, metrics=None, pipeline: bool = True):
         self.encoder = encoder
         self.max_batch_tokens = max_batch_tokens
         self.max_queued_requests = max_queued_requests
@@ -110,6 +160,11 @@ class EncoderEngine:
         self.dead: BaseException | None = None
         self.batches_run = 0
         self.items_run = 0
+        self.busy_seconds = 0.0          # model thread time in forward + pooling
+        self._state_lock = threading.Lock()     # job.remaining / results: answer stage vs scheduler
+        self.pipeline = pipeline
+        self._answer = _Stage("turboserve-answer", self._answer_batch, self, self._discard_done) if pipeline else None
+        self._model = _Stage("turboserve-model", self._model_batch, self, self._discard_packed) if pipeline else None
         self._thread = threading.Thread(target=self._run, name="turboserve-engine", daemon=True)
         self._thread.start()
 
@@ -152,15 +207,20 @@ class EncoderEngine:
     def queue_depth(self) -> tuple[int, int]:
         return len(self._jobs), self._queued_tokens
 
+    def _threads(self) -> list[threading.Thread]:
+        return [self._thread] + ([self._model.thread, self._answer.thread] if self.pipeline else [])
+
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.dead is None and not self._stopping
+        return all(t.is_alive() for t in self._threads()) and self.dead is None and not self._stopping
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish queued work, then stop the thread."""
+        """Finish queued work, then stop the threads."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._thread.join(timeout)
+        deadline = time.perf_counter() + timeout
+        for t in self._threads():
+            t.join(max(0.0, deadline - time.perf_counter()))
 
     # ------------------------------------------------------------------ worker side
     def _report_queue(self) -> None:
@@ -204,9 +264,16 @@ class EncoderEngine:
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
-        job.loop.call_soon_threadsafe(deliver)
+        try:
+            job.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:        # the caller's event loop is closed: nobody is waiting for this answer
+            pass
 
     def _drop_dead_items(self, items: list[WorkItem]) -> list[WorkItem]:
+        with self._state_lock:
+            return self._drop_dead_items_locked(items)
+
+    def _drop_dead_items_locked(self, items: list[WorkItem]) -> list[WorkItem]:
         now = time.perf_counter()
         live, dropped = [], set()
         for item in items:
@@ -234,60 +301,124 @@ class EncoderEngine:
         return [[items[i] for i in g] for g in groups]
 
     def _run(self) -> None:
+        """The scheduler stage: take, plan, drop what is dead, pack; then the model stage (inline
+        without the pipeline)."""
         try:
             while True:
                 items = self._take()
                 if not items:
-                    return
+                    break
                 for batch in self.plan(items):
                     batch = self._drop_dead_items(batch)
-                    if batch:
-                        self._run_batch(batch)
-        except BaseException as exc:   # a bug in the engine: fail everything, report unhealthy
-            log.exception("engine thread died")
-            self.dead = exc
-            with self._cv:
-                pending, self._queue = self._queue, []
-            for job in {id(i.job): i.job for i in pending}.values():
-                self._resolve(job, NotReady("the engine has failed"))
+                    if not batch:
+                        continue
+                    packed = self._pack(batch)
+                    if packed is None:
+                        continue
+                    if self.pipeline:
+                        self._model.put((batch, packed))
+                    else:
+                        self._call(self._model_batch, (batch, packed), self._discard_packed)
+        except BaseException as exc:
+            self._die(exc)
+        finally:
+            if self.pipeline:
+                self._model.put(_END)
+                self._model.thread.join()
+                self._answer.put(_END)
 
-    def _run_batch(self, batch: list[WorkItem]) -> None:
-        start = time.perf_counter()
-        for item in batch:
-            if item.job.first_start is None:
-                item.job.first_start = start
-        enc = self.encoder
-        encoded = [i.job.items[i.index] for i in batch]
-        packed = pack_tokens([e.ids for e in encoded], [e.type_ids for e in encoded], enc.model.position_offset)
+    def _call(self, fn, item, discard) -> None:
+        """Run one stage on one batch; its failure fails that batch's requests only."""
+        if self.dead is not None:
+            discard(item, NotReady("the engine has failed"))
+            return
         try:
-            hidden = enc.model.forward(packed)
-            kinds = {i.job.kind for i in batch}
-            pooled = pool(hidden, packed, enc.pooling.mode) if "embed" in kinds else None
-            logits = enc.model.classify(hidden, packed) if "classify" in kinds else None
-        except Exception as exc:        # this batch fails, the engine goes on
-            log.exception("batch failed")
-            for job in {id(i.job): i.job for i in batch}.values():
+            fn(item)
+        except RankFailure as exc:      # a tensor-parallel rank is gone: so is the engine (/health 503)
+            self._die(exc)
+            discard(item, NotReady(str(exc)))
+        except Exception as exc:
+            log.exception("a batch failed in %s", fn.__name__)
+            discard(item, exc)
+        except BaseException as exc:
+            self._die(exc)
+            discard(item, NotReady("the engine has failed"))
+
+    def _die(self, exc: BaseException) -> None:
+        """A bug in the engine: report unhealthy and fail everything queued."""
+        if self.dead is None:
+            log.error("engine died", exc_info=exc)
+            self.dead = exc
+        with self._cv:
+            pending, self._queue = self._queue, []
+        self._fail_jobs([i.job for i in pending], NotReady("the engine has failed"))
+
+    def _fail_jobs(self, jobs, error: BaseException) -> None:
+        with self._state_lock:
+            for job in {id(j): j for j in jobs}.values():
                 if job.remaining >= 0:
                     job.remaining = -1
                     self._finish_job_accounting(job)
-                    self._resolve(job, exc)
-            return
+                    self._resolve(job, error)
+
+    def _discard_packed(self, item, error: BaseException) -> None:
+        self._fail_jobs([w.job for w in item[0]], error)
+
+    def _discard_done(self, done: _Done, error: BaseException) -> None:
+        self._fail_jobs([w.job for w in done.batch], error)
+
+    def _pack(self, batch: list[WorkItem]):
+        start = time.perf_counter()
+        with self._state_lock:
+            for item in batch:
+                if item.job.first_start is None:
+                    item.job.first_start = start
+        encoded = [i.job.items[i.index] for i in batch]
+        try:
+            return pack_tokens([e.ids for e in encoded], [e.type_ids for e in encoded],
+                               self.encoder.model.position_offset)
+        except Exception as exc:        # this batch fails, the engine goes on
+            log.exception("packing a batch failed")
+            self._fail_jobs([i.job for i in batch], exc)
+            return None
+
+    def _model_batch(self, item) -> None:
+        """The model stage: forward and pooling (both read the workspace, so they stay together)."""
+        batch, packed = item
+        enc = self.encoder
+        start = time.perf_counter()
+        hidden = enc.model.forward(packed)
+        kinds = {i.job.kind for i in batch}
+        pooled = pool(hidden, packed, enc.pooling.mode) if "embed" in kinds else None
+        logits = enc.model.classify(hidden, packed) if "classify" in kinds else None
         elapsed = time.perf_counter() - start
+        self.busy_seconds += elapsed
+        cu = packed.cu_seqlens
+        done = _Done(batch, [b - a for a, b in zip(cu, cu[1:])], packed.num_tokens, pooled, logits, elapsed)
+        if self.pipeline:
+            self._answer.put(done)
+        else:
+            self._call(self._answer_batch, done, self._discard_done)
+
+    def _answer_batch(self, done: _Done) -> None:
+        """The answer stage: copy each input's row out, account, resolve finished requests."""
         self.batches_run += 1
-        self.items_run += len(batch)
+        self.items_run += len(done.batch)
         if self.metrics is not None:
-            self.metrics.batch(len(batch), packed.num_tokens, elapsed)
-        for row, item in enumerate(batch):
-            job = item.job
-            if job.remaining < 0:
-                continue
-            out = pooled[row] if job.kind == "embed" else logits[row]
-            job.results[item.index] = out.clone()
-            job.inference += elapsed * len(encoded[row].ids) / packed.num_tokens
-            job.remaining -= 1
-            if job.remaining == 0:
-                self._finish_job_accounting(job)
-                self._resolve(job)
+            self.metrics.batch(len(done.batch), done.tokens, done.elapsed)
+            self.metrics.model_busy.inc(done.elapsed)
+        with self._state_lock:
+            for row, item in enumerate(done.batch):
+                job = item.job
+                if job.remaining < 0:
+                    continue
+                out = done.pooled[row] if job.kind == "embed" else done.logits[row]
+                job.results[item.index] = out.clone()
+                job.inference += done.elapsed * done.lengths[row] / done.tokens
+                job.remaining -= 1
+                if job.remaining == 0:
+                    self._finish_job_accounting(job)
+                    self._resolve(job)
 
 
 # ---------------------------------------------------------------------- cost table
@@ -297,10 +428,11 @@ COST_LENGTHS = [8, 16, 32, 64, 128, 256, 512]
 
 
 def cost_cache_path(encoder: Encoder, max_batch_tokens: int) -> Path:
-    weights = sorted(encoder.model_dir.glob("*.safetensors")) + sorted(encoder.model_dir.glob("*.bin"))
-    ident = [COST_VERSION, str(encoder.model_dir.resolve()), encoder.dtype, str(torch.get_num_threads()), str(max_batch_tokens),
-             *[f"{w.name}:{w.stat().st_size}:{int(w.stat().st_mtime)}" for w in weights],
-             Path(__file__).with_name("native").joinpath("kernels.c").read_text()]
+    ident = [COST_VERSION, weights_fingerprint(encoder.model_dir), encoder.dtype, str(torch.get_num_threads()),
+             str(max_batch_tokens), Path(__file__).with_name("native").joinpath("kernels.c").read_text()]
+    plan = getattr(encoder, "precision_plan", None)
+    if plan is not None:
+        ident.append(json.dumps(plan.layers, sort_keys=True))
     key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
     base = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
     return base / "costs" / f"{key}.json"

@@ -118,6 +118,17 @@ def read_max_seq_length(model_dir: Path) -> int | None:
     return read_json(f).get("max_seq_length") if f.is_file() else None
 
 
+def weights_fingerprint(model_dir: Path) -> str:
+    """A short key that changes when the model's weight files or config change (name, size, mtime):
+    what on-disk caches of measurements about a model are keyed by."""
+    import hashlib
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")) + [model_dir / "config.json"]
+    ident = [str(model_dir.resolve())] + [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
+                                          for f in files if f.exists()]
+    return hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
+
+
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
     return default_model_path() if path is None else Path(path).expanduser()
 

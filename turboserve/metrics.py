@@ -18,6 +18,8 @@ class Metrics:
         self.batch_tokens = Histogram("turboserve_batch_tokens", "real tokens per model batch",
                                       buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=r)
         self.batch_seconds = Histogram("turboserve_batch_seconds", "model time per batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.model_busy = Counter("turboserve_model_busy_seconds", "model thread time in forward passes and pooling "
+                                  "(its rate is the share of wall time the model is busy)", registry=r)
         self.stage_seconds = Histogram("turboserve_request_stage_seconds", "request latency by stage",
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
 

@@ -5,7 +5,8 @@ because a few hidden channels carry activations 10-100x larger than the rest. Wh
   * per-output-channel weight scales and per-token activation scales (ops/cpu.py, Int8Linear);
   * SmoothQuant: per input channel, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) moves the outliers'
     range from the activations into the weights; max|X_j| comes from a calibration run;
-  * linears listed in `keep` stay in fp32 (the sensitive ones; see docs/precision.md for the figures).
+  * linears listed in `keep` stay in fp32 (the sensitive ones). precision.py chooses per linear
+    from measurements instead; figures in docs/precision.md.
 """
 from __future__ import annotations
 

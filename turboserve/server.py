@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import __version__
+from . import __version__, parallel
 from .encoder import Encoder
 from .engine import DeadlineExceeded, EncoderEngine, NotReady, Overloaded, measure_cost_table
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
@@ -46,7 +46,9 @@ class JSONResponse(_StarletteJSONResponse):
 @dataclass
 class ServerConfig:
     model: str | None = None
-    dtype: str = "fp32"
+    dtype: str = "fp32"                       # fp32 | bf16 | int8 | auto (a layer-wise precision plan)
+    quality_bound: float = 0.999              # dtype auto: min cosine of pooled embeddings against fp32
+    calibration: str | None = None            # dtype auto: calibration texts, one per line
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None
@@ -61,6 +63,8 @@ class ServerConfig:
     auto_truncate: bool = False
     served_name: str | None = None
     access_log: bool = False                  # uvicorn's per-request log line (metrics count requests)
+    tensor_parallel: int = 1                  # ranks the model is sharded over (parallel.py)
+    pipeline: bool = True                     # engine stages on their own threads (engine.py)
 
 
 class ApiError(Exception):
@@ -103,6 +107,7 @@ class State:
         self.status = "loading"          # loading | ready | shutting_down | failed
         self.error: str | None = None
         self.started = int(time.time())
+        self.on_rank_failure = None      # serve() sets it: a dead tensor-parallel rank stops the server
 
     @property
     def name(self) -> str:
@@ -411,10 +416,12 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
             table = measure_cost_table(enc, config.max_batch_tokens)
             log.info("cost table ready in %.1f s (%s)", time.perf_counter() - t, table.meta)
         state.encoder = enc
+        parallel.on_failure(enc.model, lambda exc: state.on_rank_failure and state.on_rank_failure(exc))
         state.engine = EncoderEngine(enc, max_batch_tokens=config.max_batch_tokens,
                                      max_queued_requests=config.max_queued_requests,
                                      max_queued_tokens=config.max_queued_tokens, policy=config.policy,
-                                     lazy_timeout=config.lazy_timeout, cost_table=table, metrics=metrics)
+                                     lazy_timeout=config.lazy_timeout, cost_table=table, metrics=metrics,
+                                     pipeline=config.pipeline)
         plan = enc.model.workspace.plan_for(config.max_batch_tokens) if enc.model.use_planner else None
         weights = enc.model.weight_bytes
         log.info("ready: model %s (%s), dtype %s, threads %d, memory budget: weights %.0f MiB + activation "
@@ -427,7 +434,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
     def load() -> None:
         try:
             enc = Encoder.load(config.model, dtype=config.dtype, threads=config.threads,
-                               max_batch_tokens=config.max_batch_tokens)
+                               max_batch_tokens=config.max_batch_tokens, quality_bound=config.quality_bound,
+                               calibration=config.calibration, tensor_parallel=config.tensor_parallel)
             start_engine(enc)
         except Exception as exc:
             log.error("model failed to load: %s", exc)
@@ -504,6 +512,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         state.status = "shutting_down"
         if state.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, state.engine.stop)
+        if encoder is None and state.encoder is not None:
+            state.encoder.close()            # tensor-parallel ranks this app started
 
     routes = [
         Route("/v1/embeddings", make_route(state, "/v1/embeddings", "openai", parse_openai_embeddings,
@@ -530,7 +540,8 @@ SWITCH_INTERVAL = 0.0002
 
 
 def serve(config: ServerConfig) -> int:
-    """Run the server until SIGINT/SIGTERM: then stop accepting, finish in-flight requests, exit 0."""
+    """Run the server until SIGINT/SIGTERM: then stop accepting, finish in-flight requests, exit 0.
+    A tensor-parallel rank that dies stops it the same way, exiting 1."""
     import uvicorn
 
     from .arch import is_decoder
@@ -541,6 +552,13 @@ def serve(config: ServerConfig) -> int:
     else:
         app = make_app(config)
     state = app.state.turboserve
+    rank_failures = []
+
+    def rank_failed(exc):                    # a tensor-parallel rank died: stop as on SIGTERM, exit 1
+        rank_failures.append(exc)
+        state.status = "shutting_down"
+        server.should_exit = True
+    state.on_rank_failure = rank_failed
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                            access_log=config.access_log, timeout_graceful_shutdown=config.request_timeout))
 
@@ -554,4 +572,4 @@ def serve(config: ServerConfig) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     signal.signal(signal.SIGINT, handle_exit)
     server.run()
-    return 0
+    return 1 if rank_failures else 0

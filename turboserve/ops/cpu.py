@@ -119,11 +119,17 @@ class DenseLinear:
     def nbytes(self) -> int:
         return self.weight_t.numel() * self.weight_t.element_size()
 
-    def __call__(self, x: torch.Tensor, xq: Quantized | None = None, *, out: torch.Tensor, **epi):
-        if self.bias is None:
-            torch.mm(x, self.weight_t, out=out)
+    def __call__(self, x: torch.Tensor, xq: Quantized | None = None, *, out: torch.Tensor | None, **epi):
+        if x.dtype != self.dtype:
+            # a bf16 linear inside an fp32 model (a layer-wise precision plan): cast in, GEMM, cast out
+            y = torch.mm(x.to(self.dtype), self.weight_t) if self.bias is None else \
+                torch.addmm(self.bias, x.to(self.dtype), self.weight_t)
+            out = y.to(x.dtype) if out is None else out.copy_(y)
+        elif self.bias is None:
+            out = torch.mm(x, self.weight_t, out=out) if out is not None else torch.mm(x, self.weight_t)
         else:
-            torch.addmm(self.bias, x, self.weight_t, out=out)
+            out = torch.addmm(self.bias, x, self.weight_t, out=out) if out is not None else \
+                torch.addmm(self.bias, x, self.weight_t)
         rest = {k: v for k, v in epi.items() if v is not None}
         if not rest:
             return out, None

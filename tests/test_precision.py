@@ -1,0 +1,124 @@
+"""Layer-wise mixed precision (precision.py): the plan meets its bound on held-out inputs, a bound of
+1.0 keeps everything in fp32, the greedy takes every move a loose bound allows, plans round-trip."""
+import json
+import os
+
+import pytest
+import torch
+
+from turboserve import Encoder
+from turboserve.errors import InvalidInputError
+from turboserve.loader import default_model_path
+from turboserve.precision import PrecisionPlan, find_plan
+from turboserve.workloads import encoder_lengths, token_sequences, word_token_ids
+
+from conftest import build_model
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TURBOSERVE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tmp_path_factory):
+    """A random BERT wide enough (hidden 256) that int8 GEMMs measurably beat fp32 ones."""
+    return build_model("bert", tmp_path_factory.mktemp("wide-bert"), seed=3, hidden_size=256,
+                       num_attention_heads=4, intermediate_size=1024)
+
+
+def _texts(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    words = ["alpha", "river", "stone", "quiet", "market", "seven", "window", "garden", "signal", "orange",
+             "travel", "winter", "paper", "bright", "engine", "silver", "forest", "number", "letter", "cloud"]
+    return [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(k),), generator=g))
+            for k in torch.randint(1, 60, (n,), generator=g)]
+
+
+def _min_cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.double(), b.double()).min().item()
+
+
+def test_plan_meets_bound_on_held_out_inputs_and_is_reused(wide_bert):
+    bound = 0.9995
+    fp32 = Encoder.load(wide_bert)
+    auto = Encoder.load(wide_bert, dtype="auto", quality_bound=bound)
+    plan = auto.precision_plan
+    assert plan.measured["heldout_min_cosine"] >= bound
+    # unseen inputs of mixed lengths (1 word to 59), not the planner's own
+    texts = _texts(40, seed=11)
+    assert _min_cos(auto.embed(texts), fp32.embed(texts)) >= bound - 2e-4
+    # the plan file was written beside the model and the next load reads it instead of planning
+    saved = find_plan(wide_bert, bound)
+    assert saved is not None and saved.layers == plan.layers
+    again = Encoder.load(wide_bert, dtype="auto", quality_bound=bound)
+    assert again.precision_plan.layers == plan.layers
+    assert torch.equal(again.embed(texts), auto.embed(texts))
+    # batch invariance holds for a mixed model too
+    alone = torch.cat([auto.embed([t]) for t in texts[:6]])
+    assert torch.allclose(alone, auto.embed(texts[:6]), atol=1e-6)
+
+
+def test_bound_one_keeps_everything_in_fp32(wide_bert):
+    enc = Encoder.load(wide_bert, dtype="auto", quality_bound=1.0, replan=True)
+    assert set(enc.precision_plan.layers.values()) == {"fp32"}
+    assert enc.dtype == "fp32"
+    texts = _texts(8, seed=2)
+    assert torch.equal(enc.embed(texts), Encoder.load(wide_bert).embed(texts))
+
+
+def test_loose_bound_takes_every_faster_precision(wide_bert):
+    """With a bound nothing can break, the greedy must accept every move that the planner measured as
+    faster: each linear ends in its fastest measured precision."""
+    plan = Encoder.load(wide_bert, dtype="auto", quality_bound=0.01, replan=True).precision_plan
+    for key, times in plan.measured["linear_ms_at_tokens"].items():
+        fastest = min(times, key=times.get)
+        if times[fastest] < times["fp32"]:
+            assert plan.layers[key] == fastest, (key, times)
+        else:
+            assert plan.layers[key] == "fp32", (key, times)
+
+
+def test_plan_file_round_trips_and_rejects_bad_files(tmp_path):
+    plan = PrecisionPlan(0.999, {"0.qkv": "int8", "0.o": "fp32", "1.fc2": "bf16"}, 0.5, "abc",
+                         {"heldout_min_cosine": 0.9993})
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    back = PrecisionPlan.load(path)
+    assert back == plan
+    data = json.loads(path.read_text())
+    data["layers"]["0.o"] = "fp8"
+    with pytest.raises(ValueError, match="fp8"):
+        PrecisionPlan.from_json(data)
+    with pytest.raises(ValueError, match="version"):
+        PrecisionPlan.from_json(dict(data, version=99))
+
+
+def test_bad_bound_and_calibration_file(wide_bert, tmp_path):
+    with pytest.raises(InvalidInputError, match="quality_bound"):
+        Encoder.load(wide_bert, dtype="auto", quality_bound=1.5)
+    short = tmp_path / "calib.txt"
+    short.write_text("one\ntwo\n")
+    with pytest.raises(InvalidInputError, match="at least 4"):
+        Encoder.load(wide_bert, dtype="auto", calibration=short)
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        Encoder.load(wide_bert, dtype="auto", calibration=tmp_path / "missing.txt")
+
+
+def test_real_minilm_plan_meets_bound_on_public_workload(tmp_path):
+    """all-MiniLM-L6-v2, planned on the user's calibration file, checked on the public `short`
+    workload (unseen inputs): min cosine >= 0.999, with some linears in int8."""
+    src = default_model_path()
+    model = tmp_path / "minilm"
+    model.mkdir()
+    for f in src.iterdir():
+        (model / f.name).symlink_to(f)          # the plan is written here, not into site-packages
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(_texts(48, seed=5)))
+    fp32 = Encoder.load(model)
+    auto = Encoder.load(model, dtype="auto", quality_bound=0.999, calibration=calib)
+    assert "int8" in auto.precision_plan.layers.values()
+    vocab = fp32.tokenizer._tok.get_vocab()
+    seqs = token_sequences(encoder_lengths("short")[:128], word_token_ids(vocab), vocab["[CLS]"], vocab["[SEP]"])
+    assert _min_cos(auto.embed(seqs), fp32.embed(seqs)) >= 0.999
+    assert os.path.exists(model / "turboserve-precision-0.999.json")

@@ -1,0 +1,267 @@
+"""Layer-wise mixed precision: per linear, the fastest precision that keeps the model inside a bound.
+
+The plan is made on this machine, for this model, from measurements (no rule of thumb):
+  1. Candidates per linear: the model's high precision (fp32), int8 (W8A8 with SmoothQuant, the same
+     Int8Linear as `dtype="int8"`) and bf16 weights. Each candidate of each linear is timed alone at a
+     representative batch (`tokens` rows, best of several runs); only candidates faster than fp32 are
+     moves. bf16 is measured like the rest: on a CPU without native bf16 (no avx512_bf16 / AMX) it is
+     several times slower than fp32 and so never chosen there.
+  2. Sensitivity: each move alone, the rest fp32, scored end to end on calibration inputs as
+     1 - min cosine of the pooled embeddings against the fp32 model's.
+  3. Greedy by gain per unit of error: moves sorted by (seconds saved) / (error alone); each is applied
+     and kept only if the whole model stays inside the bound on the calibration inputs.
+  4. Check on held-out inputs (a different seed of the built-in set, or every other line of the
+     user's file): while the bound fails there, the last accepted moves are undone.
+The plan is a small JSON file beside the model (or in the cache directory when the model directory is
+read-only), keyed by the bound and the weights' fingerprint; `Encoder.load(dtype="auto",
+quality_bound=...)` loads it or makes it. Figures: docs/precision.md.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import quantize
+from .loader import CheckpointView, weights_fingerprint
+from .model import EncoderModel, pool
+from .quantize import LINEARS
+
+log = logging.getLogger("turboserve")
+
+PLAN_VERSION = 1
+HIGH = "fp32"
+SLACK = 1e-9          # float64 cosine of identical vectors can read 1 - 2e-16
+
+
+@dataclass
+class PrecisionPlan:
+    """Which precision each linear runs in ("3.fc1" -> "int8"), and what the planner measured."""
+    bound: float
+    layers: dict[str, str]
+    alpha: float = 0.5
+    fingerprint: str = ""
+    measured: dict = field(default_factory=dict)
+
+    def precision(self, layer: int, name: str) -> str:
+        return self.layers.get(f"{layer}.{name}", HIGH)
+
+    def summary(self) -> str:
+        counts: dict[str, list[str]] = {}
+        for key, p in sorted(self.layers.items(), key=lambda kv: _key_order(kv[0])):
+            counts.setdefault(p, []).append(key)
+        parts = []
+        for p, keys in sorted(counts.items(), key=lambda kv: -len(kv[1])):
+            listed = ", ".join(keys) if len(keys) <= 8 else f"{len(keys)} linears"
+            parts.append(f"{p}: {listed}")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"version": PLAN_VERSION, "bound": self.bound, "alpha": self.alpha,
+                "fingerprint": self.fingerprint, "layers": self.layers, "measured": self.measured}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PrecisionPlan":
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"precision plan version {data.get('version')!r}, expected {PLAN_VERSION}")
+        bad = {p for p in data["layers"].values() if p not in ("fp32", "bf16", "int8")}
+        if bad:
+            raise ValueError(f"unknown precisions in plan: {', '.join(sorted(bad))}")
+        return cls(float(data["bound"]), dict(data["layers"]), float(data.get("alpha", 0.5)),
+                   data.get("fingerprint", ""), data.get("measured", {}))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PrecisionPlan":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _key_order(key: str):
+    layer, name = key.split(".")
+    return int(layer), LINEARS.index(name)
+
+
+def plan_paths(model_dir: Path, bound: float) -> list[Path]:
+    """Where a plan for `bound` is looked for, in order: beside the model, then the cache directory."""
+    name = f"turboserve-precision-{bound:g}.json"
+    cache = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
+    return [Path(model_dir) / name, cache / "precision" / weights_fingerprint(model_dir) / name]
+
+
+def save_plan(plan: PrecisionPlan, model_dir: Path) -> Path:
+    for path in plan_paths(model_dir, plan.bound):
+        try:
+            plan.save(path)
+            return path
+        except OSError:
+            continue
+    raise OSError(f"cannot write a precision plan beside {model_dir} or in the cache directory")
+
+
+def find_plan(model_dir: Path, bound: float) -> PrecisionPlan | None:
+    """A saved plan for this bound whose fingerprint matches the weights on disk, if any."""
+    fp = weights_fingerprint(model_dir)
+    for path in plan_paths(model_dir, bound):
+        if path.exists():
+            try:
+                plan = PrecisionPlan.load(path)
+            except (ValueError, KeyError, json.JSONDecodeError) as exc:
+                log.warning("ignoring precision plan %s: %s", path, exc)
+                continue
+            if plan.fingerprint == fp:
+                return plan
+    return None
+
+
+# ------------------------------------------------------------------------- building blocks
+class Candidates:
+    """Every linear of `model` prebuilt in every candidate precision, so trying a plan is a swap."""
+
+    def __init__(self, model: EncoderModel, view: CheckpointView, stats, alpha: float, precisions):
+        self.model = model
+        self.built: dict[tuple[int, str], dict[str, object]] = {}
+        for i, layer in enumerate(model.layers):
+            raw = model.raw_linears(view, i)
+            for name in LINEARS:
+                weight, bias = raw[name]
+                built = {HIGH: getattr(layer, name)}
+                for p in precisions:
+                    if p == "int8":
+                        smooth = quantize.smoothing_factors(stats[(i, name)], weight, alpha) if alpha > 0 else None
+                        built[p] = model.ops.make_linear(weight, bias, "int8", smooth=smooth)
+                    elif p != HIGH:
+                        built[p] = model.ops.make_linear(weight, bias, p)
+                self.built[(i, name)] = built
+
+    def apply(self, assignment: dict[tuple[int, str], str]) -> None:
+        for (i, name), versions in self.built.items():
+            setattr(self.model.layers[i], name, versions[assignment.get((i, name), HIGH)])
+        self.model._build_workspace()
+
+
+def _pooled(model: EncoderModel, batches, mode: str) -> torch.Tensor:
+    return torch.cat([pool(model.forward(b), b, mode) for b in batches]).double()
+
+
+def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+
+
+def _time_linear(lin, x: torch.Tensor, prequantized: bool, repeat: int = 5) -> float:
+    """Seconds for one call as the forward pass makes it: an int8 linear's input arrives quantized by
+    the producer's epilogue, except the attention output projection's, which it quantizes itself."""
+    from .ops.cpu import epilogue
+    out = torch.empty(x.shape[0], lin.out_features)
+    kw = {}
+    if lin.takes_int8:
+        _, xq = epilogue(x, quant_for=lin) if prequantized else (None, None)
+        kw = {"acc": torch.empty(x.shape[0], lin.out_features, dtype=torch.int32)}
+    else:
+        xq = None
+    best = float("inf")
+    for _ in range(repeat + 1):
+        t = time.perf_counter()
+        lin(x, xq, out=out, **kw)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.inference_mode()
+def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_batches, pool_mode: str,
+              bound: float, alpha: float = 0.5, precisions=("int8", "bf16"), tokens: int = 1024,
+              model_dir: Path | None = None) -> PrecisionPlan:
+    """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model."""
+    t0 = time.perf_counter()
+    stats = quantize.input_absmax(model, calib_batches)
+    cands = Candidates(model, view, stats, alpha, precisions)
+    ref_calib = _pooled(model, calib_batches, pool_mode)
+    ref_held = _pooled(model, heldout_batches, pool_mode)
+
+    # 1. time: every candidate of every linear at `tokens` rows
+    gen = torch.Generator().manual_seed(0)
+    timings: dict[tuple[int, str], dict[str, float]] = {}
+    inputs = {}
+    for key, versions in cands.built.items():
+        k_in = versions[HIGH].in_features
+        x = inputs.setdefault(k_in, torch.randn(tokens, k_in, generator=gen))
+        timings[key] = {p: _time_linear(lin, x, prequantized=key[1] != "o") for p, lin in versions.items()}
+
+    # 2. sensitivity of each move alone
+    def score(assignment, batches, ref) -> float:
+        cands.apply(assignment)
+        return _min_cosine(_pooled(model, batches, pool_mode), ref)
+
+    moves = []
+    for key, t in timings.items():
+        for p in precisions:
+            gain = t[HIGH] - t[p]
+            if gain <= 0:
+                continue
+            err = max(1.0 - score({key: p}, calib_batches, ref_calib), 0.0)
+            moves.append((gain / (err + 1e-7), key, p, gain, err))
+    moves.sort(key=lambda m: -m[0])
+
+    # 3. greedy, end to end on the calibration inputs
+    assignment: dict[tuple[int, str], str] = {}
+    accepted = []
+    calib_cos = 1.0
+    for _, key, p, gain, err in moves:
+        if key in assignment:
+            continue          # already moved to a candidate with a better gain per error
+        trial = {**assignment, key: p}
+        cos = score(trial, calib_batches, ref_calib)
+        if cos >= bound - SLACK:
+            assignment, calib_cos = trial, cos
+            accepted.append(key)
+
+    # 4. held-out check, undoing the last accepted moves while it fails
+    held_cos = score(assignment, heldout_batches, ref_held)
+    undone = 0
+    while accepted and held_cos < bound - SLACK:
+        assignment.pop(accepted.pop())
+        undone += 1
+        held_cos = score(assignment, heldout_batches, ref_held)
+    cands.apply(assignment)
+    model.dtype_name = "mixed" if assignment else HIGH
+
+    est_high = sum(t[HIGH] for t in timings.values())
+    est_plan = sum(timings[k][assignment.get(k, HIGH)] for k in timings)
+    layers = {f"{i}.{n}": assignment.get((i, n), HIGH) for (i, n) in sorted(timings)}
+    measured = {
+        "calibration_min_cosine": round(calib_cos if assignment else 1.0, 6),
+        "heldout_min_cosine": round(held_cos, 6),
+        "undone_on_heldout": undone,
+        "linear_ms_at_tokens": {f"{i}.{n}": {p: round(s * 1e3, 3) for p, s in t.items()}
+                                for (i, n), t in sorted(timings.items())},
+        "tokens": tokens,
+        "linear_time_fraction_of_fp32": round(est_plan / est_high, 4),
+        "threads": torch.get_num_threads(),
+        "planned_in_s": round(time.perf_counter() - t0, 1),
+    }
+    return PrecisionPlan(bound, layers, alpha, weights_fingerprint(model_dir) if model_dir else "", measured)
+
+
+def apply_plan(model: EncoderModel, view: CheckpointView, plan: PrecisionPlan, calib_batches) -> None:
+    """Swap `model`'s (fp32) linears for the plan's. int8 linears need the calibration statistics."""
+    wanted = {p for p in plan.layers.values()} - {HIGH}
+    stats = quantize.input_absmax(model, calib_batches) if "int8" in wanted else {}
+    cands = Candidates(model, view, stats, plan.alpha, sorted(wanted))
+    assignment = {}
+    for key, p in plan.layers.items():
+        i, name = key.split(".")
+        if (int(i), name) not in cands.built:
+            raise ValueError(f"precision plan names {key!r}, which this model does not have")
+        if p != HIGH:
+            assignment[(int(i), name)] = p
+    cands.apply(assignment)
+    model.dtype_name = "mixed" if assignment else HIGH
