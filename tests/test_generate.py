@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import DECODER_ARCHS, random_sequences
+from tests.conftest import DECODER_ARCHS, random_sequences, rel_err
 from turboserve.errors import InputTooLongError, InvalidInputError
 from turboserve.llm import LLM, DecoderTokenizer
 from turboserve.sampling import SamplingParams, StopChecker, apply_min_p, apply_top_k, apply_top_p
@@ -161,25 +161,48 @@ def test_bad_requests_raise_clear_errors(decoder_dirs):
     assert not llm.engine.has_work()
 
 
+def _paged_case(kv_dtype, window, seed=0):
+    """A cache of random K/V written through write_kv (blocks scattered), and its queries: decode, full
+    prefill, decode and chunked prefill side by side, GQA (8 heads over 2), page size 4."""
+    from turboserve.ops import cpu
+    g = torch.Generator().manual_seed(seed)
+    nh, kvh, d, bs, nb = 8, 2, 64, 4, 40
+    cache = cpu.allocate_kv_cache(1, nb, kvh, bs, d, kv_dtype)[0]
+    slots = torch.arange(nb * bs)
+    cpu.write_kv(cache, torch.randn(nb * bs, kvh, d, generator=g), torch.randn(nb * bs, kvh, d, generator=g),
+                 slots // bs, slots % bs)
+    q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, 20]
+    cu = torch.tensor([0, *torch.tensor(q_counts).cumsum(0).tolist()])
+    perm = torch.randperm(nb, generator=g).int()
+    tables = torch.stack([perm[i * 8:(i + 1) * 8] for i in range(4)])
+    q = torch.randn(int(cu[-1]), (nh + 2 * kvh) * d, generator=g)[:, :nh * d]      # strided rows
+    return q, cache, (tables, cu, torch.tensor(ctx), nh, window, d ** -0.5), max(ctx)
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention_native_matches_torch(window):
+def test_paged_attention_native_matches_torch(kv_dtype, window):
+    """The native kernel against gather + SDPA over the same cache contents, in each KV dtype."""
     from turboserve import native
     from turboserve.ops import cpu
     if native.lib() is None:
         pytest.skip("no C compiler")
-    torch.manual_seed(0)
-    nh, kvh, d, bs, nb = 8, 2, 64, 4, 40
-    k_cache, v_cache = torch.randn(nb, kvh, bs, d), torch.randn(nb, kvh, bs, d)
-    q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, 20]          # decode, full prefill, decode, chunked prefill
-    cu = torch.tensor([0, *torch.tensor(q_counts).cumsum(0).tolist()])
-    perm = torch.randperm(nb).int()
-    tables = torch.stack([perm[i * 8:(i + 1) * 8] for i in range(4)])
-    qkv = torch.randn(int(cu[-1]), (nh + 2 * kvh) * d)
-    q = qkv[:, :nh * d]
-    args = (k_cache, v_cache, tables, cu, torch.tensor(ctx), nh, window, d ** -0.5)
-    fast = native.paged_attention(q, *args, max(ctx), torch.empty(int(cu[-1]), nh * d))
-    ref = cpu._paged_attention_torch(q, *args, torch.empty(int(cu[-1]), nh * d))
+    q, cache, args, max_ctx = _paged_case(kv_dtype, window)
+    fast = native.paged_attention(q, cache, *args, max_ctx, torch.empty(q.shape[0], q.shape[1]))
+    ref = cpu._paged_attention_torch(q, cache, *args, torch.empty(q.shape[0], q.shape[1]))
     assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype,bound", [("bf16", 1e-2), ("int8", 2e-2)])
+def test_low_precision_kv_cache_stays_close_to_fp32(kv_dtype, bound):
+    """bf16 and int8 (per token and head) caches of the same K/V: attention output within its bound
+    (max |error| over max |output|) of the fp32 cache's."""
+    from turboserve.ops import cpu
+    q, cache, args, max_ctx = _paged_case(kv_dtype, 0)
+    _, ref_cache, _, _ = _paged_case("fp32", 0)
+    got = cpu.paged_attention(q, cache, *args, max_ctx)
+    ref = cpu.paged_attention(q, ref_cache, *args, max_ctx)
+    assert rel_err(got, ref) < bound
 
 
 def next_token_logits(llm, prompt) -> torch.Tensor:

@@ -120,7 +120,9 @@ def test_paged_attention_matches_torch(nh, kvh, d, page, window, dtype, decode_o
     args = (tables, cu, torch.tensor(ctx), nh, window, d ** -0.5)
     out = torch.full((T, nh * d), float("nan"), dtype=torch.float32)
     tk.paged_attention(q, k_cache, v_cache, *args, out)
-    ref = cpu._paged_attention_torch(q.float(), k_cache.float(), v_cache.float(), *args, torch.empty(T, nh * d))
+    # the CPU reference takes its own layout: keys transposed inside a block
+    ref = cpu._paged_attention_torch(q.float(), cpu.PagedKV(k_cache.float().transpose(2, 3), v_cache.float()), *args,
+                                     torch.empty(T, nh * d))
     assert rel_err(out, ref) < BOUND[dtype]
 
 
@@ -210,12 +212,14 @@ def cuda_backend_on_cpu():
     ops = types.SimpleNamespace(**{k: v for k, v in vars(cuda).items() if not k.startswith("__")})
     ops.make_linear = functools.partial(cuda.make_linear, device="cpu")
     ops.make_decoder_linear = functools.partial(cuda.make_decoder_linear, device="cpu")
+    ops.allocate_kv_cache = functools.partial(cuda.allocate_kv_cache, device="cpu")
     return ops
 
 
 def test_backend_has_every_op_the_models_call():
     for name in ("make_linear", "make_decoder_linear", "epilogue", "activation_", "layer_norm", "varlen_attention",
-                 "linear", "norm", "silu_and_mul", "rope_", "paged_attention"):
+                 "linear", "norm", "silu_and_mul", "rope_", "paged_attention", "allocate_kv_cache", "write_kv",
+                 "kv_bytes_per_token"):
         assert callable(getattr(cuda, name)), name
     from turboserve.ops import backend_for
     assert backend_for("cuda:0") is cuda
@@ -363,7 +367,8 @@ def test_padded_decode_step_leaves_real_sequences_alone(decoder_dirs):
     pad_block = num_blocks                          # one block past what the block manager hands out
 
     def cache_copy():
-        return [tuple(torch.cat([t, torch.zeros_like(t[:1])]) for t in layer) for layer in eng.cache]
+        return [type(layer)(*(None if t is None else torch.cat([t, torch.zeros_like(t[:1])]) for t in layer))
+                for layer in eng.cache]
 
     bucket = cuda_graphs.bucket_for(3)
     padded = cuda_graphs.pad_decode_step(step, bucket, max_blocks=16, pad_block=pad_block)
@@ -374,10 +379,10 @@ def test_padded_decode_step_leaves_real_sequences_alone(decoder_dirs):
     ref = model.forward(step, plain_cache)
     got = model.forward(padded, padded_cache)
     assert rel_err(got[:3], ref) < 1e-5          # GEMMs of 4 rows and of 3 may round differently
-    for (k0, v0), (k1, v1) in zip(plain_cache, padded_cache):
-        for a, b in ((k0, k1), (v0, v1)):
+    for plain, padded_layer in zip(plain_cache, padded_cache):
+        for a, b in ((plain.k, padded_layer.k), (plain.v, padded_layer.v)):
             assert torch.allclose(a[:pad_block], b[:pad_block], rtol=0, atol=1e-5)
-        assert k1[pad_block].abs().sum() > 0       # the padding sequence's K went to the pad block
+        assert padded_layer.k[pad_block].abs().sum() > 0       # the padding sequence's K went to the pad block
     with pytest.raises(ValueError, match="does not fit"):
         cuda_graphs.pad_decode_step(step, 2, max_blocks=16, pad_block=pad_block)
 

@@ -54,7 +54,7 @@ def cmd_serve(args) -> int:
         max_client_batch_size=args.max_client_batch_size, policy=args.batch_policy,
         lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
         served_name=args.served_model_name, access_log=args.access_log, pipeline=args.pipeline,
-        tensor_parallel=args.tensor_parallel))
+        tensor_parallel=args.tensor_parallel, kv_dtype=args.kv_dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
+    s.add_argument("--kv-dtype", default=_env("KV_DTYPE"), choices=["fp32", "bf16", "int8"],
+                   help="decoder models: the KV cache's element type (default: the model's dtype)")
     s.add_argument("--max-batch-tokens", type=int, default=int(_env("MAX_BATCH_TOKENS", 4096)),
                    help="token budget of one model batch")
     s.add_argument("--max-queued-requests", type=int, default=int(_env("MAX_QUEUED_REQUESTS", 512)),

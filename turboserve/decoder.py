@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for
-from .errors import ModelLoadError, UnsupportedArchitectureError
+from .errors import InvalidInputError, ModelLoadError, UnsupportedArchitectureError
 from .loader import CheckpointView, read_config, read_state_dict, resolve_model_dir
 from .ops import backend_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+KV_DTYPES = ("fp32", "bf16", "int8")
 
 
 @dataclass
@@ -76,9 +77,15 @@ def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) ->
 
 
 class DecoderModel:
-    def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu"):
+    def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu", kv_dtype: str | None = None):
+        """kv_dtype: the KV cache's element type, "fp32", "bf16" or "int8" (one scale per token and KV
+        head); default: the model's dtype (fp32 keeps results equal to transformers')."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        kv_dtype = kv_dtype or dtype
+        if kv_dtype not in KV_DTYPES:
+            raise InvalidInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
         self.model_dir = resolve_model_dir(path)
         config = read_config(self.model_dir)
         spec = decoder_spec_for(config)
@@ -164,13 +171,13 @@ class DecoderModel:
         return self.tp.local_heads(self.num_heads, self.num_kv_heads)
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.heads()[1] * self.head_dim * 4
+        return self.ops.kv_bytes_per_token(self.num_layers, self.heads()[1], self.head_dim, self.kv_dtype)
 
-    def allocate_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (K, V), each [num_blocks, kv_heads, block_size, head_dim] fp32: head-major inside
-        a block, so the attention kernel reads one head's keys contiguously."""
-        shape = (num_blocks, self.heads()[1], block_size, self.head_dim)
-        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.num_layers)]
+    def allocate_cache(self, num_blocks: int, block_size: int) -> list:
+        """Per layer, the backend's paged KV cache (ops/cpu.py PagedKV: blocks of `block_size` tokens
+        of this model's KV heads, in `kv_dtype`)."""
+        return self.ops.allocate_kv_cache(self.num_layers, num_blocks, self.heads()[1], block_size, self.head_dim,
+                                          self.kv_dtype)
 
     @property
     def weight_bytes(self) -> int:
@@ -199,17 +206,16 @@ class DecoderModel:
         if self.spec.rope:
             cos, sin = self.cos[step.positions], self.sin[step.positions]
         scale = d ** -0.5
-        for layer, (k_cache, v_cache) in zip(self.layers, cache):
+        for layer, layer_cache in zip(self.layers, cache):
             h = ops.norm(x.to(adt), *layer.norm1, self.eps, self.spec.norm)
             qkv = ops.linear(layer.qkv, h).float()
             q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
             if self.spec.rope:
                 ops.rope_(q, cos, sin, nh)
                 ops.rope_(k, cos, sin, kvh)
-            k_cache[step.slot_blocks, :, step.slot_offsets] = k.view(-1, kvh, d)
-            v_cache[step.slot_blocks, :, step.slot_offsets] = v.view(-1, kvh, d)
-            a = ops.paged_attention(q, k_cache, v_cache, step.block_tables, step.cu_q, step.ctx_len, nh,
-                                    self.window, scale, step.max_ctx)
+            ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets)
+            a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, self.window,
+                                    scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))
             h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm)
             u = ops.linear(layer.up, h)

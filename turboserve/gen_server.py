@@ -150,7 +150,7 @@ def make_gen_app(config: ServerConfig) -> Starlette:
         try:
             from .decoder import DecoderModel
             torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
-            model = DecoderModel(config.model, config.dtype)
+            model = DecoderModel(config.model, config.dtype, kv_dtype=config.kv_dtype)
             if config.tensor_parallel != 1:
                 model = parallel.start(model, config.tensor_parallel, config.threads)
                 parallel.on_failure(model, lambda exc: state.on_rank_failure and state.on_rank_failure(exc))
@@ -159,10 +159,10 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                                max_waiting=config.max_queued_requests)
             state.llm, state.tokenizer = AsyncLLM(engine, metrics), tok
             state.name = config.served_name or model.model_dir.name
-            log.info("ready: decoder %s (%s), dtype %s, threads %d, memory budget: weights %.0f MiB + KV cache "
+            log.info("ready: decoder %s (%s), dtype %s, threads %d, memory budget: weights %.0f MiB + %s KV cache "
                      "%.0f MiB (%d blocks of %d tokens), step budget %d tokens, <= %d waiting",
                      model.model_dir, model.spec.model_type, config.dtype, torch.get_num_threads(),
-                     model.weight_bytes / 2**20, engine.kv_cache_bytes / 2**20, engine.blocks.num_blocks,
+                     model.weight_bytes / 2**20, model.kv_dtype, engine.kv_cache_bytes / 2**20, engine.blocks.num_blocks,
                      engine.blocks.block_size, config.max_batch_tokens, config.max_queued_requests)
             state.status = "ready"
         except Exception as exc:

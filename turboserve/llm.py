@@ -374,11 +374,12 @@ class LLM:
 
     @classmethod
     def load(cls, path, dtype: str = "fp32", threads: int | None = None, tensor_parallel: int = 1,
-             **engine_kw) -> "LLM":
-        """tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
+             kv_dtype: str | None = None, **engine_kw) -> "LLM":
+        """kv_dtype: the KV cache's element type (fp32 | bf16 | int8; default: the model's dtype).
+        tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
         the engine stays in this process. Call close() to stop the ranks."""
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-        model = DecoderModel(path, dtype)
+        model = DecoderModel(path, dtype, kv_dtype=kv_dtype)
         if tensor_parallel != 1:
             from . import parallel
             model = parallel.start(model, tensor_parallel, threads)

@@ -9,7 +9,9 @@ The plan is made on this machine, for this model, from measurements (no rule of 
   2. Sensitivity: each move alone, the rest fp32, scored end to end on calibration inputs as
      1 - min cosine of the pooled embeddings against the fp32 model's.
   3. Greedy by gain per unit of error: moves sorted by (seconds saved) / (error alone); each is applied
-     and kept only if the whole model stays inside the bound on the calibration inputs.
+     and kept only if the whole model stays inside the bound on the calibration inputs, with half of
+     the error budget 1 - bound held back (`margin`) for inputs unlike them: a plan that spent all of
+     it on the calibration set measured 0.9967 against a 0.999 bound on the public `short` workload.
   4. Check on held-out inputs (a different seed of the built-in set, or every other line of the
      user's file): while the bound fails there, the last accepted moves are undone.
 The plan is a small JSON file beside the model (or in the cache directory when the model directory is
@@ -34,7 +36,7 @@ from .quantize import LINEARS
 
 log = logging.getLogger("turboserve")
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2       # 2: calibration texts up to the model limit, half the error budget held back
 HIGH = "fp32"
 SLACK = 1e-9          # float64 cosine of identical vectors can read 1 - 2e-16
 
@@ -179,8 +181,10 @@ def _time_linear(lin, x: torch.Tensor, prequantized: bool, repeat: int = 5) -> f
 @torch.inference_mode()
 def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_batches, pool_mode: str,
               bound: float, alpha: float = 0.5, precisions=("int8", "bf16"), tokens: int = 1024,
-              model_dir: Path | None = None) -> PrecisionPlan:
-    """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model."""
+              model_dir: Path | None = None, margin: float = 0.5) -> PrecisionPlan:
+    """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model.
+    margin: the share of the error budget (1 - bound) kept unspent on the calibration inputs."""
+    plan_bound = 1.0 - (1.0 - bound) * (1.0 - margin)
     t0 = time.perf_counter()
     stats = quantize.input_absmax(model, calib_batches)
     cands = Candidates(model, view, stats, alpha, precisions)
@@ -220,7 +224,7 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
             continue          # already moved to a candidate with a better gain per error
         trial = {**assignment, key: p}
         cos = score(trial, calib_batches, ref_calib)
-        if cos >= bound - SLACK:
+        if cos >= plan_bound - SLACK:
             assignment, calib_cos = trial, cos
             accepted.append(key)
 
@@ -238,6 +242,7 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
     est_plan = sum(timings[k][assignment.get(k, HIGH)] for k in timings)
     layers = {f"{i}.{n}": assignment.get((i, n), HIGH) for (i, n) in sorted(timings)}
     measured = {
+        "calibration_bound": round(plan_bound, 6),
         "calibration_min_cosine": round(calib_cos if assignment else 1.0, 6),
         "heldout_min_cosine": round(held_cos, 6),
         "undone_on_heldout": undone,

@@ -21,11 +21,17 @@ LINEARS = ("qkv", "o", "fc1", "fc2")
 
 
 def calibration_texts(tokenizer, count: int = 64, seed: int = 0) -> list[str]:
-    """Pseudo-sentences of random whole words from the tokenizer's own vocabulary, of varied length."""
+    """Pseudo-sentences of random whole words from the tokenizer's own vocabulary, of varied length:
+    most of 4-120 words, every eighth one longer, up to the model's limit. Quantization error grows
+    with length (attention spreads it over more tokens): a layer-wise plan checked only on texts of up
+    to 120 words reached 0.9986 instead of its 0.999 on the longtail workload (lengths to 512)."""
     vocab = [t for t in tokenizer._tok.get_vocab() if t.isalpha() and t.isascii() and len(t) > 1]
     vocab.sort()
     rng = random.Random(seed)
-    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(4, 120))) for _ in range(count)]
+    longest = max(8, tokenizer.max_tokens - 2)
+    short = min(120, longest)
+    lengths = [rng.randint(short, longest) if i % 8 == 7 else rng.randint(4, short) for i in range(count)]
+    return [" ".join(rng.choice(vocab) for _ in range(n)) for n in lengths]
 
 
 @torch.inference_mode()

@@ -112,6 +112,10 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: lis
     return logits
 
 
+def _has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+
+
 @dataclass
 class Draw:
     token: int
@@ -125,14 +129,19 @@ def sample(logits: torch.Tensor, requests: list) -> list[Draw]:
     logprobs = None
     if any(r.params.logprobs is not None for r in requests):
         logprobs = logits.log_softmax(-1)
+    # greedy rows without penalties: one argmax over all of them, no per-row copy (a clone and an
+    # argmax per row cost ~110 us a token on GPT-2's 50257-entry vocabulary)
+    plain = [i for i, r in enumerate(requests) if r.params.greedy and not _has_penalties(r.params)]
+    argmax = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
     out = []
     for i, r in enumerate(requests):
         p = r.params
-        row = apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p)
-        if p.greedy:
-            token = int(row.argmax())
+        if i in argmax:
+            token = argmax[i]
+        elif p.greedy:
+            token = int(apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p).argmax())
         else:
-            row = row / p.temperature
+            row = apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p) / p.temperature
             row = apply_min_p(apply_top_p(apply_top_k(row[None], p.top_k), p.top_p), p.min_p)[0]
             token = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
         draw = Draw(token)

@@ -64,6 +64,7 @@ class ServerConfig:
     served_name: str | None = None
     access_log: bool = False                  # uvicorn's per-request log line (metrics count requests)
     tensor_parallel: int = 1                  # ranks the model is sharded over (parallel.py)
+    kv_dtype: str | None = None               # decoders: KV cache element type (None: the model's dtype)
     pipeline: bool = True                     # engine stages on their own threads (engine.py)
 
 

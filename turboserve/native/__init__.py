@@ -75,7 +75,8 @@ def lib():
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, p, p, p, p, i64, i64, i32]
     L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, i32]
-    L.paged_attention_f32.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64, i64, i32]
+    L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64,
+                                  i64, i32]
     _lib = L
     return _lib
 
@@ -124,16 +125,19 @@ def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, n
     return out
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
-                    max_ctx: int, out: torch.Tensor) -> torch.Tensor:
-    """See kernels.c. q: [T, >= num_heads * d] rows (a view into the QKV output is fine: its row stride
-    is passed); out: [T, num_heads * d]; caches [blocks, kv_heads, block_size, d]."""
-    _check(k_cache, v_cache, block_tables, cu_q, ctx_len, out)
-    assert q.stride(1) == 1 and q.dtype == torch.float32
-    num_blocks, kv_heads, block_size, d = k_cache.shape
-    lib().paged_attention_f32(_ptr(q), q.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
-                              block_tables.stride(0), _ptr(cu_q), _ptr(ctx_len), ctx_len.numel(), num_heads,
-                              kv_heads, d, block_size, window, scale, _ptr(out), out.stride(0), max_ctx,
-                              _threads())
+KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, cu_q: torch.Tensor, ctx_len: torch.Tensor,
+                    num_heads: int, window: int, scale: float, max_ctx: int, out: torch.Tensor) -> torch.Tensor:
+    """See kernels.c. q: fp32 [T, >= num_heads * d] rows (a view into the QKV output is fine: its row
+    stride is passed); out: fp32 [T, num_heads * d]; cache: ops.cpu.PagedKV (fp32, bf16 or int8)."""
+    k, v = cache.k, cache.v
+    _check(k, v, block_tables, cu_q, ctx_len, out, *(t for t in (cache.k_scale, cache.v_scale) if t is not None))
+    assert q.stride(1) == 1 and q.dtype == torch.float32 and block_tables.dtype == torch.int32
+    num_blocks, kv_heads, d, block_size = k.shape
+    lib().paged_attention(_ptr(q), q.stride(0), _ptr(k), _ptr(v), _opt(cache.k_scale), _opt(cache.v_scale),
+                          KV_KINDS[k.dtype], _ptr(block_tables), block_tables.stride(0), _ptr(cu_q), _ptr(ctx_len),
+                          ctx_len.numel(), num_heads, kv_heads, d, block_size, window, scale, _ptr(out),
+                          out.stride(0), max_ctx, _threads())
     return out

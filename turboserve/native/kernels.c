@@ -371,112 +371,247 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
 
 /* Causal attention of packed query tokens over a paged KV cache: prefill chunks and decode steps of
  * many sequences in one call, each reading exactly its own context (no padding to the longest).
- *   q:        query rows, head h of token t at q + t * q_stride + h * d
- *   k_cache, v_cache: [num_blocks, kv_heads, block_size, d] (head-major inside a block, so one head's
- *   keys are contiguous: with [block_size, kv_heads, d] consecutive keys of a head were 3 KB apart on
- *   GPT-2, fell into a quarter of the cache sets and ran at 4 GB/s); block_tables: int32 [num_seqs, bt_stride]
- *   sequence s owns query tokens cu_q[s] .. cu_q[s + 1]; its context after this step holds ctx_len[s]
- *   tokens, so its i-th query sits at position p = ctx_len[s] - n_q + i and attends to keys
- *   max(0, p - window + 1) .. p (window <= 0: unbounded).
- *   out:      head h of token t at out + t * out_stride + h * d
- * Work item = (sequence, kv head, chunk of up to QCHUNK queries); the query heads sharing the kv head
- * (grouped-query attention) are done together. Scores are AVX-512 dot products straight from the
- * cache blocks (the K rows of one sequence and head stay in L2 across the chunk's queries); an earlier
- * version transposed K into a scratch first and spent most of its time on the scattered stores.
- * Positions walk the block table incrementally (no division per key). Softmax is exact. */
-static inline float dot_f32(const float *a, const float *b, int64_t d) {
+ *   q:        fp32 query rows, head h of token t at q + t * q_stride + h * d
+ *   k_cache:  [num_blocks, kv_heads, d, block_size]: keys transposed inside a block, so the block's keys
+ *             of one dimension are contiguous and one vector load holds that dimension of 16 keys. The
+ *             scores of 16 keys are then 16 lanes of FMAs with the query element broadcast: no
+ *             horizontal sum per key (the row-major layout's per-key reduction held decode attention to
+ *             19 GB/s of cache reads on GPT-2).
+ *   v_cache:  [num_blocks, kv_heads, block_size, d] (row-major: one key's values are one vector run).
+ *   kind:     element type of both caches: KV_F32, KV_BF16, or KV_I8 with k_scale / v_scale
+ *             [num_blocks, kv_heads, block_size] fp32 (one scale per token and KV head).
+ *   block_tables: int32 [num_seqs, bt_stride]; sequence s owns query tokens cu_q[s] .. cu_q[s + 1]; its
+ *   context after this step holds ctx_len[s] tokens, so its i-th query sits at position
+ *   p = ctx_len[s] - n_q + i and attends to keys max(0, p - window + 1) .. p (window <= 0: unbounded).
+ *   out:      fp32, head h of token t at out + t * out_stride + h * d
+ * Work item = (sequence, KV head, chunk of up to QCHUNK queries). Its rows, (query, head) pairs of the
+ * query heads sharing the KV head (grouped-query attention), go PA_ROWS at a time, so each key and
+ * value vector loaded (and converted from bf16 / int8) serves PA_ROWS FMAs. Softmax is exact. */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_I8 = 2 };
+#define QCHUNK 16
+#define PA_ROWS 4
+
 #ifdef __AVX512F__
-    if ((d & 15) == 0) {
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-        for (int64_t x = 16; x < d; x += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + x), _mm512_loadu_ps(b + x), acc);
-        return _mm512_reduce_add_ps(acc);
+static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+/* Elements idx .. idx + 15 of a cache (lanes outside m are 0), as fp32. */
+static inline __m512 kv_load(const void *base, int64_t idx, __mmask16 m, int kind) {
+    if (kind == KV_BF16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + idx);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
+    if (kind == KV_I8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)base + idx)));
+    return _mm512_maskz_loadu_ps(m, (const float *)base + idx);
+}
 #endif
-    float acc = 0.f;
-    for (int64_t x = 0; x < d; x++) acc += a[x] * b[x];
-    return acc;
+
+static inline float kv_at(const void *base, int64_t idx, int kind) {
+    if (kind == KV_BF16) {
+        const uint32_t bits = (uint32_t)((const uint16_t *)base)[idx] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    if (kind == KV_I8) return (float)((const int8_t *)base)[idx];
+    return ((const float *)base)[idx];
 }
 
-#define QCHUNK 16
-void paged_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-                         const int32_t *block_tables, int64_t bt_stride, const int64_t *cu_q,
-                         const int64_t *ctx_len, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t d, int64_t block_size, int64_t window, float scale, float *out,
-                         int64_t out_stride, int64_t max_ctx, int threads) {
+static inline int64_t elem_size(int kind) { return kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1; }
+
+/* One group of nr <= PA_ROWS rows of a work item; keys lo .. hi (inclusive) cover every row's range
+ * [row_lo[r], row_hi[r]]. sc: PA_ROWS x stride scratch. `kind` and `nr` are compile-time constants at
+ * every call (see paged_attention), so the loops below unroll into straight FMA runs with enough
+ * independent accumulators (8 or more) to keep both FMA ports busy even at one row (decode without
+ * GQA): the first version had one FMA chain per row and ran at a third of the cache bandwidth. */
+static inline __attribute__((always_inline)) void paged_rows(
+        int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+        const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
+        const char *k_cache, const char *v_cache, const float *k_scale, const float *v_scale,
+        const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d, int64_t bs, float scale, float *sc,
+        int64_t stride) {
+    const int64_t es = elem_size(kind), n = hi - lo + 1;
+    /* 1. scores s[r][j - lo] = scale * q_r . k_j */
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t slot = (int64_t)table[b] * kv_heads + kh;        /* this head's part of the block */
+        const char *kb = k_cache + slot * d * bs * es;
+        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+#ifdef __AVX512F__
+        if (b < hi / bs) {                  /* the next block's keys and values, while these compute */
+            const int64_t next = ((int64_t)table[b + 1] * kv_heads + kh) * d * bs * es;
+            for (int64_t x = 0; x < d * bs * es; x += 64) {
+                _mm_prefetch(k_cache + next + x, _MM_HINT_T0);
+                _mm_prefetch(v_cache + next + x, _MM_HINT_T0);
+            }
+        }
+        enum { CS = 8 };                    /* dimension c goes to chain c % CS (per row) */
+        for (int64_t j0 = j_first; j0 <= j_last; j0 += 16) {
+            const int64_t off = j0 - b * bs, w = j_last - j0 + 1 < 16 ? j_last - j0 + 1 : 16;
+            const __mmask16 m = lanes(w);
+            __m512 a[PA_ROWS][CS];
+            for (int r = 0; r < nr; r++)
+                for (int u = 0; u < CS; u++) a[r][u] = _mm512_setzero_ps();
+            int64_t c = 0;
+            for (; c + CS <= d; c += CS) {
+                #pragma GCC unroll 8
+                for (int u = 0; u < CS; u++) {
+                    const __m512 kv = kv_load(kb, (c + u) * bs + off, m, kind);
+                    for (int r = 0; r < nr; r++) a[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c + u]), kv, a[r][u]);
+                }
+            }
+            for (; c < d; c++) {
+                const __m512 kv = kv_load(kb, c * bs + off, m, kind);
+                for (int r = 0; r < nr; r++) a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c]), kv, a[r][0]);
+            }
+            __m512 f = _mm512_set1_ps(scale);
+            if (kind == KV_I8) f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m, k_scale + slot * bs + off));
+            for (int r = 0; r < nr; r++) {
+                const __m512 t = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3])),
+                                               _mm512_add_ps(_mm512_add_ps(a[r][4], a[r][5]), _mm512_add_ps(a[r][6], a[r][7])));
+                _mm512_mask_storeu_ps(sc + r * stride + (j0 - lo), m, _mm512_mul_ps(t, f));
+            }
+        }
+#else
+        for (int64_t j = j_first; j <= j_last; j++) {
+            const int64_t off = j - b * bs;
+            const float f = scale * (kind == KV_I8 ? k_scale[slot * bs + off] : 1.0f);
+            for (int r = 0; r < nr; r++) {
+                float acc = 0.f;
+                for (int64_t c = 0; c < d; c++) acc += qr[r][c] * kv_at(kb, c * bs + off, kind);
+                sc[r * stride + (j - lo)] = acc * f;
+            }
+        }
+#endif
+    }
+    /* 2. softmax of each row over its own keys; keys of the group outside them weigh 0 */
+    for (int r = 0; r < nr; r++) {
+        float *sr = sc + r * stride;
+        const int64_t a = row_lo[r] - lo, e = row_hi[r] - lo + 1;
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t j = a; j < e; j++) m = sr[j] > m ? sr[j] : m;
+        for (int64_t j = 0; j < a; j++) sr[j] = 0.f;
+        int64_t j = a;
+#ifdef __AVX512F__
+        const __m512 mx = _mm512_set1_ps(m);
+        __m512 z = _mm512_setzero_ps();
+        for (; j + 16 <= e; j += 16) {
+            const __m512 x = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
+            _mm512_storeu_ps(sr + j, x);
+            z = _mm512_add_ps(z, x);
+        }
+        sum = _mm512_reduce_add_ps(z);
+#endif
+        for (; j < e; j++) { sr[j] = expf(sr[j] - m); sum += sr[j]; }
+        for (j = e; j < n; j++) sr[j] = 0.f;
+        const float inv = 1.f / sum;
+        for (j = a; j < e; j++) sr[j] *= inv;
+    }
+    /* 3. out_r = sum_j p_r[j] v_j, 64 columns per pass; with one or two rows, even and odd keys go to
+     *    separate accumulators so at least 8 FMA chains are in flight */
+    const int kp = nr <= 2 ? 2 : 1;
+    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+        const int64_t cw = d - c0 < 64 ? d - c0 : 64;
+#ifdef __AVX512F__
+        const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16 > 0 ? cw - 16 : 0), lanes(cw - 32 > 0 ? cw - 32 : 0),
+                                 lanes(cw - 48 > 0 ? cw - 48 : 0)};
+        const int nv = (int)((cw + 15) / 16);
+        __m512 acc[PA_ROWS][2][4];
+        for (int r = 0; r < nr; r++)
+            for (int p = 0; p < kp; p++)
+                for (int u = 0; u < 4; u++) acc[r][p][u] = _mm512_setzero_ps();
+#else
+        float acc[PA_ROWS][64];
+        memset(acc, 0, sizeof(acc));
+#endif
+        for (int64_t b = lo / bs; b <= hi / bs; b++) {
+            const int64_t slot = (int64_t)table[b] * kv_heads + kh;
+            const char *vb = v_cache + slot * bs * d * es;
+            const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+            for (int64_t j = j_first; j <= j_last; j++) {
+                const int64_t off = j - b * bs;
+                const float vs = kind == KV_I8 ? v_scale[slot * bs + off] : 1.0f;
+#ifdef __AVX512F__
+                const int p = kp == 2 ? (int)(j & 1) : 0;
+                __m512 x[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int u = 0; u < nv; u++) x[u] = kv_load(vb, off * d + c0 + 16 * u, mk[u], kind);
+                for (int r = 0; r < nr; r++) {
+                    const __m512 pj = _mm512_set1_ps(sc[r * stride + (j - lo)] * vs);
+                    for (int u = 0; u < 4; u++)
+                        if (u < nv) acc[r][p][u] = _mm512_fmadd_ps(pj, x[u], acc[r][p][u]);
+                }
+#else
+                for (int r = 0; r < nr; r++) {
+                    const float pj = sc[r * stride + (j - lo)] * vs;
+                    for (int64_t c = 0; c < cw; c++) acc[r][c] += pj * kv_at(vb, off * d + c0 + c, kind);
+                }
+#endif
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+#ifdef __AVX512F__
+            for (int u = 0; u < nv; u++) {
+                const __m512 t = kp == 2 ? _mm512_add_ps(acc[r][0][u], acc[r][1][u]) : acc[r][0][u];
+                _mm512_mask_storeu_ps(dst[r] + c0 + 16 * u, mk[u], t);
+            }
+#else
+            memcpy(dst[r] + c0, acc[r], sizeof(float) * cw);
+#endif
+        }
+    }
+}
+
+void paged_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                     const float *k_scale, const float *v_scale, int kind,
+                     const int32_t *block_tables, int64_t bt_stride, const int64_t *cu_q,
+                     const int64_t *ctx_len, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                     int64_t d, int64_t block_size, int64_t window, float scale, float *out,
+                     int64_t out_stride, int64_t max_ctx, int threads) {
     const int64_t g = num_heads / num_kv_heads;
-    const int64_t head_block = block_size * d;   /* floats of one head in one block */
     int64_t n_items = 0;
     for (int64_t s = 0; s < num_seqs; s++) n_items += (cu_q[s + 1] - cu_q[s] + QCHUNK - 1) / QCHUNK;
     int64_t *item_seq = malloc(sizeof(int64_t) * (n_items > 0 ? n_items : 1));
     int64_t *item_q0 = malloc(sizeof(int64_t) * (n_items > 0 ? n_items : 1));
     for (int64_t s = 0, k = 0; s < num_seqs; s++)
         for (int64_t i = 0; i < cu_q[s + 1] - cu_q[s]; i += QCHUNK) { item_seq[k] = s; item_q0[k] = i; k++; }
-    const int64_t cap = max_ctx > 0 ? max_ctx : 1;
+    const int64_t stride = (max_ctx > 0 ? max_ctx : 1) + 16;
     #pragma omp parallel num_threads(threads)
     {
-        float *sc = malloc(sizeof(float) * cap);
-        float *acc = malloc(sizeof(float) * d);
+        float *sc = malloc(sizeof(float) * PA_ROWS * stride);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items * num_kv_heads; w++) {
             const int64_t it = w / num_kv_heads, kh = w % num_kv_heads, s = item_seq[it];
             const int64_t nq = cu_q[s + 1] - cu_q[s], q0 = item_q0[it];
             const int64_t q1 = q0 + QCHUNK < nq ? q0 + QCHUNK : nq;
             const int64_t first = ctx_len[s] - nq;                 /* position of query 0 */
-            const int32_t *table = block_tables + s * bt_stride;
-            for (int64_t i = q0; i < q1; i++) {
-                const int64_t t = cu_q[s] + i, p = first + i;
-                const int64_t lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
-                const int64_t nj = p + 1 - lo;
-                for (int64_t h = 0; h < g; h++) {
-                    const float *qh = q + t * q_stride + (kh * g + h) * d;
-                    float m = -INFINITY, sum = 0.f;
-                    for (int64_t j = 0, blk = lo / block_size, off = lo % block_size; j < nj; j++) {
-                        const float *k = k_cache + ((int64_t)table[blk] * num_kv_heads + kh) * head_block + off * d;
-                        sc[j] = dot_f32(qh, k, d) * scale;
-                        m = sc[j] > m ? sc[j] : m;
-                        if (++off == block_size) { off = 0; blk++; }
-                    }
-                    for (int64_t j = 0; j < nj; j++) { sc[j] = expf(sc[j] - m); sum += sc[j]; }
-                    const float inv = 1.f / sum;
-                    float *dst = out + t * out_stride + (kh * g + h) * d;
-#ifdef __AVX512F__
-                    if ((d & 15) == 0) {
-                        /* the weighted sum of V rows in registers, 64 columns per pass (a plain C loop
-                         * kept acc in memory and ran 7x slower than the whole rest of the kernel) */
-                        for (int64_t c = 0; c < d; c += 64) {
-                            const int64_t w = d - c < 64 ? d - c : 64;
-                            const __mmask16 m1 = w > 16 ? 0xFFFF : 0, m2 = w > 32 ? 0xFFFF : 0, m3 = w > 48 ? 0xFFFF : 0;
-                            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                            for (int64_t j = 0, blk = lo / block_size, off = lo % block_size; j < nj; j++) {
-                                const float *v = v_cache + ((int64_t)table[blk] * num_kv_heads + kh) * head_block + off * d + c;
-                                const __m512 pj = _mm512_set1_ps(sc[j] * inv);
-                                a0 = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v), a0);
-                                a1 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m1, v + 16), a1);
-                                a2 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m2, v + 32), a2);
-                                a3 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m3, v + 48), a3);
-                                if (++off == block_size) { off = 0; blk++; }
-                            }
-                            _mm512_storeu_ps(dst + c, a0);
-                            _mm512_mask_storeu_ps(dst + c + 16, m1, a1);
-                            _mm512_mask_storeu_ps(dst + c + 32, m2, a2);
-                            _mm512_mask_storeu_ps(dst + c + 48, m3, a3);
-                        }
-                        continue;
-                    }
-#endif
-                    memset(acc, 0, sizeof(float) * d);
-                    for (int64_t j = 0, blk = lo / block_size, off = lo % block_size; j < nj; j++) {
-                        const float *v = v_cache + ((int64_t)table[blk] * num_kv_heads + kh) * head_block + off * d;
-                        const float pj = sc[j] * inv;
-                        for (int64_t x = 0; x < d; x++) acc[x] += pj * v[x];
-                        if (++off == block_size) { off = 0; blk++; }
-                    }
-                    memcpy(dst, acc, sizeof(float) * d);
+            const int64_t rows = (q1 - q0) * g;
+            for (int64_t r0 = 0; r0 < rows; r0 += PA_ROWS) {
+                const float *qr[PA_ROWS];
+                float *dst[PA_ROWS];
+                int64_t row_lo[PA_ROWS], row_hi[PA_ROWS], lo = INT64_MAX, hi = -1;
+                const int nr = (int)(rows - r0 < PA_ROWS ? rows - r0 : PA_ROWS);
+                for (int r = 0; r < nr; r++) {
+                    const int64_t i = q0 + (r0 + r) / g, h = kh * g + (r0 + r) % g, t = cu_q[s] + i, p = first + i;
+                    qr[r] = q + t * q_stride + h * d;
+                    dst[r] = out + t * out_stride + h * d;
+                    row_lo[r] = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
+                    row_hi[r] = p;
+                    lo = row_lo[r] < lo ? row_lo[r] : lo;
+                    hi = row_hi[r] > hi ? row_hi[r] : hi;
                 }
+                /* one specialized copy per element type and row count: neither is tested in the loops */
+#define PAGED_ROWS(K, NR) paged_rows(K, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                     (const char *)v_cache, k_scale, v_scale, block_tables + s * bt_stride, \
+                                     num_kv_heads, kh, d, block_size, scale, sc, stride)
+#define PAGED_ROWS_KIND(K) do { switch (nr) { case 1: PAGED_ROWS(K, 1); break; case 2: PAGED_ROWS(K, 2); break; \
+                                              case 3: PAGED_ROWS(K, 3); break; default: PAGED_ROWS(K, 4); } } while (0)
+                if (kind == KV_BF16) PAGED_ROWS_KIND(KV_BF16);
+                else if (kind == KV_I8) PAGED_ROWS_KIND(KV_I8);
+                else PAGED_ROWS_KIND(KV_F32);
+#undef PAGED_ROWS_KIND
+#undef PAGED_ROWS
             }
         }
         free(sc);
-        free(acc);
     }
     free(item_seq);
     free(item_q0);

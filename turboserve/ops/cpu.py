@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -270,28 +271,87 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
     x2.copy_(r2)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
-                    max_ctx: int) -> torch.Tensor:
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+class PagedKV(NamedTuple):
+    """One layer's paged KV cache on the CPU.
+
+    k: [num_blocks, kv_heads, head_dim, block_size], keys transposed inside a block (the attention
+       kernel loads one dimension of 16 keys as one vector; kernels.c);
+    v: [num_blocks, kv_heads, block_size, head_dim];
+    in fp32, bf16 or int8. int8 keeps one fp32 scale per token and KV head (k_scale, v_scale:
+    [num_blocks, kv_heads, block_size]): symmetric, max |x| / 127 over the head's d values.
+    """
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    elem = {"fp32": 4, "bf16": 2, "int8": 1}[kv_dtype]
+    return 2 * num_layers * kv_heads * (head_dim * elem + (4 if kv_dtype == "int8" else 0))
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int,
+                      kv_dtype: str) -> list[PagedKV]:
+    dt = KV_DTYPES[kv_dtype]
+
+    def layer():
+        scales = (torch.zeros(num_blocks, kv_heads, block_size), torch.zeros(num_blocks, kv_heads, block_size)) \
+            if dt == torch.int8 else (None, None)
+        return PagedKV(torch.zeros(num_blocks, kv_heads, head_dim, block_size, dtype=dt),
+                       torch.zeros(num_blocks, kv_heads, block_size, head_dim, dtype=dt), *scales)
+    return [layer() for _ in range(num_layers)]
+
+
+def _quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, heads, d] fp32 -> int8 values and one scale per (token, head)."""
+    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
+             slot_offsets: torch.Tensor) -> None:
+    """Store each token's K and V ([n, kv_heads, d] fp32) at its (block, offset) slot."""
+    if cache.k.dtype == torch.int8:
+        (k, ks), (v, vs) = _quantize_heads(k.float()), _quantize_heads(v.float())
+        cache.k_scale[slot_blocks, :, slot_offsets] = ks
+        cache.v_scale[slot_blocks, :, slot_offsets] = vs
+    cache.k[slot_blocks, :, :, slot_offsets] = k.to(cache.k.dtype)
+    cache.v[slot_blocks, :, slot_offsets] = v.to(cache.v.dtype)
+
+
+def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_q: torch.Tensor,
+                    ctx_len: torch.Tensor, num_heads: int, window: int, scale: float, max_ctx: int) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its cached context; see kernels.c."""
     T = q.shape[0]
-    d = k_cache.shape[-1]
-    out = torch.empty(T, num_heads * d, dtype=torch.float32)      # caches: [blocks, kv_heads, block_size, d]
-    if q.dtype == torch.float32 and k_cache.dtype == torch.float32 and _native_ok(k_cache, v_cache, out):
-        return native.paged_attention(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale,
-                                      max_ctx, out)
-    return _paged_attention_torch(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
+    d = cache.v.shape[-1]
+    out = torch.empty(T, num_heads * d, dtype=torch.float32)
+    if q.dtype == torch.float32 and _native_ok(out) and all(t.is_contiguous() for t in cache if t is not None):
+        return native.paged_attention(q, cache, block_tables, cu_q, ctx_len, num_heads, window, scale, max_ctx, out)
+    return _paged_attention_torch(q, cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
 
 
-def _paged_attention_torch(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out):
-    _, kv_heads, block_size, d = k_cache.shape
+def _gather_kv(cache: PagedKV, blocks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's first n keys and values, fp32 [kv_heads, n, d]."""
+    kv_heads = cache.k.shape[1]
+    k = cache.k[blocks].permute(1, 0, 3, 2).reshape(kv_heads, -1, cache.k.shape[2])[:, :n].float()
+    v = cache.v[blocks].transpose(0, 1).reshape(kv_heads, -1, cache.v.shape[3])[:, :n].float()
+    if cache.k_scale is not None:
+        k = k * cache.k_scale[blocks].transpose(0, 1).reshape(kv_heads, -1)[:, :n, None]
+        v = v * cache.v_scale[blocks].transpose(0, 1).reshape(kv_heads, -1)[:, :n, None]
+    return k, v
+
+
+def _paged_attention_torch(q, cache: PagedKV, block_tables, cu_q, ctx_len, num_heads, window, scale, out):
+    kv_heads, block_size, d = cache.v.shape[1], cache.v.shape[2], cache.v.shape[3]
     cu, lens = cu_q.tolist(), ctx_len.tolist()
     for s in range(len(lens)):
         a, b, n = cu[s], cu[s + 1], lens[s]
         nblk = -(-n // block_size)
-        blocks = block_tables[s, :nblk].long()
-        k = k_cache[blocks].transpose(0, 1).reshape(kv_heads, -1, d)[:, :n].float()    # [kvh, n, d]
-        v = v_cache[blocks].transpose(0, 1).reshape(kv_heads, -1, d)[:, :n].float()
+        k, v = _gather_kv(cache, block_tables[s, :nblk].long(), n)
         qs = q[a:b, :num_heads * d].float().reshape(b - a, num_heads, d).transpose(0, 1)  # [nh, nq, d]
         pos = torch.arange(n - (b - a), n)[:, None]
         keys = torch.arange(n)[None, :]

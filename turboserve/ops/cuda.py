@@ -19,6 +19,8 @@ Triton's interpreter).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 try:
@@ -184,11 +186,44 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
     tk.rope_(x, cos.contiguous(), sin.contiguous(), num_heads)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
-                    max_ctx: int) -> torch.Tensor:
+class PagedKV(NamedTuple):
+    """One layer's paged KV cache on the GPU: k, v [num_blocks, kv_heads, block_size, head_dim] (the
+    Triton kernel's layout), fp32 or bf16. The CPU backend's int8 cache has no kernel here yet."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+_KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _kv_dtype(kv_dtype: str) -> torch.dtype:
+    if kv_dtype not in _KV_DTYPES:
+        raise ValueError(f"the cuda backend's KV cache is fp32 or bf16, not {kv_dtype!r}")
+    return _KV_DTYPES[kv_dtype]
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+    return 2 * num_layers * kv_heads * head_dim * _kv_dtype(kv_dtype).itemsize
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int,
+                      kv_dtype: str, device="cuda") -> list[PagedKV]:
+    shape, dt = (num_blocks, kv_heads, block_size, head_dim), _kv_dtype(kv_dtype)
+    return [PagedKV(torch.zeros(shape, dtype=dt, device=device), torch.zeros(shape, dtype=dt, device=device))
+            for _ in range(num_layers)]
+
+
+def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
+             slot_offsets: torch.Tensor) -> None:
+    """Store each token's K and V ([n, kv_heads, d]) at its (block, offset) slot."""
+    cache.k[slot_blocks, :, slot_offsets] = k.to(cache.k.dtype)
+    cache.v[slot_blocks, :, slot_offsets] = v.to(cache.v.dtype)
+
+
+def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_q: torch.Tensor,
+                    ctx_len: torch.Tensor, num_heads: int, window: int, scale: float, max_ctx: int) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its cached context, fp32 [T, nh * d]
     as on the CPU. `max_ctx` is not needed: the kernel reads each context length on the device, so a
     decode step calling this can be captured as a CUDA graph."""
-    out = torch.empty(q.shape[0], num_heads * k_cache.shape[-1], dtype=torch.float32, device=q.device)
-    return tk.paged_attention(q, k_cache, v_cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
+    out = torch.empty(q.shape[0], num_heads * cache.k.shape[-1], dtype=torch.float32, device=q.device)
+    return tk.paged_attention(q, cache.k, cache.v, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
