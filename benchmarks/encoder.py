@@ -9,8 +9,8 @@ Quality is the minimum cosine, over all requests, between a system's pooled embe
 reference (transformers, each request alone). Peers need the `peers` extra (onnxruntime,
 ctranslate2); systems whose package is missing are reported as skipped.
 The GEMM peaks are measured at start on this machine, and each system's FLOP rate (linear layers plus
-attention, real tokens only) is printed as a fraction of the peak of its arithmetic (for turboserve
-auto, a layer-wise mix of int8 and fp32, the fp32 peak).
+attention, real tokens only) is printed as a fraction of the peak of its arithmetic ("mixed" for
+turboserve auto, whose linears are partly int8 and partly fp32).
 """
 from __future__ import annotations
 
@@ -87,12 +87,13 @@ def model_dir(name: str) -> Path:
             import transformers
             torch.manual_seed(0)
             transformers.BertModel(transformers.BertConfig()).save_pretrained(d)   # bert-base-uncased shape
-            # transformers 5 no longer writes this key; CTranslate2's converter still reads it
-            cfg = json.loads((d / "config.json").read_text())
-            cfg.setdefault("position_embedding_type", "absolute")
-            (d / "config.json").write_text(json.dumps(cfg, indent=2))
             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
                 shutil.copy(default_model_path() / f, d / f)
+        # transformers 5 no longer writes this key; CTranslate2's converter still reads it
+        cfg = json.loads((d / "config.json").read_text())
+        if "position_embedding_type" not in cfg:
+            cfg["position_embedding_type"] = "absolute"
+            (d / "config.json").write_text(json.dumps(cfg, indent=2))
         return d
     raise ValueError(name)
 
@@ -272,7 +273,7 @@ def main():
                 "turboserve fp32": (lambda: run_turboserve(path, seqs, mode, "fp32"), "fp32"),
                 "turboserve bf16": (lambda: run_turboserve(path, seqs, mode, "bf16"), "bf16"),
                 "turboserve int8": (lambda: run_turboserve(path, seqs, mode, "int8"), "int8"),
-                "turboserve auto (0.999)": (lambda: run_turboserve(path, seqs, mode, "auto"), "fp32"),
+                "turboserve auto (0.999)": (lambda: run_turboserve(path, seqs, mode, "auto"), None),
                 "transformers fp32 padded/32": (lambda: run_transformers(path, seqs, mode, torch.float32, False), "fp32"),
                 "transformers bf16 padded/32": (lambda: run_transformers(path, seqs, mode, torch.bfloat16, False), "bf16"),
                 "transformers fp32 sorted/32": (lambda: run_transformers(path, seqs, mode, torch.float32, True), "fp32"),
@@ -299,11 +300,12 @@ def main():
                     continue
                 t = timed(go, repeat=3)
                 emb = out[0] if sys_name.startswith("turboserve") else np.stack(out)
-                results[sys_name] = (tokens / t, min_cosine(emb, ref), flops / t / peaks[arith])
+                results[sys_name] = (tokens / t, min_cosine(emb, ref), flops / t / peaks[arith] if arith else None)
                 tps, cos, frac = results[sys_name]
                 ours = results.get("turboserve int8", (None,))[0]
                 ratio = f"{ours / tps:.2f}x" if ours else ""
-                print(f"| {sys_name} | {tps:,.0f} | {ratio} | {cos:.5f} | {frac:.0%} |", flush=True)
+                frac = f"{frac:.0%}" if frac is not None else "mixed"
+                print(f"| {sys_name} | {tps:,.0f} | {ratio} | {cos:.5f} | {frac} |", flush=True)
             rows.append((name, wl, results))
     end_peaks = gemm_peaks()
     print("\n# measured GEMM peaks at the end: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in end_peaks.items())
