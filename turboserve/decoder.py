@@ -28,7 +28,7 @@ KV_DTYPES = ("fp32", "bf16", "int8")
 
 @dataclass
 class StepBatch:
-    """One engine step's tokens. Tensors are CPU, built by the engine."""
+    """One engine step's tokens. The engine builds them on the CPU; the model moves them to its device."""
     input_ids: torch.Tensor        # int64 [T]
     positions: torch.Tensor        # int64 [T]
     cu_q: torch.Tensor             # int64 [S + 1]: sequence s's new tokens are rows cu_q[s]..cu_q[s+1]
@@ -38,6 +38,14 @@ class StepBatch:
     slot_offsets: torch.Tensor     # int64 [T]: its offset inside the block
     logit_rows: torch.Tensor       # int64 [R]: rows whose next-token logits are wanted
     max_ctx: int
+
+    def to(self, device: torch.device) -> "StepBatch":
+        """The step with its tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == device:
+            return self
+        return StepBatch(*(t.to(device, non_blocking=True) for t in (
+            self.input_ids, self.positions, self.cu_q, self.ctx_len, self.block_tables, self.slot_blocks,
+            self.slot_offsets, self.logit_rows)), self.max_ctx)
 
 
 @dataclass
@@ -92,6 +100,7 @@ class DecoderModel:
         view = CheckpointView(read_state_dict(self.model_dir), spec, self.model_dir)
         self.config, self.spec, self.dtype_name = config, spec, dtype
         self.ops = backend_for(device)
+        self.device = torch.device(device)
         self.act_dtype = DTYPES[dtype]
         try:
             self.hidden = spec.config_value(config, "hidden")
@@ -116,26 +125,28 @@ class DecoderModel:
         self.eos_token_ids = _token_ids(config.get("eos_token_id"))
 
         e = spec.emb_names
+        dev = self.device
         self.word_emb = view.get(e["word"] + ".weight")
-        self.pos_emb = view.get(e["pos"] + ".weight") if "pos" in e else None
+        self.pos_emb = view.get(e["pos"] + ".weight").to(dev) if "pos" in e else None
         self.final_norm = self._norm(view, e["final_norm"])
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         head = None if spec.config_value(config, "tie") else view.get("lm_head.weight", required=False)
-        self.lm_head = (head if head is not None else self.word_emb).to(self.act_dtype).contiguous()
-        self.word_emb = self.word_emb.to(self.act_dtype)
+        self.lm_head = (head if head is not None else self.word_emb).to(dev, self.act_dtype).contiguous()
+        self.word_emb = self.word_emb.to(dev, self.act_dtype)
         # int8: the LM head too (at 64 sampled rows it was 30% of GPT-2's decode FLOPs); fp32 / bf16
         # multiply by the (possibly tied) weight as stored, with no transposed copy
         self.lm_head_int8 = None
         if dtype == "int8":
             self.lm_head_int8, self.lm_head = self.ops.make_decoder_linear(self.lm_head, None, "int8"), None
         if spec.rope:
-            self.cos, self.sin = rope_tables(config, spec, self.head_dim, self.max_positions)
+            self.cos, self.sin = (t.to(dev) for t in rope_tables(config, spec, self.head_dim, self.max_positions))
         self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
 
     # ------------------------------------------------------------------ loading
     def _norm(self, view: CheckpointView, key: str) -> tuple:
         bias = view.get(key + ".bias", required=False)
-        return view.get(key + ".weight").to(self.act_dtype), None if bias is None else bias.to(self.act_dtype)
+        dev, dt = self.device, self.act_dtype
+        return view.get(key + ".weight").to(dev, dt), None if bias is None else bias.to(dev, dt)
 
     def _linear(self, view: CheckpointView, keys: list[str]):
         """One linear from one or more checkpoint linears stacked along the output (fused QKV / gate|up)."""
@@ -194,7 +205,8 @@ class DecoderModel:
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
     def forward(self, step: StepBatch, cache) -> torch.Tensor:
-        """fp32 logits [len(step.logit_rows), vocab]."""
+        """fp32 logits [len(step.logit_rows), vocab], on the model's device."""
+        step = step.to(self.device)
         ops, adt, tp = self.ops, self.act_dtype, self.tp
         (nh, kvh), d = self.heads(), self.head_dim
         # tensor parallel: a vocabulary-sharded lookup, and partial sums of O and down added over the ranks

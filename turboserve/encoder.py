@@ -159,7 +159,7 @@ class Encoder:
         for batch, idx in self._batches(encoded):
             hidden = self.model.forward(batch)
             for i, r in zip(idx, fn(hidden, batch)):
-                results[i] = r
+                results[i] = r.cpu()           # off the model's device (a no-op on the CPU)
         return results
 
     def tokenize(self, inputs, pairs=None, truncate: bool = False) -> list[Encoded]:

@@ -389,8 +389,9 @@ class EncoderEngine:
         start = time.perf_counter()
         hidden = enc.model.forward(packed)
         kinds = {i.job.kind for i in batch}
-        pooled = pool(hidden, packed, enc.pooling.mode) if "embed" in kinds else None
-        logits = enc.model.classify(hidden, packed) if "classify" in kinds else None
+        # results leave the model's device here (no-ops on the CPU)
+        pooled = pool(hidden, packed, enc.pooling.mode).cpu() if "embed" in kinds else None
+        logits = enc.model.classify(hidden, packed).cpu() if "classify" in kinds else None
         elapsed = time.perf_counter() - start
         self.busy_seconds += elapsed
         cu = packed.cu_seqlens

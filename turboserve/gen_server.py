@@ -150,7 +150,7 @@ def make_gen_app(config: ServerConfig) -> Starlette:
         try:
             from .decoder import DecoderModel
             torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
-            model = DecoderModel(config.model, config.dtype, kv_dtype=config.kv_dtype)
+            model = DecoderModel(config.model, config.dtype, device=config.device, kv_dtype=config.kv_dtype)
             if config.tensor_parallel != 1:
                 model = parallel.start(model, config.tensor_parallel, config.threads)
                 parallel.on_failure(model, lambda exc: state.on_rank_failure and state.on_rank_failure(exc))

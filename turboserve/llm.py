@@ -155,8 +155,19 @@ class LLMEngine:
             kv_cache_bytes = default_kv_budget(per_token, max_num_seqs, self.max_context)
         num_blocks = max(kv_cache_bytes // (per_token * block_size), -(-self.max_context // block_size))
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.cache = model.allocate_cache(num_blocks, block_size)
         self.kv_cache_bytes = num_blocks * block_size * per_token
+        device = getattr(model, "device", torch.device("cpu"))
+        if device.type == "cuda":
+            # decode steps replay CUDA graphs (ops/cuda_graphs.py); their padding sequences write into
+            # one block past the ones the block manager hands out
+            from .ops.cuda_graphs import DecodeGraphs
+            self.cache = model.allocate_cache(num_blocks + 1, block_size)
+            self._forward = DecodeGraphs(lambda step: self.model.forward(step, self.cache),
+                                         max_blocks=-(-self.max_context // block_size), pad_block=num_blocks,
+                                         device=device)
+        else:
+            self.cache = model.allocate_cache(num_blocks, block_size)
+            self._forward = lambda step: self.model.forward(step, self.cache)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = EngineStats()
@@ -280,7 +291,7 @@ class LLMEngine:
             return []
         step, sampled = self._batch(plan)
         self.last_step_tokens = len(step.input_ids)
-        logits = self.model.forward(step, self.cache)
+        logits = self._forward(step).cpu()       # sampling runs on the CPU, with per-request generators
         for seq, n in plan:
             seq.num_computed += n
             if seq.num_computed <= len(seq.prompt_ids):
@@ -374,12 +385,13 @@ class LLM:
 
     @classmethod
     def load(cls, path, dtype: str = "fp32", threads: int | None = None, tensor_parallel: int = 1,
-             kv_dtype: str | None = None, **engine_kw) -> "LLM":
+             kv_dtype: str | None = None, device: str = "cpu", **engine_kw) -> "LLM":
         """kv_dtype: the KV cache's element type (fp32 | bf16 | int8; default: the model's dtype).
+        device: "cpu", or "cuda" for the Triton backend (docs/gpu.md).
         tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
         the engine stays in this process. Call close() to stop the ranks."""
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-        model = DecoderModel(path, dtype, kv_dtype=kv_dtype)
+        model = DecoderModel(path, dtype, device=device, kv_dtype=kv_dtype)
         if tensor_parallel != 1:
             from . import parallel
             model = parallel.start(model, tensor_parallel, threads)

@@ -36,8 +36,8 @@ class LayerWeights:
     ln2: tuple
 
 
-def _ln(view: CheckpointView, key: str, dtype) -> tuple:
-    return view.get(key + ".weight").to(dtype), view.get(key + ".bias").to(dtype)
+def _ln(view: CheckpointView, key: str, dtype, device) -> tuple:
+    return view.get(key + ".weight").to(device, dtype), view.get(key + ".bias").to(device, dtype)
 
 
 class EncoderModel:
@@ -47,6 +47,7 @@ class EncoderModel:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.spec, self.dtype_name = spec, dtype
         self.ops = backend_for(device)
+        self.device = torch.device(device)
         self.act_dtype = DTYPES[dtype]
         try:
             self.hidden = spec.config_value(config, "hidden")
@@ -68,11 +69,11 @@ class EncoderModel:
         self.max_tokens = self.max_positions - (self.pad_token_id + 1 if spec.roberta_positions else 0)
 
         e = spec.emb_names
-        adt = self.act_dtype
-        self.word_emb = view.get(e["word"] + ".weight").to(adt)
-        self.pos_emb = view.get(e["pos"] + ".weight").to(adt)
-        self.type_emb = view.get(e["type"] + ".weight").to(adt) if "type" in e and view.has(e["type"] + ".weight") else None
-        self.emb_ln = _ln(view, e["ln"], adt)
+        adt, dev = self.act_dtype, self.device
+        self.word_emb = view.get(e["word"] + ".weight").to(dev, adt)
+        self.pos_emb = view.get(e["pos"] + ".weight").to(dev, adt)
+        self.type_emb = view.get(e["type"] + ".weight").to(dev, adt) if "type" in e and view.has(e["type"] + ".weight") else None
+        self.emb_ln = _ln(view, e["ln"], adt, dev)
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         self.head = self._load_head(view, config)
 
@@ -89,7 +90,7 @@ class EncoderModel:
         if any(lin.takes_int8 for layer in self.layers for lin in (layer.qkv, layer.o, layer.fc1, layer.fc2)):
             # int32 accumulator of each int8 GEMM, reused by all four of them
             specs.append(("acc", 0, 4, max(3 * H, I) // n, torch.int32))
-        self.workspace = Workspace(specs) if self.use_planner else NoWorkspace(specs)
+        self.workspace = Workspace(specs, device=self.device) if self.use_planner else NoWorkspace(specs, self.device)
 
     def raw_linears(self, view: CheckpointView, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Layer i's fp32 (weight, bias) pairs, with Q, K and V concatenated into one projection."""
@@ -105,8 +106,8 @@ class EncoderModel:
         names = self.spec.layer_names
         p = f"{self.spec.layer_prefix}.{i}."
         lin = {k: self.ops.make_linear(*wb, self.dtype_name) for k, wb in raw.items()}
-        return LayerWeights(**lin, ln1=_ln(view, p + names["ln1"], self.act_dtype),
-                            ln2=_ln(view, p + names["ln2"], self.act_dtype))
+        return LayerWeights(**lin, ln1=_ln(view, p + names["ln1"], self.act_dtype, self.device),
+                            ln2=_ln(view, p + names["ln2"], self.act_dtype, self.device))
 
     def _load_head(self, view: CheckpointView, config: dict):
         """Sequence-classification head, if the checkpoint has one: list of (dense, activation)."""
@@ -122,14 +123,16 @@ class EncoderModel:
             src = key if key in view.state else alt + ".weight"
             if src not in view.state:
                 raise ModelLoadError(f"classification head weight {key!r} is missing")
-            layers.append((view.state[src].float(), view.state[src[:-len("weight")] + "bias"].float(), act))
+            layers.append((view.state[src].float().to(self.device),
+                           view.state[src[:-len("weight")] + "bias"].float().to(self.device), act))
         return layers
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Hidden states [T, H] of the last layer. The result is a view into the workspace, valid until
-        the next forward call: pool or copy it first."""
+        """Hidden states [T, H] of the last layer, on the model's device. The result is a view into the
+        workspace, valid until the next forward call: pool or copy it first."""
+        batch = batch.to(self.device)
         T = batch.num_tokens
         ops = self.ops
         v = self.workspace.views(T)
@@ -191,7 +194,7 @@ class EncoderModel:
     def classify(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         if self.head is None:
             raise ModelLoadError("this model has no sequence-classification head")
-        h = hidden[torch.tensor(batch.cu_seqlens[:-1])].float()
+        h = hidden[torch.tensor(batch.cu_seqlens[:-1], device=hidden.device)].float()
         for weight, bias, act in self.head:
             h = torch.nn.functional.linear(h, weight, bias)
             if act == "tanh":
@@ -202,14 +205,14 @@ class EncoderModel:
 
 
 def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
-    """Per-sequence pooling over packed hidden states -> [B, H] fp32."""
+    """Per-sequence pooling over packed hidden states -> [B, H] fp32, on hidden's device."""
     hidden = hidden.float()
-    starts = torch.tensor(batch.cu_seqlens[:-1])
+    dev = hidden.device
     if mode == "cls":
-        return hidden[starts]
+        return hidden[torch.tensor(batch.cu_seqlens[:-1], device=dev)]
     if mode == "lasttoken":
-        return hidden[torch.tensor(batch.cu_seqlens[1:]) - 1]
-    lengths = batch.lengths()
+        return hidden[torch.tensor(batch.cu_seqlens[1:], device=dev) - 1]
+    lengths = batch.lengths().to(dev)
     if mode == "max":
         return torch.segment_reduce(hidden, "max", lengths=lengths)
     sums = torch.segment_reduce(hidden, "sum", lengths=lengths)

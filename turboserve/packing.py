@@ -28,6 +28,14 @@ class PackedBatch:
         cu = torch.tensor(self.cu_seqlens)
         return cu[1:] - cu[:-1]
 
+    def to(self, device: torch.device) -> "PackedBatch":
+        """The batch with its tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == device:
+            return self
+        move = lambda t: t.to(device, non_blocking=True)        # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.positions), move(self.token_types), self.cu_seqlens,
+                           self.max_len, move(self.cu_tensor), move(self.longest_first))
+
 
 def pack_tokens(ids: list[list[int]], type_ids: list[list[int]] | None = None,
                 position_offset: int | None = None) -> PackedBatch:

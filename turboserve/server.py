@@ -65,6 +65,7 @@ class ServerConfig:
     access_log: bool = False                  # uvicorn's per-request log line (metrics count requests)
     tensor_parallel: int = 1                  # ranks the model is sharded over (parallel.py)
     kv_dtype: str | None = None               # decoders: KV cache element type (None: the model's dtype)
+    device: str = "cpu"                       # "cuda": the Triton backend (ops/cuda.py)
     pipeline: bool = True                     # engine stages on their own threads (engine.py)
 
 
@@ -436,7 +437,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         try:
             enc = Encoder.load(config.model, dtype=config.dtype, threads=config.threads,
                                max_batch_tokens=config.max_batch_tokens, quality_bound=config.quality_bound,
-                               calibration=config.calibration, tensor_parallel=config.tensor_parallel)
+                               calibration=config.calibration, tensor_parallel=config.tensor_parallel,
+                               device=config.device)
             start_engine(enc)
         except Exception as exc:
             log.error("model failed to load: %s", exc)

@@ -15,9 +15,10 @@ from .planner import Plan, UsageRecord, plan
 
 
 class Workspace:
-    def __init__(self, tensor_specs, bucket_tokens: int = 256):
+    def __init__(self, tensor_specs, bucket_tokens: int = 256, device: torch.device | str = "cpu"):
         """tensor_specs: list of (name, first_op, last_op, columns, dtype) for one layer; each tensor
-        is [T, columns]."""
+        is [T, columns], on `device`."""
+        self.device = torch.device(device)
         self.specs = {name: (first, last, cols, dtype) for name, first, last, cols, dtype in tensor_specs}
         self.bucket_tokens = bucket_tokens
         self._plans: dict[int, Plan] = {}
@@ -39,9 +40,9 @@ class Workspace:
         del self._chunks[len(p.chunk_sizes):]
         for i, size in enumerate(p.chunk_sizes):
             if i == len(self._chunks):
-                self._chunks.append(torch.empty(size, dtype=torch.uint8))
+                self._chunks.append(torch.empty(size, dtype=torch.uint8, device=self.device))
             elif self._chunks[i].numel() < size:
-                self._chunks[i] = torch.empty(size, dtype=torch.uint8)
+                self._chunks[i] = torch.empty(size, dtype=torch.uint8, device=self.device)
         out = {}
         for name, (first, last, cols, dtype) in self.specs.items():
             place = p.placements[name]
@@ -59,10 +60,12 @@ class Workspace:
 class NoWorkspace:
     """The planner switched off: every activation is a fresh allocation (for comparison)."""
 
-    def __init__(self, tensor_specs):
+    def __init__(self, tensor_specs, device: torch.device | str = "cpu"):
         self.specs = {name: (cols, dtype) for name, _, _, cols, dtype in tensor_specs}
+        self.device = torch.device(device)
 
     def views(self, tokens: int) -> dict[str, torch.Tensor]:
-        return {name: torch.empty(tokens, cols, dtype=dtype) for name, (cols, dtype) in self.specs.items()}
+        return {name: torch.empty(tokens, cols, dtype=dtype, device=self.device)
+                for name, (cols, dtype) in self.specs.items()}
 
     reserved_bytes = 0
