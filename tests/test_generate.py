@@ -237,3 +237,41 @@ def test_waiting_queue_is_bounded(decoder_dirs):
     while llm.engine.has_work():
         llm.engine.step()
     llm.engine.add_request("r5", [5, 6, 7], GREEDY)                  # room again once they ran
+
+
+@pytest.mark.parametrize("k,n", [(64, 48), (30, 37), (200, 130)])
+def test_small_row_int8_gemm_equals_int_mm(k, n):
+    """The decode GEMM (VNNI on packed weights) gives torch._int_mm's exact int32 results, at row
+    counts up to and past Int8Linear.SMALL_ROWS and at K, N that are not multiples of 4 / 16."""
+    from turboserve import native
+    from turboserve.ops.cpu import Int8Linear, pack_vnni
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(k + n)
+    w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+    packed, colsum = pack_vnni(w)
+    for m in (1, 3, 4, 5, Int8Linear.SMALL_ROWS, Int8Linear.SMALL_ROWS + 1):
+        x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        out = native.int8_gemm_small(x, packed, colsum, n, torch.empty(m, n, dtype=torch.int32))
+        assert torch.equal(out, torch._int_mm(x, w)), m
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8"])
+def test_native_kv_write_equals_torch(kv_dtype):
+    """The native cache writer stores the same bytes (and int8 scales) as the torch version, from
+    strided K/V views as the decoder passes them."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(1)
+    nb, kvh, d, bs, n = 6, 2, 40, 4, 11
+    qkv = torch.randn(n, (4 + 2 * kvh) * d, generator=g) * 3
+    qkv[0, 4 * d] = 0.0
+    k, v = qkv[:, 4 * d:(4 + kvh) * d].view(-1, kvh, d), qkv[:, (4 + kvh) * d:].view(-1, kvh, d)
+    slots = torch.randperm(nb * bs, generator=g)[:n]
+    a, b = (cpu.allocate_kv_cache(1, nb, kvh, bs, d, kv_dtype)[0] for _ in range(2))
+    native.kv_write(a, k, v, slots // bs, slots % bs)
+    cpu._write_kv_torch(b, k, v, slots // bs, slots % bs)
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or torch.equal(x, y)

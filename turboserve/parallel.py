@@ -140,6 +140,7 @@ def column_shard(linear, index: torch.Tensor):
         if t is not None:
             setattr(new, attr, _take(t, axis, index))
     new.out_features = len(index)
+    _resliced(new)
     return new
 
 
@@ -155,7 +156,15 @@ def row_shard(linear, index: torch.Tensor, keep_bias: bool):
         # the int8 epilogue always adds a bias vector; the dense GEMM simply runs without one
         new.bias = torch.zeros_like(linear.bias) if linear.takes_int8 else None
     new.in_features = len(index)
+    _resliced(new)
     return new
+
+
+def _resliced(linear) -> None:
+    """Let a linear re-derive what it keeps besides the sliced tensors (Int8Linear's packed copy)."""
+    hook = getattr(linear, "resliced", None)
+    if hook is not None:
+        hook()
 
 
 def qkv_index(heads: int, kv_heads: int, head_dim: int, rank: int, world: int) -> torch.Tensor:

@@ -77,6 +77,8 @@ def lib():
     L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, i32]
     L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64,
                                   i64, i32]
+    L.int8_gemm_small.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
+    L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64]
     _lib = L
     return _lib
 
@@ -141,3 +143,24 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, cu_q: to
                           ctx_len.numel(), num_heads, kv_heads, d, block_size, window, scale, _ptr(out),
                           out.stride(0), max_ctx, _threads())
     return out
+
+
+def int8_gemm_small(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, n: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """out [M, n] int32 = x [M, K] int8 @ W, W given VNNI-packed (ops.cpu.pack_vnni); see kernels.c."""
+    _check(packed, colsum, out)
+    assert x.stride(1) == 1 and x.dtype == torch.int8 and out.dtype == torch.int32
+    m, k = x.shape
+    lib().int8_gemm_small(_ptr(x), x.stride(0), _ptr(packed), _ptr(colsum), _ptr(out), m, k, n, _threads())
+    return out
+
+
+def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> None:
+    """Store K and V ([n, kv_heads, d] fp32 views with contiguous rows) at their cache slots; see kernels.c."""
+    _check(cache.k, cache.v, slot_blocks, slot_offsets, *(t for t in (cache.k_scale, cache.v_scale) if t is not None))
+    assert k.dtype == v.dtype == torch.float32 and k.stride(2) == v.stride(2) == 1
+    assert k.stride(1) == v.stride(1) == k.shape[2] and slot_blocks.dtype == slot_offsets.dtype == torch.int64
+    n, kv_heads, d = k.shape
+    lib().kv_write(_ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(slot_blocks), _ptr(slot_offsets), n,
+                   _ptr(cache.k), _ptr(cache.v), _opt(cache.k_scale), _opt(cache.v_scale), KV_KINDS[cache.k.dtype],
+                   kv_heads, d, cache.k.shape[3])

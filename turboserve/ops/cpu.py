@@ -141,6 +141,17 @@ class DenseLinear:
         return epilogue(out, out=out, **epi)
 
 
+def pack_vnni(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [K, N] -> ([ceil(K/4), Np, 4] with the four consecutive k of a column side by side, zeros
+    past K and N; Np = N rounded up to 16) and int32 [Np] 128 * column sums: native.int8_gemm_small's
+    operands."""
+    k, n = weight_q.shape
+    kp, np_ = -(-k // 4) * 4, -(-n // 16) * 16
+    w = torch.zeros(kp, np_, dtype=torch.int8)
+    w[:k, :n] = weight_q
+    return w.view(kp // 4, 4, np_).permute(0, 2, 1).contiguous(), 128 * w.sum(0, dtype=torch.int32)
+
+
 class Int8Linear:
     """W8A8 linear: per-channel int8 weights, per-token dynamic int8 activations.
 
@@ -151,7 +162,12 @@ class Int8Linear:
     """
     takes_int8 = True
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None):
+    # decode steps (few rows): the native VNNI kernel on weights packed for it reads them at memory
+    # speed; oneDNN's _int_mm wins from SMALL_ROWS rows on (measured in benchmarks/decode_gemm.py)
+    SMALL_ROWS = 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None,
+                 small_rows: bool = False):
         w = weight.detach().float()
         if smooth is None:
             smooth = torch.ones(w.shape[1])
@@ -163,16 +179,30 @@ class Int8Linear:
         self.bias = (torch.zeros(w.shape[0]) if bias is None else bias.detach().float()).contiguous()
         self.in_features, self.out_features = self.weight_q.shape
         self.dtype = torch.float32
+        # small_rows (decoder linears): a second copy of the weights in the small-M kernel's layout
+        self.packed, self.colsum = pack_vnni(self.weight_q) if small_rows else (None, None)
+
+    def resliced(self) -> None:
+        """Re-derive the packed copy after weight_q was cut (a tensor-parallel shard)."""
+        if self.packed is not None:
+            self.packed, self.colsum = pack_vnni(self.weight_q)
 
     @property
     def nbytes(self) -> int:
-        return self.weight_q.numel() + 4 * (self.weight_scale.numel() + self.bias.numel() + self.inv_smooth.numel())
+        packed = 0 if self.packed is None else self.packed.numel() + 4 * self.colsum.numel()
+        return self.weight_q.numel() + packed + 4 * (self.weight_scale.numel() + self.bias.numel() + self.inv_smooth.numel())
+
+    def _int_mm(self, q: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None and q.shape[0] <= self.SMALL_ROWS and native.lib() is not None:
+            out = acc if acc is not None else torch.empty(q.shape[0], self.out_features, dtype=torch.int32)
+            return native.int8_gemm_small(q, self.packed, self.colsum, self.out_features, out)
+        return torch._int_mm(q, self.weight_q, out=acc) if acc is not None else torch._int_mm(q, self.weight_q)
 
     def __call__(self, x: torch.Tensor | None, xq: Quantized | None = None, *, out: torch.Tensor | None,
                  acc: torch.Tensor | None = None, **epi):
         if xq is None or xq.inv_smooth is not self.inv_smooth:
             _, xq = epilogue(x, quant_for=self)
-        acc = torch._int_mm(xq.q, self.weight_q, out=acc) if acc is not None else torch._int_mm(xq.q, self.weight_q)
+        acc = self._int_mm(xq.q, acc)
         return epilogue(IntAccumulator(acc, xq.scale, self.weight_scale, self.bias), out=out, **epi)
 
 
@@ -234,7 +264,7 @@ def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
     1.6 ms at 1 row and 99 ms at 64 rows for a 768x3072 weight on this CPU, against fp32's 0.21 and
     1.85 ms and W8A8's 0.27 and 0.71 ms (docs/generation.md)."""
     if dtype == "int8":
-        return Int8Linear(weight, bias)
+        return Int8Linear(weight, bias, small_rows=True)
     return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
@@ -315,6 +345,15 @@ def _quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
              slot_offsets: torch.Tensor) -> None:
     """Store each token's K and V ([n, kv_heads, d] fp32) at its (block, offset) slot."""
+    if (native.lib() is not None and k.dtype == v.dtype == torch.float32 and k.stride(2) == v.stride(2) == 1
+            and k.stride(1) == v.stride(1) == k.shape[2] and all(t.is_contiguous() for t in cache if t is not None)):
+        native.kv_write(cache, k, v, slot_blocks, slot_offsets)
+        return
+    _write_kv_torch(cache, k, v, slot_blocks, slot_offsets)
+
+
+def _write_kv_torch(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
+                    slot_offsets: torch.Tensor) -> None:
     if cache.k.dtype == torch.int8:
         (k, ks), (v, vs) = _quantize_heads(k.float()), _quantize_heads(v.float())
         cache.k_scale[slot_blocks, :, slot_offsets] = ks

@@ -1,0 +1,65 @@
+"""int8 GEMMs at decode sizes: oneDNN's torch._int_mm against turboserve's VNNI kernel for few rows
+(kernels.c `int8_gemm_small`), on GPT-2 small's weight shapes, same run, same inputs.
+
+    .venv/bin/python benchmarks/decode_gemm.py [--rows 1,2,4,8,16,32] [--threads 2]
+
+Prints per shape and row count the time of each (best of 30) and the weight bytes read per second,
+and checks the two give the same int32 results (both are exact). Ops/cpu.py's Int8Linear.SMALL_ROWS,
+the row count up to which decoders use the native kernel, comes from this table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from turboserve import native  # noqa: E402
+from turboserve.ops.cpu import pack_vnni  # noqa: E402
+
+SHAPES = {"qkv 768x2304": (768, 2304), "o 768x768": (768, 768), "fc1 768x3072": (768, 3072),
+          "fc2 3072x768": (3072, 768), "lm head 768x50257": (768, 50257)}
+
+
+def best(fn, repeat=30) -> float:
+    fn()
+    t_best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        t_best = min(t_best, time.perf_counter() - t)
+    return t_best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if native.lib() is None:
+        raise SystemExit("the native kernels are not built (no C compiler)")
+    print(f"# {args.threads} threads; time per call (best of 30), weight GB/s in brackets")
+    print("| shape | rows | torch._int_mm | native small-M | same result |")
+    print("|---|---:|---:|---:|---|")
+    g = torch.Generator().manual_seed(0)
+    for name, (k, n) in SHAPES.items():
+        w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+        packed, colsum = pack_vnni(w)
+        for m in (int(r) for r in args.rows.split(",")):
+            x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+            out = torch.empty(m, n, dtype=torch.int32)
+            ref = torch._int_mm(x, w)
+            t_ref = best(lambda: torch._int_mm(x, w))
+            t_new = best(lambda: native.int8_gemm_small(x, packed, colsum, n, out))
+            same = torch.equal(out, ref)
+            gbs = k * n / 1e9
+            print(f"| {name} | {m} | {t_ref * 1e3:.3f} ms ({gbs / t_ref:.0f}) | {t_new * 1e3:.3f} ms ({gbs / t_new:.0f}) "
+                  f"| {'yes' if same else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
