@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import native
 from .encoder import Encoder
 from .errors import TurboServeError
 from .loader import weights_fingerprint
@@ -163,6 +164,7 @@ class EncoderEngine:
         self.busy_seconds = 0.0          # model thread time in forward + pooling
         self._state_lock = threading.Lock()     # job.remaining / results: answer stage vs scheduler
         self.pipeline = pipeline
+        native.release_thread_pool()       # the model was loaded on this thread; the engine's threads run it
         self._answer = _Stage("turboserve-answer", self._answer_batch, self, self._discard_done) if pipeline else None
         self._model = _Stage("turboserve-model", self._model_batch, self, self._discard_packed) if pipeline else None
         self._thread = threading.Thread(target=self._run, name="turboserve-engine", daemon=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .decoder import DecoderModel, StepBatch
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .kv_cache import BlockManager, CacheFull
@@ -448,6 +449,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopping = False
         self.dead: BaseException | None = None
+        native.release_thread_pool()       # the model was built on this thread; the engine thread runs it
         self._thread = threading.Thread(target=self._run, name="turboserve-llm", daemon=True)
         self._thread.start()
 

@@ -79,6 +79,7 @@ def lib():
                                   i64, i32]
     L.int8_gemm_small.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
     L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64]
+    L.release_thread_pool.argtypes = []
     _lib = L
     return _lib
 
@@ -164,3 +165,12 @@ def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
     lib().kv_write(_ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(slot_blocks), _ptr(slot_offsets), n,
                    _ptr(cache.k), _ptr(cache.v), _opt(cache.k_scale), _opt(cache.v_scale), KV_KINDS[cache.k.dtype],
                    kv_heads, d, cache.k.shape[3])
+
+
+def release_thread_pool() -> None:
+    """Free this thread's OpenMP worker pool (kernels.c says why). Call it on a thread that has run
+    model work and hands the model to another thread; it costs nothing if the thread runs more later
+    (a new pool is made), but while two threads hold pools on a machine with few cores, every parallel
+    region sleeps instead of spinning."""
+    if lib() is not None:
+        lib().release_thread_pool()
