@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import keep_freed_memory
 from .errors import InvalidInputError
 from .loader import PoolingConfig, load_checkpoint, read_max_seq_length, read_pooling
 from .model import EncoderModel, pool
@@ -60,6 +61,7 @@ class Encoder:
         close() to stop them.
         """
         torch.set_num_threads(threads or available_cores())
+        keep_freed_memory()
         model_dir, config, spec, view = load_checkpoint(path)
         if dtype == "bf16" and not cpu_has_native_bf16():
             log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 GEMMs are emulated and "

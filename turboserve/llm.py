@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import native
+from .allocator import keep_freed_memory
 from .decoder import DecoderModel, StepBatch
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .kv_cache import BlockManager, CacheFull
@@ -392,6 +393,7 @@ class LLM:
         tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
         the engine stays in this process. Call close() to stop the ranks."""
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        keep_freed_memory()
         model = DecoderModel(path, dtype, device=device, kv_dtype=kv_dtype)
         if tensor_parallel != 1:
             from . import parallel
