@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/decode_gemm.py [--rows 1,2,4,8,16,32] [--threads 2]
 
 Prints per shape and row count the time of each (best of 30) and the weight bytes read per second,
-and checks the two give the same int32 results (both are exact). Ops/cpu.py's Int8Linear.SMALL_ROWS,
+and checks the two give the same int32 results (both are exact). `--cold N` cycles through N copies
+of each weight per timed call, so the weights come from memory as in a decode step, not from cache
+(the LM head is skipped there: N copies of it do not fit the budget of a quick run). Ops/cpu.py's Int8Linear.SMALL_ROWS,
 the row count up to which decoders use the native kernel, comes from this table.
 """
 from __future__ import annotations
@@ -38,23 +40,38 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,2,4,8,16,32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cold", type=int, default=0, help="cycle through this many copies of each weight")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    copies = max(1, args.cold)
     if native.lib() is None:
         raise SystemExit("the native kernels are not built (no C compiler)")
-    print(f"# {args.threads} threads; time per call (best of 30), weight GB/s in brackets")
+    print(f"# {args.threads} threads; time per call (best of 30; --cold: best of 5 over {copies} weight copies), "
+          "weight GB/s in brackets")
     print("| shape | rows | torch._int_mm | native small-M | same result |")
     print("|---|---:|---:|---:|---|")
     g = torch.Generator().manual_seed(0)
     for name, (k, n) in SHAPES.items():
-        w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
-        packed, colsum = pack_vnni(w)
+        if args.cold and "lm head" in name:
+            continue
+        ws = [torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g) for _ in range(copies)]
+        packs = [pack_vnni(w) for w in ws]
+        w, (packed, colsum) = ws[0], packs[0]
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
             out = torch.empty(m, n, dtype=torch.int32)
             ref = torch._int_mm(x, w)
-            t_ref = best(lambda: torch._int_mm(x, w))
-            t_new = best(lambda: native.int8_gemm_small(x, packed, colsum, n, out))
+
+            def run_ref():
+                for wi in ws:
+                    torch._int_mm(x, wi)
+
+            def run_new():
+                for p, c in packs:
+                    native.int8_gemm_small(x, p, c, n, out)
+            t_ref = best(run_ref, 5 if args.cold else 30) / copies
+            t_new = best(run_new, 5 if args.cold else 30) / copies
+            native.int8_gemm_small(x, packed, colsum, n, out)
             same = torch.equal(out, ref)
             gbs = k * n / 1e9
             print(f"| {name} | {m} | {t_ref * 1e3:.3f} ms ({gbs / t_ref:.0f}) | {t_new * 1e3:.3f} ms ({gbs / t_new:.0f}) "

@@ -623,14 +623,16 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
  * 10 GB/s, a quarter of this machine's bandwidth; here each weight byte is loaded once per call
  * (per group of 4 rows) and goes straight into VNNI dot products.
  *   x:      int8 [M, K] rows `ldx` apart
- *   wp:     int8 [K4][Np][4], K4 = ceil(K / 4), Np = N rounded up to 16: the four consecutive k of a
- *           column side by side (vpdpbusd's operand layout), zeros past K and N
+ *   wp:     int8 [Np / 64][K4][64][4], K4 = ceil(K / 4), Np = N rounded up to 64: blocks of 64 columns,
+ *           each block one contiguous run over K (the hardware prefetcher streams it; the earlier
+ *           [K4][Np][4] layout jumped Np * 4 bytes between k groups), the four consecutive k of a column
+ *           side by side (vpdpbusd's operand layout), zeros past K and N
  *   colsum: int32 [Np], 128 * sum_k w[k][n]: vpdpbusd multiplies unsigned by signed bytes, so x goes in
  *           as x + 128 (its sign bit flipped) and 128 times each column sum comes off at the end
  *   acc:    int32 [M, N] */
 void int8_gemm_small(const int8_t *x, int64_t ldx, const int8_t *wp, const int32_t *colsum, int32_t *acc,
                      int64_t M, int64_t K, int64_t N, int threads) {
-    const int64_t K4 = (K + 3) / 4, Np = (N + 15) / 16 * 16, blocks = (Np + 63) / 64;
+    const int64_t K4 = (K + 3) / 4, blocks = (N + 63) / 64;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
     /* x + 128 as unsigned bytes, rows padded to 4 * K4 (the padding meets zero weights), so each group of
      * four is one broadcast load in the loop below */
@@ -641,14 +643,15 @@ void int8_gemm_small(const int8_t *x, int64_t ldx, const int8_t *wp, const int32
     }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t cb = 0; cb < blocks; cb++) {
-        const int64_t n0 = cb * 64, nv = (Np - n0) / 16 < 4 ? (Np - n0) / 16 : 4;
+        const int64_t n0 = cb * 64, nv = (N - n0 + 15) / 16 < 4 ? (N - n0 + 15) / 16 : 4;
+        const int8_t *wb = wp + cb * K4 * 256;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int mr = (int)(M - m0 < 4 ? M - m0 : 4);
             __m512i a[4][4];
             for (int r = 0; r < 4; r++)
                 for (int u = 0; u < 4; u++) a[r][u] = _mm512_setzero_si512();
             for (int64_t g = 0; g < K4; g++) {
-                const int8_t *wg = wp + (g * Np + n0) * 4;
+                const int8_t *wg = wb + g * 256;
                 __m512i w[4];
                 for (int u = 0; u < 4; u++) w[u] = u < nv ? _mm512_loadu_si512(wg + 64 * u) : _mm512_setzero_si512();
                 for (int r = 0; r < mr; r++) {
@@ -673,7 +676,7 @@ void int8_gemm_small(const int8_t *x, int64_t ldx, const int8_t *wp, const int32
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = cb * 64; n < cb * 64 + 64 && n < N; n++) {
                 int32_t s = 0;
-                for (int64_t k = 0; k < K; k++) s += (int32_t)x[m * ldx + k] * wp[((k / 4) * Np + n) * 4 + k % 4];
+                for (int64_t k = 0; k < K; k++) s += (int32_t)x[m * ldx + k] * wp[(cb * K4 + k / 4) * 256 + (n % 64) * 4 + k % 4];
                 acc[m * N + n] = s;
             }
     (void)colsum;

@@ -142,14 +142,15 @@ class DenseLinear:
 
 
 def pack_vnni(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 [K, N] -> ([ceil(K/4), Np, 4] with the four consecutive k of a column side by side, zeros
-    past K and N; Np = N rounded up to 16) and int32 [Np] 128 * column sums: native.int8_gemm_small's
-    operands."""
+    """int8 [K, N] -> ([Np / 64, ceil(K/4), 64, 4]: blocks of 64 columns, each one contiguous run over
+    K with the four consecutive k of a column side by side, zeros past K and N; Np = N rounded up to
+    64) and int32 [Np] 128 * column sums: native.int8_gemm_small's operands."""
     k, n = weight_q.shape
-    kp, np_ = -(-k // 4) * 4, -(-n // 16) * 16
+    kp, np_ = -(-k // 4) * 4, -(-n // 64) * 64
     w = torch.zeros(kp, np_, dtype=torch.int8)
     w[:k, :n] = weight_q
-    return w.view(kp // 4, 4, np_).permute(0, 2, 1).contiguous(), 128 * w.sum(0, dtype=torch.int32)
+    return (w.view(kp // 4, 4, np_ // 64, 64).permute(2, 0, 3, 1).contiguous(),
+            128 * w.sum(0, dtype=torch.int32))
 
 
 class Int8Linear:
@@ -162,8 +163,10 @@ class Int8Linear:
     """
     takes_int8 = True
 
-    # decode steps (few rows): the native VNNI kernel on weights packed for it reads them at memory
-    # speed; oneDNN's _int_mm wins from SMALL_ROWS rows on (measured in benchmarks/decode_gemm.py)
+    # decode steps (few rows): the native VNNI kernel on weights packed for it. benchmarks/decode_gemm.py:
+    # 2-3x oneDNN's _int_mm at 1-4 rows; with weights cached _int_mm catches up at 16-32 rows, with
+    # weights from memory (--cold 40) the native kernel stays 15-25% ahead up to 48 rows, but raising
+    # this to 48 made no difference beyond noise to GPT-2 offline decode steps, so it stays at 16
     SMALL_ROWS = 16
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None,
