@@ -13,27 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from encoder import timed  # noqa: E402
+
 from turboserve import native  # noqa: E402
 from turboserve.ops.cpu import pack_vnni  # noqa: E402
 
 SHAPES = {"qkv 768x2304": (768, 2304), "o 768x768": (768, 768), "fc1 768x3072": (768, 3072),
           "fc2 3072x768": (3072, 768), "lm head 768x50257": (768, 50257)}
-
-
-def best(fn, repeat=30) -> float:
-    fn()
-    t_best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        t_best = min(t_best, time.perf_counter() - t)
-    return t_best
 
 
 def main() -> None:
@@ -69,8 +60,8 @@ def main() -> None:
             def run_new():
                 for p, c in packs:
                     native.int8_gemm_small(x, p, c, n, out)
-            t_ref = best(run_ref, 5 if args.cold else 30) / copies
-            t_new = best(run_new, 5 if args.cold else 30) / copies
+            t_ref = timed(run_ref, 5 if args.cold else 30) / copies
+            t_new = timed(run_new, 5 if args.cold else 30) / copies
             native.int8_gemm_small(x, packed, colsum, n, out)
             same = torch.equal(out, ref)
             gbs = k * n / 1e9

@@ -10,14 +10,14 @@ to the output's largest value. GPT-2 small's attention shape by default.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from encoder import machine, timed  # noqa: E402
+
 from turboserve import native  # noqa: E402
 from turboserve.ops import cpu  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
     offsets = torch.arange(bs).repeat(n * nblk)
     tables = torch.randperm(n * nblk, generator=g).to(torch.int32).view(n, nblk)
     cu, ctx_len = torch.arange(n + 1), torch.full((n,), ctx)
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads; {n} sequences x {ctx} "
+    print(f"# {machine()}, {args.threads} threads; {n} sequences x {ctx} "
           f"tokens, {nh} heads, d {d}")
     print("| cache | time | cache GB/s | max error / max output vs fp32 |")
     print("|---|---:|---:|---:|")
@@ -54,11 +54,7 @@ def main() -> None:
         run = lambda: cpu.paged_attention(q, cache, tables, cu, ctx_len, nh, 0, d ** -0.5, ctx)  # noqa: E731
         out = run()
         ref = out if ref is None else ref
-        best = float("inf")
-        for _ in range(20):
-            t = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - t)
+        best = timed(run, 20)
         nbytes = n * ctx * nh * d * 2 * {"fp32": 4, "bf16": 2, "int8": 1}[kv]
         err = ((out - ref).abs().max() / ref.abs().max()).item()
         print(f"| {kv} | {best * 1e3:.3f} ms | {nbytes / best / 1e9:.1f} | {err:.1e} |")

@@ -21,6 +21,7 @@ from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for
 from .errors import InvalidInputError, ModelLoadError, UnsupportedArchitectureError
 from .loader import CheckpointView, read_config, read_state_dict, resolve_model_dir
 from .ops import backend_for
+from .packing import batch_to
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 KV_DTYPES = ("fp32", "bf16", "int8")
@@ -41,11 +42,7 @@ class StepBatch:
 
     def to(self, device: torch.device) -> "StepBatch":
         """The step with its tensors on `device` (itself when they are there already)."""
-        if self.input_ids.device == device:
-            return self
-        return StepBatch(*(t.to(device, non_blocking=True) for t in (
-            self.input_ids, self.positions, self.cu_q, self.ctx_len, self.block_tables, self.slot_blocks,
-            self.slot_offsets, self.logit_rows)), self.max_ctx)
+        return batch_to(self, device)
 
 
 @dataclass

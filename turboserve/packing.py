@@ -1,7 +1,7 @@
 """The one batch format: a flat run of real tokens plus cu_seqlens (ByteTransformer)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -30,11 +30,16 @@ class PackedBatch:
 
     def to(self, device: torch.device) -> "PackedBatch":
         """The batch with its tensors on `device` (itself when they are there already)."""
-        if self.input_ids.device == device:
-            return self
-        move = lambda t: t.to(device, non_blocking=True)        # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.positions), move(self.token_types), self.cu_seqlens,
-                           self.max_len, move(self.cu_tensor), move(self.longest_first))
+        return batch_to(self, device)
+
+
+def batch_to(batch, device: torch.device):
+    """A batch dataclass (PackedBatch, decoder.StepBatch) with every tensor field moved to `device`;
+    the batch itself when its tensors are there already."""
+    if batch.input_ids.device == device:
+        return batch
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                             for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 def pack_tokens(ids: list[list[int]], type_ids: list[list[int]] | None = None,
