@@ -1,13 +1,14 @@
-"""int8 GEMMs at decode sizes: oneDNN's torch._int_mm against turboserve's VNNI kernel for few rows
-(kernels.c `int8_gemm_small`), on GPT-2 small's weight shapes, same run, same inputs.
+"""int8 GEMMs at decoder sizes: oneDNN's torch._int_mm against turboserve's VNNI kernel on packed
+weights (kernels.c `int8_gemm_packed`), on GPT-2 small's weight shapes, same run, same inputs.
 
-    .venv/bin/python benchmarks/decode_gemm.py [--rows 1,2,4,8,16,32] [--threads 2]
+    .venv/bin/python benchmarks/decode_gemm.py [--rows 1,4,16,32,64,128,512] [--threads 2]
 
 Prints per shape and row count the time of each (best of 30) and the weight bytes read per second,
 and checks the two give the same int32 results (both are exact). `--cold N` cycles through N copies
 of each weight per timed call, so the weights come from memory as in a decode step, not from cache
-(the LM head is skipped there: N copies of it do not fit the budget of a quick run). Ops/cpu.py's Int8Linear.SMALL_ROWS,
-the row count up to which decoders use the native kernel, comes from this table.
+(the LM head is skipped there: N copies of it do not fit the budget of a quick run). Ops/cpu.py's
+Int8Linear.PACKED_ROWS and WIDE_COLS, which decide when decoders use the native kernel, come from
+this table.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ SHAPES = {"qkv 768x2304": (768, 2304), "o 768x768": (768, 768), "fc1 768x3072": 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="1,2,4,8,16,32")
+    ap.add_argument("--rows", default="1,4,16,32,64,128,512")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cold", type=int, default=0, help="cycle through this many copies of each weight")
     args = ap.parse_args()
@@ -39,7 +40,7 @@ def main() -> None:
         raise SystemExit("the native kernels are not built (no C compiler)")
     print(f"# {args.threads} threads; time per call (best of 30; --cold: best of 5 over {copies} weight copies), "
           "weight GB/s in brackets")
-    print("| shape | rows | torch._int_mm | native small-M | same result |")
+    print("| shape | rows | torch._int_mm | native packed | same result |")
     print("|---|---:|---:|---:|---|")
     g = torch.Generator().manual_seed(0)
     for name, (k, n) in SHAPES.items():
@@ -59,10 +60,10 @@ def main() -> None:
 
             def run_new():
                 for p, c in packs:
-                    native.int8_gemm_small(x, p, c, n, out)
+                    native.int8_gemm_packed(x, p, c, n, out)
             t_ref = timed(run_ref, 5 if args.cold else 30) / copies
             t_new = timed(run_new, 5 if args.cold else 30) / copies
-            native.int8_gemm_small(x, packed, colsum, n, out)
+            native.int8_gemm_packed(x, packed, colsum, n, out)
             same = torch.equal(out, ref)
             gbs = k * n / 1e9
             print(f"| {name} | {m} | {t_ref * 1e3:.3f} ms ({gbs / t_ref:.0f}) | {t_new * 1e3:.3f} ms ({gbs / t_new:.0f}) "

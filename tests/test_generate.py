@@ -239,10 +239,12 @@ def test_waiting_queue_is_bounded(decoder_dirs):
     llm.engine.add_request("r5", [5, 6, 7], GREEDY)                  # room again once they ran
 
 
-@pytest.mark.parametrize("k,n", [(64, 48), (30, 37), (200, 130)])
-def test_small_row_int8_gemm_equals_int_mm(k, n):
-    """The decode GEMM (VNNI on packed weights) gives torch._int_mm's exact int32 results, at row
-    counts up to and past Int8Linear.SMALL_ROWS and at K, N that are not multiples of 4 / 16."""
+@pytest.mark.parametrize("k,n", [(64, 48), (30, 37), (36, 70), (200, 130)])
+def test_packed_int8_gemm_equals_int_mm(k, n):
+    """The decoder GEMM (VNNI on packed weights) gives torch._int_mm's exact int32 results at every
+    tile size (1-6 rows, and rows split unevenly into tiles), up to and past Int8Linear.PACKED_ROWS,
+    at K, N that are not multiples of 4 / 16, and with an odd number of 4-k groups (the two-set
+    tiles of 1-2 rows)."""
     from turboserve import native
     from turboserve.ops.cpu import Int8Linear, pack_vnni
     if native.lib() is None:
@@ -250,9 +252,9 @@ def test_small_row_int8_gemm_equals_int_mm(k, n):
     g = torch.Generator().manual_seed(k + n)
     w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
     packed, colsum = pack_vnni(w)
-    for m in (1, 3, 4, 5, Int8Linear.SMALL_ROWS, Int8Linear.SMALL_ROWS + 1):
+    for m in (1, 2, 3, 4, 5, 6, 7, 8, 13, 37, Int8Linear.PACKED_ROWS, Int8Linear.PACKED_ROWS + 1):
         x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
-        out = native.int8_gemm_small(x, packed, colsum, n, torch.empty(m, n, dtype=torch.int32))
+        out = native.int8_gemm_packed(x, packed, colsum, n, torch.empty(m, n, dtype=torch.int32))
         assert torch.equal(out, torch._int_mm(x, w)), m
 
 

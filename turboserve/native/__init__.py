@@ -77,7 +77,7 @@ def lib():
     L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, i32]
     L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64,
                                   i64, i32]
-    L.int8_gemm_small.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
+    L.int8_gemm_packed.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
     L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64]
     L.release_thread_pool.argtypes = []
     _lib = L
@@ -146,13 +146,13 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, cu_q: to
     return out
 
 
-def int8_gemm_small(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, n: int,
+def int8_gemm_packed(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, n: int,
                     out: torch.Tensor) -> torch.Tensor:
     """out [M, n] int32 = x [M, K] int8 @ W, W given VNNI-packed (ops.cpu.pack_vnni); see kernels.c."""
     _check(packed, colsum, out)
     assert x.stride(1) == 1 and x.dtype == torch.int8 and out.dtype == torch.int32
     m, k = x.shape
-    lib().int8_gemm_small(_ptr(x), x.stride(0), _ptr(packed), _ptr(colsum), _ptr(out), m, k, n, _threads())
+    lib().int8_gemm_packed(_ptr(x), x.stride(0), _ptr(packed), _ptr(colsum), _ptr(out), m, k, n, _threads())
     return out
 
 

@@ -27,6 +27,23 @@
 enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
 
 #ifdef __AVX512F__
+/* exp(x): 2^n * p(r), r = x - n ln2, degree-6 Taylor polynomial (relative error < 2e-7); x is clamped at -87 (0 below), large x overflow to inf. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* erf by Abramowitz & Stegun 7.1.28: 1 - (1 + a1 x + ... + a6 x^6)^-16, |error| < 3e-7, vectorized.
  * No exp: a Horner polynomial, four squarings and one reciprocal (estimate plus a Newton step), about
  * 60% of the work of 7.1.26, whose exp made GELU most of fc1's epilogue. For large |x| the power
@@ -62,6 +79,18 @@ static void activate_row(float *v, int64_t n, int act) {
             const __m512 x = _mm512_loadu_ps(v + c);
             const __m512 e = erf512(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
             _mm512_storeu_ps(v + c, _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+        }
+    } else if (act == ACT_GELU_TANH) {
+        /* 0.5 x (1 + tanh u) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3): one exp, no
+         * tanh (the scalar tanhf loop made GPT-2's fc1 epilogue its most expensive step); -2u is
+         * clamped at 80, so for very negative x the result is x / e^80, i.e. 0 */
+        for (; c + 16 <= n; c += 16) {
+            const __m512 x = _mm512_loadu_ps(v + c);
+            const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+            const __m512 u2 = _mm512_min_ps(_mm512_mul_ps(_mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715f), x),
+                                                          _mm512_set1_ps(-2.0f * 0.79788456080286536f)),
+                                            _mm512_set1_ps(80.0f));
+            _mm512_storeu_ps(v + c, _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u2))));
         }
     }
 #endif
@@ -149,23 +178,6 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
 #define MR 8   /* query rows per micro-kernel */
 
 #ifdef __AVX512F__
-/* exp(x) for x <= 0: 2^n * p(r), r = x - n ln2, degree-6 Taylor polynomial (relative error < 2e-7). */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* s[qi][j] = q_qi . k_j for MR query rows and all Lp keys: 32 keys (two vectors) x MR rows per step,
  * 16 independent accumulators, each q element broadcast straight from memory. With 4 rows x 64 keys
  * the kernel ran at 130-145 GFLOP/s; 8 x 32 keeps both FMA ports busy (load ports have room for the
@@ -438,12 +450,19 @@ static inline __attribute__((always_inline)) void paged_rows(
         const char *kb = k_cache + slot * d * bs * es;
         const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
 #ifdef __AVX512F__
-        if (b < hi / bs) {                  /* the next block's keys and values, while these compute */
-            const int64_t next = ((int64_t)table[b + 1] * kv_heads + kh) * d * bs * es;
+        /* the next block's keys, values and (int8) scales while these compute; the first block's too.
+         * Prefetching 2 or 4 blocks ahead, or into L2 only, made no difference beyond this VM's noise */
+        for (int64_t f = b == lo / bs ? b : b + 1; f <= b + 1 && f <= hi / bs; f++) {
+            const int64_t at = (int64_t)table[f] * kv_heads + kh, next = at * d * bs * es;
             for (int64_t x = 0; x < d * bs * es; x += 64) {
                 _mm_prefetch(k_cache + next + x, _MM_HINT_T0);
                 _mm_prefetch(v_cache + next + x, _MM_HINT_T0);
             }
+            if (kind == KV_I8)
+                for (int64_t x = 0; x < bs; x += 16) {
+                    _mm_prefetch((const char *)(k_scale + at * bs + x), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v_scale + at * bs + x), _MM_HINT_T0);
+                }
         }
         enum { CS = 8 };                    /* dimension c goes to chain c % CS (per row) */
         for (int64_t j0 = j_first; j0 <= j_last; j0 += 16) {
@@ -528,25 +547,34 @@ static inline __attribute__((always_inline)) void paged_rows(
             const int64_t slot = (int64_t)table[b] * kv_heads + kh;
             const char *vb = v_cache + slot * bs * d * es;
             const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+#ifdef __AVX512F__
+            /* key j into accumulator set P. Every index is a constant at each use (all four vectors run,
+             * the masks zero those past d): with a computed set index, or a test of the vector count,
+             * GCC kept the accumulators on the stack, a load and a store around every FMA */
+#define V_KEY(P, j) do { \
+                const int64_t off = (j) - b * bs; \
+                const float vs = kind == KV_I8 ? v_scale[slot * bs + off] : 1.0f; \
+                __m512 x[4]; \
+                for (int u = 0; u < 4; u++) x[u] = kv_load(vb, off * d + c0 + 16 * u, mk[u], kind); \
+                for (int r = 0; r < nr; r++) { \
+                    const __m512 pj = _mm512_set1_ps(sc[r * stride + ((j) - lo)] * vs); \
+                    for (int u = 0; u < 4; u++) acc[r][P][u] = _mm512_fmadd_ps(pj, x[u], acc[r][P][u]); \
+                } } while (0)
+            int64_t j = j_first;
+            if (kp == 2)
+                for (; j + 1 <= j_last; j += 2) { V_KEY(0, j); V_KEY(1, j + 1); }
+            for (; j <= j_last; j++) V_KEY(0, j);
+#undef V_KEY
+#else
             for (int64_t j = j_first; j <= j_last; j++) {
                 const int64_t off = j - b * bs;
                 const float vs = kind == KV_I8 ? v_scale[slot * bs + off] : 1.0f;
-#ifdef __AVX512F__
-                const int p = kp == 2 ? (int)(j & 1) : 0;
-                __m512 x[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int u = 0; u < nv; u++) x[u] = kv_load(vb, off * d + c0 + 16 * u, mk[u], kind);
-                for (int r = 0; r < nr; r++) {
-                    const __m512 pj = _mm512_set1_ps(sc[r * stride + (j - lo)] * vs);
-                    for (int u = 0; u < 4; u++)
-                        if (u < nv) acc[r][p][u] = _mm512_fmadd_ps(pj, x[u], acc[r][p][u]);
-                }
-#else
                 for (int r = 0; r < nr; r++) {
                     const float pj = sc[r * stride + (j - lo)] * vs;
                     for (int64_t c = 0; c < cw; c++) acc[r][c] += pj * kv_at(vb, off * d + c0 + c, kind);
                 }
-#endif
             }
+#endif
         }
         for (int r = 0; r < nr; r++) {
 #ifdef __AVX512F__
@@ -618,10 +646,10 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
     free(item_q0);
 }
 
-/* int8 GEMM for the few rows of a decode step: acc[m][n] = sum_k x[m][k] * w[k][n] in exact int32,
- * the same numbers as torch._int_mm. At 1-16 rows oneDNN's int8 GEMM read GPT-2's weights at about
- * 10 GB/s, a quarter of this machine's bandwidth; here each weight byte is loaded once per call
- * (per group of 4 rows) and goes straight into VNNI dot products.
+/* int8 GEMM on weights packed once at load: acc[m][n] = sum_k x[m][k] * w[k][n] in exact int32, the
+ * same numbers as torch._int_mm. Decoder linears run it at every row count of a decode step: at 1-16
+ * rows oneDNN's int8 GEMM read GPT-2's weights at about 10 GB/s, a quarter of this machine's
+ * bandwidth, and at 17-64 rows it ran at a third of the VNNI peak (benchmarks/decode_gemm.py).
  *   x:      int8 [M, K] rows `ldx` apart
  *   wp:     int8 [Np / 64][K4][64][4], K4 = ceil(K / 4), Np = N rounded up to 64: blocks of 64 columns,
  *           each block one contiguous run over K (the hardware prefetcher streams it; the earlier
@@ -629,44 +657,99 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
  *           side by side (vpdpbusd's operand layout), zeros past K and N
  *   colsum: int32 [Np], 128 * sum_k w[k][n]: vpdpbusd multiplies unsigned by signed bytes, so x goes in
  *           as x + 128 (its sign bit flipped) and 128 times each column sum comes off at the end
- *   acc:    int32 [M, N] */
-void int8_gemm_small(const int8_t *x, int64_t ldx, const int8_t *wp, const int32_t *colsum, int32_t *acc,
-                     int64_t M, int64_t K, int64_t N, int threads) {
+ *   acc:    int32 [M, N]
+ * Each thread takes whole 64-column blocks; a block's rows go in tiles of up to 6 (6 x 4 accumulators,
+ * 4 weight vectors and a broadcast: 29 of the 32 registers), each tile one pass over the block's
+ * weights (from L2 after the first). A tile's row count is a compile-time constant (one copy per
+ * count) so its loop holds nothing but loads and dot products; tiles of 1-2 rows alternate two
+ * accumulator sets over k so that 8 dot-product chains hide the instruction's latency. */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+/* accumulators as named variables: GCC kept an array of them in memory, a store per dot product */
+/* and the dot product as one instruction of inline assembly: with the intrinsic, GCC 12 copied each
+ * accumulator around every vpdpbusd and spilled them all to the stack once per k group */
+static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+}
+#define VT_DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0
+#define VT_ROW(r, g, W) do { if (ROWS > (r % 6)) { int32_t four; memcpy(&four, xu + (r % 6) * ldu + 4 * (g), 4); \
+        const __m512i xb = _mm512_set1_epi32(four); \
+        c##r##0 = dpbusd(c##r##0, xb, W##0); c##r##1 = dpbusd(c##r##1, xb, W##1); \
+        c##r##2 = dpbusd(c##r##2, xb, W##2); c##r##3 = dpbusd(c##r##3, xb, W##3); } } while (0)
+#define VT_LOAD(W, g) const __m512i W##0 = _mm512_loadu_si512(wb + (g) * 256), W##1 = _mm512_loadu_si512(wb + (g) * 256 + 64), \
+        W##2 = _mm512_loadu_si512(wb + (g) * 256 + 128), W##3 = _mm512_loadu_si512(wb + (g) * 256 + 192)
+#define VT_STORE(r, e) do { if (ROWS > r) { \
+        const __m512i s0 = _mm512_add_epi32(_mm512_sub_epi32(c##r##0, _mm512_loadu_si512(cs)), e##0); \
+        const __m512i s1 = _mm512_add_epi32(_mm512_sub_epi32(c##r##1, _mm512_loadu_si512(cs + 16)), e##1); \
+        const __m512i s2 = _mm512_add_epi32(_mm512_sub_epi32(c##r##2, _mm512_loadu_si512(cs + 32)), e##2); \
+        const __m512i s3 = _mm512_add_epi32(_mm512_sub_epi32(c##r##3, _mm512_loadu_si512(cs + 48)), e##3); \
+        int32_t *o = acc + r * lda; \
+        _mm512_mask_storeu_epi32(o, lanes(cols), s0); \
+        if (cols > 16) _mm512_mask_storeu_epi32(o + 16, lanes(cols - 16), s1); \
+        if (cols > 32) _mm512_mask_storeu_epi32(o + 32, lanes(cols - 32), s2); \
+        if (cols > 48) _mm512_mask_storeu_epi32(o + 48, lanes(cols - 48), s3); } } while (0)
+
+static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *xu, int64_t ldu, const int8_t *wb,
+                                                            int64_t K4, const int32_t *cs, int32_t *acc,
+                                                            int64_t lda, int64_t cols, const int ROWS) {
+    VT_DECL(0); VT_DECL(1); VT_DECL(2); VT_DECL(3); VT_DECL(4); VT_DECL(5);
+    /* rows 6, 7: a second accumulator set for the odd k groups of 1-2 row tiles (VT_ROW reads row r % 6) */
+    VT_DECL(6); VT_DECL(7);
+    int64_t g = 0;
+    if (ROWS <= 2) {
+        for (; g + 2 <= K4; g += 2) {
+            VT_LOAD(w, g);
+            VT_ROW(0, g, w); VT_ROW(1, g, w);
+            VT_LOAD(v, g + 1);
+            VT_ROW(6, g + 1, v); VT_ROW(7, g + 1, v);
+        }
+    }
+    for (; g < K4; g++) {
+        VT_LOAD(w, g);
+        VT_ROW(0, g, w); VT_ROW(1, g, w); VT_ROW(2, g, w); VT_ROW(3, g, w); VT_ROW(4, g, w); VT_ROW(5, g, w);
+    }
+    const __m512i z0 = _mm512_setzero_si512(), z1 = z0, z2 = z0, z3 = z0;
+    VT_STORE(0, c6); VT_STORE(1, c7); VT_STORE(2, z); VT_STORE(3, z); VT_STORE(4, z); VT_STORE(5, z);
+}
+#undef VT_DECL
+#undef VT_ROW
+#undef VT_LOAD
+#undef VT_STORE
+#endif
+
+void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int32_t *colsum, int32_t *acc,
+                      int64_t M, int64_t K, int64_t N, int threads) {
     const int64_t K4 = (K + 3) / 4, blocks = (N + 63) / 64;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
     /* x + 128 as unsigned bytes, rows padded to 4 * K4 (the padding meets zero weights), so each group of
      * four is one broadcast load in the loop below */
-    uint8_t *xu = malloc((size_t)(M * K4 * 4) + 64);
+    const int64_t ldu = K4 * 4;
+    uint8_t *xu = malloc((size_t)(M * ldu) + 64);
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t k = 0; k < K; k++) xu[m * K4 * 4 + k] = (uint8_t)(x[m * ldx + k] ^ 0x80);
-        for (int64_t k = K; k < K4 * 4; k++) xu[m * K4 * 4 + k] = 0;
+        for (int64_t k = 0; k < K; k++) xu[m * ldu + k] = (uint8_t)(x[m * ldx + k] ^ 0x80);
+        for (int64_t k = K; k < ldu; k++) xu[m * ldu + k] = 0;
     }
+    /* rows split into tiles as even as possible: 8 rows are 4 + 4, not 6 + 2 */
+    const int64_t tiles = (M + 5) / 6;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t cb = 0; cb < blocks; cb++) {
-        const int64_t n0 = cb * 64, nv = (N - n0 + 15) / 16 < 4 ? (N - n0 + 15) / 16 : 4;
+        const int64_t n0 = cb * 64, cols = N - n0;
         const int8_t *wb = wp + cb * K4 * 256;
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int mr = (int)(M - m0 < 4 ? M - m0 : 4);
-            __m512i a[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int u = 0; u < 4; u++) a[r][u] = _mm512_setzero_si512();
-            for (int64_t g = 0; g < K4; g++) {
-                const int8_t *wg = wb + g * 256;
-                __m512i w[4];
-                for (int u = 0; u < 4; u++) w[u] = u < nv ? _mm512_loadu_si512(wg + 64 * u) : _mm512_setzero_si512();
-                for (int r = 0; r < mr; r++) {
-                    int32_t four;
-                    memcpy(&four, xu + (m0 + r) * K4 * 4 + 4 * g, 4);
-                    const __m512i xb = _mm512_set1_epi32(four);
-                    for (int u = 0; u < 4; u++) a[r][u] = _mm512_dpbusd_epi32(a[r][u], xb, w[u]);
-                }
+        for (int64_t t = 0, m0 = 0; t < tiles; t++) {
+            const int64_t mr = M / tiles + (t < M % tiles);
+            const uint8_t *xt = xu + m0 * ldu;
+            int32_t *at = acc + m0 * N + n0;
+#define TILE(R) vnni_tile(xt, ldu, wb, K4, colsum + n0, at, N, cols, R)
+            switch (mr) {
+                case 1: TILE(1); break;
+                case 2: TILE(2); break;
+                case 3: TILE(3); break;
+                case 4: TILE(4); break;
+                case 5: TILE(5); break;
+                default: TILE(6);
             }
-            for (int r = 0; r < mr; r++)
-                for (int u = 0; u < nv; u++) {
-                    const int64_t n = n0 + 16 * u;
-                    const __m512i v = _mm512_sub_epi32(a[r][u], _mm512_loadu_si512(colsum + n));
-                    _mm512_mask_storeu_epi32(acc + (m0 + r) * N + n, lanes(N - n), v);
-                }
+#undef TILE
+            m0 += mr;
         }
     }
     free(xu);

@@ -144,7 +144,7 @@ class DenseLinear:
 def pack_vnni(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 [K, N] -> ([Np / 64, ceil(K/4), 64, 4]: blocks of 64 columns, each one contiguous run over
     K with the four consecutive k of a column side by side, zeros past K and N; Np = N rounded up to
-    64) and int32 [Np] 128 * column sums: native.int8_gemm_small's operands."""
+    64) and int32 [Np] 128 * column sums: native.int8_gemm_packed's operands."""
     k, n = weight_q.shape
     kp, np_ = -(-k // 4) * 4, -(-n // 64) * 64
     w = torch.zeros(kp, np_, dtype=torch.int8)
@@ -163,11 +163,13 @@ class Int8Linear:
     """
     takes_int8 = True
 
-    # decode steps (few rows): the native VNNI kernel on weights packed for it. benchmarks/decode_gemm.py:
-    # 2-3x oneDNN's _int_mm at 1-4 rows; with weights cached _int_mm catches up at 16-32 rows, with
-    # weights from memory (--cold 40) the native kernel stays 15-25% ahead up to 48 rows, but raising
-    # this to 48 made no difference beyond noise to GPT-2 offline decode steps, so it stays at 16
-    SMALL_ROWS = 16
+    # decoder linears: the native VNNI kernel on weights packed for it (kernels.c int8_gemm_packed) up to
+    # PACKED_ROWS rows, and at any row count for weights of WIDE_COLS columns or more (the LM head).
+    # benchmarks/decode_gemm.py, one run: 2-4x oneDNN's _int_mm at 1-4 rows, 1.1-1.6x at 16-32, even at
+    # 64-128; at 512-2048 rows oneDNN is 5-30% faster on GPT-2's layer shapes, while on the 768 x 50257
+    # LM head the native kernel stays 1.2-1.8x ahead at every row count (oneDNN slows down on wide N)
+    PACKED_ROWS = 128
+    WIDE_COLS = 8192
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Tensor | None = None,
                  small_rows: bool = False):
@@ -182,7 +184,7 @@ class Int8Linear:
         self.bias = (torch.zeros(w.shape[0]) if bias is None else bias.detach().float()).contiguous()
         self.in_features, self.out_features = self.weight_q.shape
         self.dtype = torch.float32
-        # small_rows (decoder linears): a second copy of the weights in the small-M kernel's layout
+        # small_rows (decoder linears): a second copy of the weights in the packed kernel's layout
         self.packed, self.colsum = pack_vnni(self.weight_q) if small_rows else (None, None)
 
     def resliced(self) -> None:
@@ -196,9 +198,10 @@ class Int8Linear:
         return self.weight_q.numel() + packed + 4 * (self.weight_scale.numel() + self.bias.numel() + self.inv_smooth.numel())
 
     def _int_mm(self, q: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
-        if self.packed is not None and q.shape[0] <= self.SMALL_ROWS and native.lib() is not None:
+        if (self.packed is not None and (q.shape[0] <= self.PACKED_ROWS or self.out_features >= self.WIDE_COLS)
+                and native.lib() is not None):
             out = acc if acc is not None else torch.empty(q.shape[0], self.out_features, dtype=torch.int32)
-            return native.int8_gemm_small(q, self.packed, self.colsum, self.out_features, out)
+            return native.int8_gemm_packed(q, self.packed, self.colsum, self.out_features, out)
         return torch._int_mm(q, self.weight_q, out=acc) if acc is not None else torch._int_mm(q, self.weight_q)
 
     def __call__(self, x: torch.Tensor | None, xq: Quantized | None = None, *, out: torch.Tensor | None,
