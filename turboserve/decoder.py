@@ -227,11 +227,10 @@ class DecoderModel:
                                     scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))
             h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm)
-            u = ops.linear(layer.up, h)
             if self.spec.gated_mlp:
-                u = ops.silu_and_mul(u)
+                u = ops.silu_and_mul(ops.linear(layer.up, h))
             else:
-                u = ops.activation_(u, self.activation)
+                u = ops.linear(layer.up, h, act=self.activation)
             x += reduce(ops.linear(layer.down, u))
         h = ops.norm(x[step.logit_rows].to(adt), *self.final_norm, self.eps, self.spec.norm)
         if self.lm_head_int8 is not None:

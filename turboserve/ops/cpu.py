@@ -61,7 +61,7 @@ def epilogue(src, *, out: torch.Tensor | None = None, act: str | None = None, re
     else:
         tensors = (src,)
     gamma, beta = (ln[0], ln[1]) if ln is not None else (None, None)
-    if _native_ok(*tensors, residual, gamma, beta, out):
+    if _native_ok(*tensors, residual, gamma, beta, out) and act in native.ACTIVATIONS:   # silu: torch's
         if isinstance(src, IntAccumulator):
             native.row_epilogue(src.acc, row_scale=src.row_scale, col_scale=src.col_scale, bias=src.bias,
                                 activation=act, residual=residual, ln=ln, out=out, inv_smooth=inv_smooth,
@@ -274,10 +274,11 @@ def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
     return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
-def linear(lin, x: torch.Tensor) -> torch.Tensor:
-    """A fresh [T, N] output of a DenseLinear / Int8Linear."""
+def linear(lin, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+    """A fresh [T, N] output of a DenseLinear / Int8Linear, `act` applied (int8: in the dequantizing
+    pass)."""
     x = x.to(lin.dtype).contiguous()
-    return lin(x, None, out=torch.empty(x.shape[0], lin.out_features, dtype=lin.dtype))[0]
+    return lin(x, None, out=torch.empty(x.shape[0], lin.out_features, dtype=lin.dtype), act=act)[0]
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:

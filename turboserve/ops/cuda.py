@@ -166,9 +166,10 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int
 
 
 # ---------------------------------------------------------------------- decoder ops
-def linear(lin, x: torch.Tensor) -> torch.Tensor:
-    """A fresh [T, N] output of a DenseLinear / Int8WeightOnlyLinear, in the linear's dtype."""
-    return lin(x, None, out=None)[0]
+def linear(lin, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+    """A fresh [T, N] output of a DenseLinear / Int8WeightOnlyLinear, in the linear's dtype, `act`
+    applied in the bias epilogue."""
+    return lin(x, None, out=None, act=act)[0]
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
