@@ -80,6 +80,7 @@ def lib():
     L.int8_gemm_packed.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
     L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64]
     L.release_thread_pool.argtypes = []
+    L.built_with_vnni.argtypes = []
     _lib = L
     return _lib
 
@@ -165,6 +166,11 @@ def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
     lib().kv_write(_ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(slot_blocks), _ptr(slot_offsets), n,
                    _ptr(cache.k), _ptr(cache.v), _opt(cache.k_scale), _opt(cache.v_scale), KV_KINDS[cache.k.dtype],
                    kv_heads, d, cache.k.shape[3])
+
+
+def has_vnni() -> bool:
+    """Whether the library was built with AVX-512 VNNI (int8 paged attention in dot products)."""
+    return lib() is not None and bool(lib().built_with_vnni())
 
 
 def release_thread_pool() -> None:

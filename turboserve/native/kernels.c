@@ -385,12 +385,15 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
 /* Causal attention of packed query tokens over a paged KV cache: prefill chunks and decode steps of
  * many sequences in one call, each reading exactly its own context (no padding to the longest).
  *   q:        fp32 query rows, head h of token t at q + t * q_stride + h * d
- *   k_cache:  [num_blocks, kv_heads, d, block_size]: keys transposed inside a block, so the block's keys
- *             of one dimension are contiguous and one vector load holds that dimension of 16 keys. The
- *             scores of 16 keys are then 16 lanes of FMAs with the query element broadcast: no
- *             horizontal sum per key (the row-major layout's per-key reduction held decode attention to
- *             19 GB/s of cache reads on GPT-2).
- *   v_cache:  [num_blocks, kv_heads, block_size, d] (row-major: one key's values are one vector run).
+ *   k_cache:  one [kv_heads, ...] part of d * block_size elements per block and KV head:
+ *             fp32 / bf16: [d][block_size], keys transposed, so the block's keys of one dimension are
+ *             contiguous and one vector load holds that dimension of 16 keys; the scores of 16 keys
+ *             are 16 lanes of FMAs with the query element broadcast, no horizontal sum per key (the
+ *             row-major layout's per-key reduction held decode attention to 19 GB/s on GPT-2);
+ *             int8: [d / 4][block_size][4], four dimensions of a key side by side, so one vector holds
+ *             four dimensions of 16 keys, vpdpbusd's operand (see paged_rows_i8).
+ *   v_cache:  fp32 / bf16: [block_size][d] (one key's values are one vector run);
+ *             int8: [block_size / 4][d][4], four keys of a dimension side by side (vpdpbusd again).
  *   kind:     element type of both caches: KV_F32, KV_BF16, or KV_I8 with k_scale / v_scale
  *             [num_blocks, kv_heads, block_size] fp32 (one scale per token and KV head).
  *   block_tables: int32 [num_seqs, bt_stride]; sequence s owns query tokens cu_q[s] .. cu_q[s + 1]; its
@@ -399,24 +402,33 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
  *   out:      fp32, head h of token t at out + t * out_stride + h * d
  * Work item = (sequence, KV head, chunk of up to QCHUNK queries). Its rows, (query, head) pairs of the
  * query heads sharing the KV head (grouped-query attention), go PA_ROWS at a time, so each key and
- * value vector loaded (and converted from bf16 / int8) serves PA_ROWS FMAs. Softmax is exact. */
+ * value vector loaded (and converted from bf16 / int8) serves PA_ROWS rows. Softmax is exact. */
 enum { KV_F32 = 0, KV_BF16 = 1, KV_I8 = 2 };
 #define QCHUNK 16
 #define PA_ROWS 4
+#define SC_PAD 16   /* floats before each work item's score rows: a chunk's masked loads may start there */
 
 #ifdef __AVX512F__
-static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1u); }
 
-/* Elements idx .. idx + 15 of a cache (lanes outside m are 0), as fp32. */
+/* Elements idx .. idx + 15 of an fp32 / bf16 cache (lanes outside m are 0), as fp32. */
 static inline __m512 kv_load(const void *base, int64_t idx, __mmask16 m, int kind) {
     if (kind == KV_BF16) {
         const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + idx);
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-    if (kind == KV_I8)
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)base + idx)));
     return _mm512_maskz_loadu_ps(m, (const float *)base + idx);
 }
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+/* One vpdpbusd as inline assembly: with the intrinsic, GCC 12 copied each accumulator around every
+ * instruction and spilled them to the stack (int8_gemm_packed's loop ran at a third of the peak). */
+static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+}
+#define HAVE_VNNI 1
 #endif
 
 static inline float kv_at(const void *base, int64_t idx, int kind) {
@@ -430,80 +442,46 @@ static inline float kv_at(const void *base, int64_t idx, int kind) {
     return ((const float *)base)[idx];
 }
 
+/* Where dimension c of the key at block offset j, and of its value, sit inside their block part. */
+static inline int64_t k_index(int kind, int64_t c, int64_t j, int64_t bs) {
+    return kind == KV_I8 ? ((c / 4) * bs + j) * 4 + c % 4 : c * bs + j;
+}
+static inline int64_t v_index(int kind, int64_t j, int64_t c, int64_t d) {
+    return kind == KV_I8 ? ((j / 4) * d + c) * 4 + j % 4 : j * d + c;
+}
+
 static inline int64_t elem_size(int kind) { return kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1; }
 
-/* One group of nr <= PA_ROWS rows of a work item; keys lo .. hi (inclusive) cover every row's range
- * [row_lo[r], row_hi[r]]. sc: PA_ROWS x stride scratch. `kind` and `nr` are compile-time constants at
- * every call (see paged_attention), so the loops below unroll into straight FMA runs with enough
- * independent accumulators (8 or more) to keep both FMA ports busy even at one row (decode without
- * GQA): the first version had one FMA chain per row and ran at a third of the cache bandwidth. */
-static inline __attribute__((always_inline)) void paged_rows(
-        int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
-        const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
-        const char *k_cache, const char *v_cache, const float *k_scale, const float *v_scale,
-        const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d, int64_t bs, float scale, float *sc,
-        int64_t stride) {
-    const int64_t es = elem_size(kind), n = hi - lo + 1;
-    /* 1. scores s[r][j - lo] = scale * q_r . k_j */
-    for (int64_t b = lo / bs; b <= hi / bs; b++) {
-        const int64_t slot = (int64_t)table[b] * kv_heads + kh;        /* this head's part of the block */
-        const char *kb = k_cache + slot * d * bs * es;
-        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+/* The next block's keys, values and (int8) scales while this one computes, and at the first block the
+ * first one's too. Prefetching 2, 4 or 8 blocks ahead, into L1 or L2, made no difference beyond this
+ * VM's noise (with the VNNI int8 kernel too); without the scales, 20% of the first int8 kernel's time
+ * went to waiting for them. */
+static inline void prefetch_block(int64_t b, int64_t lo, int64_t hi, const int32_t *table, int64_t kv_heads,
+                                  int64_t kh, int64_t part, const char *k_cache, const char *v_cache,
+                                  const float *k_scale, const float *v_scale, int64_t bs) {
 #ifdef __AVX512F__
-        /* the next block's keys, values and (int8) scales while these compute; the first block's too.
-         * Prefetching 2 or 4 blocks ahead, or into L2 only, made no difference beyond this VM's noise */
-        for (int64_t f = b == lo / bs ? b : b + 1; f <= b + 1 && f <= hi / bs; f++) {
-            const int64_t at = (int64_t)table[f] * kv_heads + kh, next = at * d * bs * es;
-            for (int64_t x = 0; x < d * bs * es; x += 64) {
-                _mm_prefetch(k_cache + next + x, _MM_HINT_T0);
-                _mm_prefetch(v_cache + next + x, _MM_HINT_T0);
-            }
-            if (kind == KV_I8)
-                for (int64_t x = 0; x < bs; x += 16) {
-                    _mm_prefetch((const char *)(k_scale + at * bs + x), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(v_scale + at * bs + x), _MM_HINT_T0);
-                }
+    for (int64_t f = b == lo ? b : b + 1; f <= b + 1 && f <= hi; f++) {
+        const int64_t at = (int64_t)table[f] * kv_heads + kh;
+        for (int64_t x = 0; x < part; x += 64) {
+            _mm_prefetch(k_cache + at * part + x, _MM_HINT_T0);
+            _mm_prefetch(v_cache + at * part + x, _MM_HINT_T0);
         }
-        enum { CS = 8 };                    /* dimension c goes to chain c % CS (per row) */
-        for (int64_t j0 = j_first; j0 <= j_last; j0 += 16) {
-            const int64_t off = j0 - b * bs, w = j_last - j0 + 1 < 16 ? j_last - j0 + 1 : 16;
-            const __mmask16 m = lanes(w);
-            __m512 a[PA_ROWS][CS];
-            for (int r = 0; r < nr; r++)
-                for (int u = 0; u < CS; u++) a[r][u] = _mm512_setzero_ps();
-            int64_t c = 0;
-            for (; c + CS <= d; c += CS) {
-                #pragma GCC unroll 8
-                for (int u = 0; u < CS; u++) {
-                    const __m512 kv = kv_load(kb, (c + u) * bs + off, m, kind);
-                    for (int r = 0; r < nr; r++) a[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c + u]), kv, a[r][u]);
-                }
+        if (k_scale)
+            for (int64_t x = 0; x < bs; x += 16) {
+                _mm_prefetch((const char *)(k_scale + at * bs + x), _MM_HINT_T0);
+                _mm_prefetch((const char *)(v_scale + at * bs + x), _MM_HINT_T0);
             }
-            for (; c < d; c++) {
-                const __m512 kv = kv_load(kb, c * bs + off, m, kind);
-                for (int r = 0; r < nr; r++) a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c]), kv, a[r][0]);
-            }
-            __m512 f = _mm512_set1_ps(scale);
-            if (kind == KV_I8) f = _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m, k_scale + slot * bs + off));
-            for (int r = 0; r < nr; r++) {
-                const __m512 t = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3])),
-                                               _mm512_add_ps(_mm512_add_ps(a[r][4], a[r][5]), _mm512_add_ps(a[r][6], a[r][7])));
-                _mm512_mask_storeu_ps(sc + r * stride + (j0 - lo), m, _mm512_mul_ps(t, f));
-            }
-        }
-#else
-        for (int64_t j = j_first; j <= j_last; j++) {
-            const int64_t off = j - b * bs;
-            const float f = scale * (kind == KV_I8 ? k_scale[slot * bs + off] : 1.0f);
-            for (int r = 0; r < nr; r++) {
-                float acc = 0.f;
-                for (int64_t c = 0; c < d; c++) acc += qr[r][c] * kv_at(kb, c * bs + off, kind);
-                sc[r * stride + (j - lo)] = acc * f;
-            }
-        }
-#endif
     }
-    /* 2. softmax of each row over its own keys; keys of the group outside them weigh 0 */
+#else
+    (void)b; (void)lo; (void)hi; (void)table; (void)kv_heads; (void)kh; (void)part; (void)k_cache;
+    (void)v_cache; (void)k_scale; (void)v_scale; (void)bs;
+#endif
+}
+
+/* Softmax of each row over its own keys [row_lo[r], row_hi[r]] (scores at sc + r * stride, key j at
+ * j - lo); keys of the group outside a row's range weigh 0. */
+static inline void softmax_rows(int nr, float *sc, int64_t stride, const int64_t *row_lo, const int64_t *row_hi,
+                                int64_t lo, int64_t n) {
     for (int r = 0; r < nr; r++) {
         float *sr = sc + r * stride;
         const int64_t a = row_lo[r] - lo, e = row_hi[r] - lo + 1;
@@ -526,38 +504,117 @@ static inline __attribute__((always_inline)) void paged_rows(
         const float inv = 1.f / sum;
         for (j = a; j < e; j++) sr[j] *= inv;
     }
+}
+
+/* The reference version of a row group (see paged_rows), any element type, scalar: machines without
+ * AVX-512, and int8 caches where VNNI or a block size that is a multiple of 16 is missing. */
+static void paged_rows_scalar(int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+                              const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
+                              const char *k_cache, const char *v_cache, const float *k_scale, const float *v_scale,
+                              const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d, int64_t bs, float scale,
+                              float *sc, int64_t stride) {
+    const int64_t es = elem_size(kind);
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
+        const char *kb = k_cache + slot * d * bs * es;
+        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        for (int64_t j = j_first; j <= j_last; j++) {
+            const int64_t off = j - b * bs;
+            const float f = scale * (kind == KV_I8 ? k_scale[slot * bs + off] : 1.0f);
+            for (int r = 0; r < nr; r++) {
+                float acc = 0.f;
+                for (int64_t c = 0; c < d; c++) acc += qr[r][c] * kv_at(kb, k_index(kind, c, off, bs), kind);
+                sc[r * stride + (j - lo)] = acc * f;
+            }
+        }
+    }
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, hi - lo + 1);
+    for (int r = 0; r < nr; r++)
+        for (int64_t c = 0; c < d; c++) dst[r][c] = 0.f;
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
+        const char *vb = v_cache + slot * bs * d * es;
+        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        for (int64_t j = j_first; j <= j_last; j++) {
+            const int64_t off = j - b * bs;
+            const float vs = kind == KV_I8 ? v_scale[slot * bs + off] : 1.0f;
+            for (int r = 0; r < nr; r++) {
+                const float pj = sc[r * stride + (j - lo)] * vs;
+                for (int64_t c = 0; c < d; c++) dst[r][c] += pj * kv_at(vb, v_index(kind, off, c, d), kind);
+            }
+        }
+    }
+}
+
+#ifdef __AVX512F__
+/* One group of nr <= PA_ROWS rows of a work item, fp32 or bf16 cache; keys lo .. hi (inclusive) cover
+ * every row's range [row_lo[r], row_hi[r]]. sc: PA_ROWS x stride scratch. `kind` and `nr` are
+ * compile-time constants at every call (see paged_attention), so the loops below unroll into straight
+ * FMA runs with enough independent accumulators (8 or more) to keep both FMA ports busy even at one
+ * row (decode without GQA): the first version had one FMA chain per row and ran at a third of the
+ * cache bandwidth. Every accumulator index is a constant at each use: with a computed index GCC kept
+ * the accumulators on the stack, a load and a store around every FMA. */
+static inline __attribute__((always_inline)) void paged_rows(
+        int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+        const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
+        const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh,
+        int64_t d, int64_t bs, float scale, float *sc, int64_t stride) {
+    const int64_t es = elem_size(kind), n = hi - lo + 1;
+    /* 1. scores s[r][j - lo] = scale * q_r . k_j; dimension c goes to chain c % CS of its row (4 rows
+     *    x 8 chains would be all 32 registers) */
+    enum { CS = 8 };
+    const int cs = nr >= 3 ? 4 : CS;
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
+        const char *kb = k_cache + slot * d * bs * es;
+        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh, d * bs * es, k_cache, v_cache, NULL, NULL, bs);
+        for (int64_t j0 = j_first; j0 <= j_last; j0 += 16) {
+            const int64_t off = j0 - b * bs;
+            const __mmask16 m = lanes(j_last - j0 + 1);
+            __m512 a[PA_ROWS][CS];
+            for (int r = 0; r < nr; r++)
+                for (int u = 0; u < cs; u++) a[r][u] = _mm512_setzero_ps();
+            int64_t c = 0;
+            for (; c + cs <= d; c += cs) {
+                #pragma GCC unroll 8
+                for (int u = 0; u < cs; u++) {
+                    const __m512 kv = kv_load(kb, (c + u) * bs + off, m, kind);
+                    for (int r = 0; r < nr; r++) a[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c + u]), kv, a[r][u]);
+                }
+            }
+            for (; c < d; c++) {
+                const __m512 kv = kv_load(kb, c * bs + off, m, kind);
+                for (int r = 0; r < nr; r++) a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c]), kv, a[r][0]);
+            }
+            for (int r = 0; r < nr; r++) {
+                __m512 t = a[r][0];
+                for (int u = 1; u < cs; u++) t = _mm512_add_ps(t, a[r][u]);
+                _mm512_mask_storeu_ps(sc + r * stride + (j0 - lo), m, _mm512_mul_ps(t, _mm512_set1_ps(scale)));
+            }
+        }
+    }
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n);
     /* 3. out_r = sum_j p_r[j] v_j, 64 columns per pass; with one or two rows, even and odd keys go to
      *    separate accumulators so at least 8 FMA chains are in flight */
     const int kp = nr <= 2 ? 2 : 1;
     for (int64_t c0 = 0; c0 < d; c0 += 64) {
         const int64_t cw = d - c0 < 64 ? d - c0 : 64;
-#ifdef __AVX512F__
-        const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16 > 0 ? cw - 16 : 0), lanes(cw - 32 > 0 ? cw - 32 : 0),
-                                 lanes(cw - 48 > 0 ? cw - 48 : 0)};
-        const int nv = (int)((cw + 15) / 16);
+        const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16), lanes(cw - 32), lanes(cw - 48)};
         __m512 acc[PA_ROWS][2][4];
         for (int r = 0; r < nr; r++)
-            for (int p = 0; p < kp; p++)
+            for (int p = 0; p < 2; p++)
                 for (int u = 0; u < 4; u++) acc[r][p][u] = _mm512_setzero_ps();
-#else
-        float acc[PA_ROWS][64];
-        memset(acc, 0, sizeof(acc));
-#endif
         for (int64_t b = lo / bs; b <= hi / bs; b++) {
-            const int64_t slot = (int64_t)table[b] * kv_heads + kh;
-            const char *vb = v_cache + slot * bs * d * es;
+            const char *vb = v_cache + ((int64_t)table[b] * kv_heads + kh) * bs * d * es;
             const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
-#ifdef __AVX512F__
-            /* key j into accumulator set P. Every index is a constant at each use (all four vectors run,
-             * the masks zero those past d): with a computed set index, or a test of the vector count,
-             * GCC kept the accumulators on the stack, a load and a store around every FMA */
+            /* key j into accumulator set P; all four vectors run, the masks zero those past d */
 #define V_KEY(P, j) do { \
                 const int64_t off = (j) - b * bs; \
-                const float vs = kind == KV_I8 ? v_scale[slot * bs + off] : 1.0f; \
                 __m512 x[4]; \
                 for (int u = 0; u < 4; u++) x[u] = kv_load(vb, off * d + c0 + 16 * u, mk[u], kind); \
                 for (int r = 0; r < nr; r++) { \
-                    const __m512 pj = _mm512_set1_ps(sc[r * stride + ((j) - lo)] * vs); \
+                    const __m512 pj = _mm512_set1_ps(sc[r * stride + ((j) - lo)]); \
                     for (int u = 0; u < 4; u++) acc[r][P][u] = _mm512_fmadd_ps(pj, x[u], acc[r][P][u]); \
                 } } while (0)
             int64_t j = j_first;
@@ -565,29 +622,141 @@ static inline __attribute__((always_inline)) void paged_rows(
                 for (; j + 1 <= j_last; j += 2) { V_KEY(0, j); V_KEY(1, j + 1); }
             for (; j <= j_last; j++) V_KEY(0, j);
 #undef V_KEY
-#else
-            for (int64_t j = j_first; j <= j_last; j++) {
-                const int64_t off = j - b * bs;
-                const float vs = kind == KV_I8 ? v_scale[slot * bs + off] : 1.0f;
-                for (int r = 0; r < nr; r++) {
-                    const float pj = sc[r * stride + (j - lo)] * vs;
-                    for (int64_t c = 0; c < cw; c++) acc[r][c] += pj * kv_at(vb, off * d + c0 + c, kind);
-                }
-            }
-#endif
         }
-        for (int r = 0; r < nr; r++) {
-#ifdef __AVX512F__
-            for (int u = 0; u < nv; u++) {
-                const __m512 t = kp == 2 ? _mm512_add_ps(acc[r][0][u], acc[r][1][u]) : acc[r][0][u];
-                _mm512_mask_storeu_ps(dst[r] + c0 + 16 * u, mk[u], t);
-            }
-#else
-            memcpy(dst[r] + c0, acc[r], sizeof(float) * cw);
-#endif
-        }
+        for (int r = 0; r < nr; r++)
+            for (int u = 0; u < 4; u++)
+                _mm512_mask_storeu_ps(dst[r] + c0 + 16 * u, mk[u], _mm512_add_ps(acc[r][0][u], acc[r][1][u]));
     }
 }
+#endif
+
+#ifdef HAVE_VNNI
+/* A row group over an int8 cache, in VNNI dot products (bs a multiple of 16, d of 4).
+ * Scores: each query row goes in as two unsigned bytes per element, q / sq = qh + ql / 254 with
+ * sq = max |q| / 127 (qh = round(q / sq), ql = round(254 (q / sq - qh))), each + 128; per 16 keys and
+ * 4 dimensions one vpdpbusd for qh, one for ql and one against ones (the keys' sums, shared by the
+ * rows, which take the +128 back off). The query keeps ~15 bits, so the keys' own int8 rounding stays
+ * the only error of note (quantizing q to one int8 had raised the output error from 1.1e-2 to 1.5e-2).
+ * Values: per 16 keys and row, p_j * v_scale_j quantized to unsigned bytes against their maximum
+ * (255 steps), then per 4 keys and 16 dimensions one vpdpbusd, and the int32 sums back to fp32 once
+ * per 16 keys. Against converting every int8 to fp32 (two instructions per 16 elements before each
+ * FMA) this is about a sixth of the vector instructions. */
+static inline __attribute__((always_inline)) void paged_rows_i8(
+        int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+        const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
+        const int8_t *k_cache, const int8_t *v_cache, const float *k_scale, const float *v_scale,
+        const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d, int64_t bs, float scale, float *sc,
+        int64_t stride, uint8_t *qb) {
+    const int64_t d4 = d / 4, n = hi - lo + 1;
+    float qs[PA_ROWS];
+    for (int r = 0; r < nr; r++) {
+        float amax = 0.f;
+        for (int64_t c = 0; c < d; c++) amax = fabsf(qr[r][c]) > amax ? fabsf(qr[r][c]) : amax;
+        const float sq = (amax > 1e-30f ? amax : 1e-30f) / 127.f, inv = 1.f / sq;
+        for (int64_t c = 0; c < d; c++) {
+            const float t = qr[r][c] * inv, h = nearbyintf(t);
+            float l = nearbyintf((t - h) * 254.f);
+            l = l > 127.f ? 127.f : l < -127.f ? -127.f : l;
+            qb[r * 2 * d + c] = (uint8_t)(int)(h + 128.f);
+            qb[r * 2 * d + d + c] = (uint8_t)(int)(l + 128.f);
+        }
+        qs[r] = sq * scale;
+    }
+    const __m512i ones = _mm512_set1_epi8(1);
+    /* 1. scores */
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
+        const int8_t *kb = k_cache + slot * d * bs;
+        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh, d * bs, (const char *)k_cache,
+                       (const char *)v_cache, k_scale, v_scale, bs);
+        for (int64_t o = (j_first - b * bs) / 16 * 16; b * bs + o <= j_last; o += 16) {
+            /* dimension group c4 goes to accumulator set c4 % sets: one set's chains were 16
+             * dependent dot products long (5 cycles each) and held the loop to their latency */
+            enum { KS = 4 };
+            const int sets = nr <= 2 ? KS : 2;
+            __m512i ah[KS][PA_ROWS], al[KS][PA_ROWS], ks[KS];
+            for (int t = 0; t < sets; t++) {
+                ks[t] = _mm512_setzero_si512();
+                for (int r = 0; r < nr; r++) ah[t][r] = al[t][r] = _mm512_setzero_si512();
+            }
+#define K_GROUP(t, c4) do { \
+                const __m512i kv = _mm512_loadu_si512(kb + ((c4) * bs + o) * 4); \
+                ks[t] = dpbusd(ks[t], ones, kv); \
+                for (int r = 0; r < nr; r++) { \
+                    int32_t h4, l4; \
+                    memcpy(&h4, qb + r * 2 * d + 4 * (c4), 4); \
+                    memcpy(&l4, qb + r * 2 * d + d + 4 * (c4), 4); \
+                    ah[t][r] = dpbusd(ah[t][r], _mm512_set1_epi32(h4), kv); \
+                    al[t][r] = dpbusd(al[t][r], _mm512_set1_epi32(l4), kv); \
+                } } while (0)
+            int64_t c4 = 0;
+            for (; c4 + sets <= d4; c4 += sets)
+                for (int t = 0; t < sets; t++) K_GROUP(t, c4 + t);
+            for (; c4 < d4; c4++) K_GROUP(0, c4);
+#undef K_GROUP
+            for (int t = 1; t < sets; t++) {
+                ks[0] = _mm512_add_epi32(ks[0], ks[t]);
+                for (int r = 0; r < nr; r++) {
+                    ah[0][r] = _mm512_add_epi32(ah[0][r], ah[t][r]);
+                    al[0][r] = _mm512_add_epi32(al[0][r], al[t][r]);
+                }
+            }
+            const __m512i corr = _mm512_slli_epi32(ks[0], 7);
+            const __m512 f = _mm512_loadu_ps(k_scale + slot * bs + o);
+            /* keys of this chunk inside [j_first, j_last] */
+            const int64_t k0 = b * bs + o, first = j_first > k0 ? j_first - k0 : 0;
+            const __mmask16 m = (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(first));
+            for (int r = 0; r < nr; r++) {
+                const __m512 hi_ = _mm512_cvtepi32_ps(_mm512_sub_epi32(ah[0][r], corr));
+                const __m512 lo_ = _mm512_cvtepi32_ps(_mm512_sub_epi32(al[0][r], corr));
+                const __m512 s = _mm512_mul_ps(_mm512_fmadd_ps(lo_, _mm512_set1_ps(1.f / 254.f), hi_),
+                                               _mm512_mul_ps(f, _mm512_set1_ps(qs[r])));
+                _mm512_mask_storeu_ps(sc + r * stride + (k0 - lo), m, s);
+            }
+        }
+    }
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n);
+    /* 3. values, 64 dimensions per pass */
+    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+        const int64_t cw = d - c0 < 64 ? d - c0 : 64;
+        const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16), lanes(cw - 32), lanes(cw - 48)};
+        __m512 acc[PA_ROWS][4];
+        for (int r = 0; r < nr; r++)
+            for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();
+        for (int64_t b = lo / bs; b <= hi / bs; b++) {
+            const int64_t slot = (int64_t)table[b] * kv_heads + kh;
+            const int8_t *vb = v_cache + slot * bs * d;
+            const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+            for (int64_t o = (j_first - b * bs) / 16 * 16; b * bs + o <= j_last; o += 16) {
+                const int64_t k0 = b * bs + o, first = j_first > k0 ? j_first - k0 : 0;
+                const __mmask16 m = (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(first));
+                const __m512 vs = _mm512_loadu_ps(v_scale + slot * bs + o);
+                for (int r = 0; r < nr; r++) {
+                    /* sc has SC_PAD floats before each row's first key: k0 - lo >= -15 */
+                    const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + r * stride + (k0 - lo)), vs);
+                    const float pm = _mm512_reduce_max_ps(pv);
+                    if (!(pm > 0.f)) continue;
+                    const __m128i pb = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(pv, _mm512_set1_ps(255.f / pm))));
+                    int32_t g4[4];
+                    _mm_storeu_si128((__m128i *)g4, pb);
+                    __m512i ia[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                     _mm512_setzero_si512()};
+                    for (int g = 0; g < 4; g++) {
+                        const __m512i pg = _mm512_set1_epi32(g4[g]);
+                        const int8_t *vg = vb + ((o / 4 + g) * d + c0) * 4;
+                        for (int u = 0; u < 4; u++) ia[u] = dpbusd(ia[u], pg, _mm512_maskz_loadu_epi32(mk[u], vg + 64 * u));
+                    }
+                    const __m512 back = _mm512_set1_ps(pm / 255.f);
+                    for (int u = 0; u < 4; u++) acc[r][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[u]), back, acc[r][u]);
+                }
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(dst[r] + c0 + 16 * u, mk[u], acc[r][u]);
+    }
+}
+#endif
 
 void paged_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                      const float *k_scale, const float *v_scale, int kind,
@@ -602,10 +771,15 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
     int64_t *item_q0 = malloc(sizeof(int64_t) * (n_items > 0 ? n_items : 1));
     for (int64_t s = 0, k = 0; s < num_seqs; s++)
         for (int64_t i = 0; i < cu_q[s + 1] - cu_q[s]; i += QCHUNK) { item_seq[k] = s; item_q0[k] = i; k++; }
-    const int64_t stride = (max_ctx > 0 ? max_ctx : 1) + 16;
+    const int64_t stride = (max_ctx > 0 ? max_ctx : 1) + 16 + SC_PAD;
+#ifdef HAVE_VNNI
+    const int vnni = kind == KV_I8 && block_size % 16 == 0 && d % 4 == 0;
+#endif
     #pragma omp parallel num_threads(threads)
     {
-        float *sc = malloc(sizeof(float) * PA_ROWS * stride);
+        float *sc_mem = malloc(sizeof(float) * (PA_ROWS * stride + SC_PAD));
+        float *sc = sc_mem + SC_PAD;
+        uint8_t *qb = malloc((size_t)(PA_ROWS * 2 * d));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items * num_kv_heads; w++) {
             const int64_t it = w / num_kv_heads, kh = w % num_kv_heads, s = item_seq[it];
@@ -613,6 +787,7 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
             const int64_t q1 = q0 + QCHUNK < nq ? q0 + QCHUNK : nq;
             const int64_t first = ctx_len[s] - nq;                 /* position of query 0 */
             const int64_t rows = (q1 - q0) * g;
+            const int32_t *table = block_tables + s * bt_stride;
             for (int64_t r0 = 0; r0 < rows; r0 += PA_ROWS) {
                 const float *qr[PA_ROWS];
                 float *dst[PA_ROWS];
@@ -628,19 +803,33 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                     hi = row_hi[r] > hi ? row_hi[r] : hi;
                 }
                 /* one specialized copy per element type and row count: neither is tested in the loops */
-#define PAGED_ROWS(K, NR) paged_rows(K, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                     (const char *)v_cache, k_scale, v_scale, block_tables + s * bt_stride, \
-                                     num_kv_heads, kh, d, block_size, scale, sc, stride)
-#define PAGED_ROWS_KIND(K) do { switch (nr) { case 1: PAGED_ROWS(K, 1); break; case 2: PAGED_ROWS(K, 2); break; \
-                                              case 3: PAGED_ROWS(K, 3); break; default: PAGED_ROWS(K, 4); } } while (0)
-                if (kind == KV_BF16) PAGED_ROWS_KIND(KV_BF16);
-                else if (kind == KV_I8) PAGED_ROWS_KIND(KV_I8);
-                else PAGED_ROWS_KIND(KV_F32);
-#undef PAGED_ROWS_KIND
-#undef PAGED_ROWS
+#define BY_ROWS(CALL) do { switch (nr) { case 1: CALL(1); break; case 2: CALL(2); break; \
+                                         case 3: CALL(3); break; default: CALL(4); } } while (0)
+#define I8_ROWS(NR) paged_rows_i8(NR, qr, dst, row_lo, row_hi, lo, hi, (const int8_t *)k_cache, \
+                                  (const int8_t *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, \
+                                  block_size, scale, sc, stride, qb)
+#define F32_ROWS(NR) paged_rows(KV_F32, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+#define BF16_ROWS(NR) paged_rows(KV_BF16, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                 (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+#ifdef HAVE_VNNI
+                if (vnni) { BY_ROWS(I8_ROWS); continue; }
+#endif
+#ifdef __AVX512F__
+                if (kind == KV_F32) { BY_ROWS(F32_ROWS); continue; }
+                if (kind == KV_BF16) { BY_ROWS(BF16_ROWS); continue; }
+#endif
+                paged_rows_scalar(kind, nr, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache,
+                                  (const char *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, block_size,
+                                  scale, sc, stride);
+#undef BY_ROWS
+#undef I8_ROWS
+#undef F32_ROWS
+#undef BF16_ROWS
             }
         }
-        free(sc);
+        free(sc_mem);
+        free(qb);
     }
     free(item_seq);
     free(item_q0);
@@ -664,13 +853,8 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
  * count) so its loop holds nothing but loads and dot products; tiles of 1-2 rows alternate two
  * accumulator sets over k so that 8 dot-product chains hide the instruction's latency. */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-/* accumulators as named variables: GCC kept an array of them in memory, a store per dot product */
-/* and the dot product as one instruction of inline assembly: with the intrinsic, GCC 12 copied each
- * accumulator around every vpdpbusd and spilled them all to the stack once per k group */
-static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
-    return acc;
-}
+/* accumulators as named variables: GCC kept an array of them in memory, a store per dot product;
+ * the dot product is dpbusd (inline assembly, see above) */
 #define VT_DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0
 #define VT_ROW(r, g, W) do { if (ROWS > (r % 6)) { int32_t four; memcpy(&four, xu + (r % 6) * ldu + 4 * (g), 4); \
         const __m512i xb = _mm512_set1_epi32(four); \
@@ -775,15 +959,17 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
 /* true divisions, not -ffast-math's reciprocal multiplies: the int8 values and scales stay bit-equal to
  * torch's */
 __attribute__((optimize("no-reciprocal-math")))
-static void kv_store_row(const float *src, int64_t d, int kind, void *dst, int64_t step, float *scale) {
+static void kv_store_row(const float *src, int64_t d, int kind, void *part, int is_key, int64_t off, int64_t bs,
+                         float *scale) {
+#define AT(c) (is_key ? k_index(kind, c, off, bs) : v_index(kind, off, c, d))
     if (kind == KV_F32) {
-        for (int64_t c = 0; c < d; c++) ((float *)dst)[c * step] = src[c];
+        for (int64_t c = 0; c < d; c++) ((float *)part)[AT(c)] = src[c];
     } else if (kind == KV_BF16) {
         for (int64_t c = 0; c < d; c++) {
             uint32_t u;
             memcpy(&u, &src[c], 4);
             u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);   /* NaN stays NaN */
-            ((uint16_t *)dst)[c * step] = (uint16_t)(u >> 16);
+            ((uint16_t *)part)[AT(c)] = (uint16_t)(u >> 16);
         }
     } else {
         float amax = 0.f;
@@ -792,10 +978,11 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *dst, int64
         for (int64_t c = 0; c < d; c++) {
             float q = nearbyintf(src[c] / s);
             q = q > 127.f ? 127.f : q < -127.f ? -127.f : q;
-            ((int8_t *)dst)[c * step] = (int8_t)q;
+            ((int8_t *)part)[AT(c)] = (int8_t)q;
         }
         *scale = s;
     }
+#undef AT
 }
 
 void kv_write(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slot_blocks,
@@ -806,9 +993,8 @@ void kv_write(const float *k, int64_t k_stride, const float *v, int64_t v_stride
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t slot = slot_blocks[t] * kv_heads + h, off = slot_offsets[t];
             float ks = 0.f, vs = 0.f;
-            /* K transposed inside the block: element c of this key at (slot * d + c) * bs + off */
-            kv_store_row(k + t * k_stride + h * d, d, kind, (char *)k_cache + (slot * d * bs + off) * es, bs, &ks);
-            kv_store_row(v + t * v_stride + h * d, d, kind, (char *)v_cache + ((slot * bs + off) * d) * es, 1, &vs);
+            kv_store_row(k + t * k_stride + h * d, d, kind, (char *)k_cache + slot * d * bs * es, 1, off, bs, &ks);
+            kv_store_row(v + t * v_stride + h * d, d, kind, (char *)v_cache + slot * d * bs * es, 0, off, bs, &vs);
             if (kind == KV_I8) { k_scale[slot * bs + off] = ks; v_scale[slot * bs + off] = vs; }
         }
 }
@@ -819,3 +1005,12 @@ void kv_write(const float *k, int64_t k_stride, const float *v, int64_t v_stride
  * region then paid a wake-up (8 -> 100 us on this VM) and a GPT-2 decode step went from 8 to 22 ms.
  * Engines call this on the loading thread before their own threads take the model over. */
 int release_thread_pool(void) { return omp_pause_resource_all(omp_pause_soft); }
+
+/* Whether this build has the VNNI kernels (int8 paged attention, int8_gemm_packed's fast path). */
+int built_with_vnni(void) {
+#ifdef HAVE_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}

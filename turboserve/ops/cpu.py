@@ -318,12 +318,22 @@ class PagedKV(NamedTuple):
        kernel loads one dimension of 16 keys as one vector; kernels.c);
     v: [num_blocks, kv_heads, block_size, head_dim];
     in fp32, bf16 or int8. int8 keeps one fp32 scale per token and KV head (k_scale, v_scale:
-    [num_blocks, kv_heads, block_size]): symmetric, max |x| / 127 over the head's d values.
+    [num_blocks, kv_heads, block_size]): symmetric, max |x| / 127 over the head's d values. int8 keeps
+    the same shapes with the bytes of a block part in the order VNNI dot products read them (kernels.c
+    paged_rows_i8): K as [head_dim / 4, block_size, 4] (four dimensions of a key side by side), V as
+    [block_size / 4, head_dim, 4] (four keys of a dimension side by side); `int8_views` gives them.
     """
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+
+
+def int8_views(cache: PagedKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 cache's K as [blocks, kv_heads, d / 4, block_size, 4] and V as
+    [blocks, kv_heads, block_size / 4, d, 4] (see PagedKV)."""
+    nb, kvh, d, bs = cache.k.shape
+    return cache.k.view(nb, kvh, d // 4, bs, 4), cache.v.view(nb, kvh, bs // 4, d, 4)
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
@@ -334,6 +344,9 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: 
 def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int,
                       kv_dtype: str) -> list[PagedKV]:
     dt = KV_DTYPES[kv_dtype]
+    if dt == torch.int8 and (head_dim % 4 or block_size % 4):
+        raise ValueError(f"an int8 KV cache needs head_dim and block_size divisible by 4 (got {head_dim}, "
+                         f"{block_size}); use kv_dtype bf16 or fp32")
 
     def layer():
         scales = (torch.zeros(num_blocks, kv_heads, block_size), torch.zeros(num_blocks, kv_heads, block_size)) \
@@ -365,6 +378,11 @@ def _write_kv_torch(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_block
         (k, ks), (v, vs) = _quantize_heads(k.float()), _quantize_heads(v.float())
         cache.k_scale[slot_blocks, :, slot_offsets] = ks
         cache.v_scale[slot_blocks, :, slot_offsets] = vs
+        kq, vq = int8_views(cache)
+        n, kvh, d = k.shape
+        kq[slot_blocks, :, :, slot_offsets, :] = k.view(n, kvh, d // 4, 4)
+        vq[slot_blocks, :, slot_offsets // 4, :, slot_offsets % 4] = v
+        return
     cache.k[slot_blocks, :, :, slot_offsets] = k.to(cache.k.dtype)
     cache.v[slot_blocks, :, slot_offsets] = v.to(cache.v.dtype)
 
@@ -382,9 +400,14 @@ def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor,
 
 def _gather_kv(cache: PagedKV, blocks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence's first n keys and values, fp32 [kv_heads, n, d]."""
-    kv_heads = cache.k.shape[1]
-    k = cache.k[blocks].permute(1, 0, 3, 2).reshape(kv_heads, -1, cache.k.shape[2])[:, :n].float()
-    v = cache.v[blocks].transpose(0, 1).reshape(kv_heads, -1, cache.v.shape[3])[:, :n].float()
+    kv_heads, d = cache.k.shape[1], cache.k.shape[2]
+    if cache.k.dtype == torch.int8:
+        kq, vq = int8_views(cache)
+        k = kq[blocks].permute(1, 0, 3, 2, 4).reshape(kv_heads, -1, d)[:, :n].float()
+        v = vq[blocks].permute(1, 0, 2, 4, 3).reshape(kv_heads, -1, d)[:, :n].float()
+    else:
+        k = cache.k[blocks].permute(1, 0, 3, 2).reshape(kv_heads, -1, d)[:, :n].float()
+        v = cache.v[blocks].transpose(0, 1).reshape(kv_heads, -1, d)[:, :n].float()
     if cache.k_scale is not None:
         k = k * cache.k_scale[blocks].transpose(0, 1).reshape(kv_heads, -1)[:, :n, None]
         v = v * cache.v_scale[blocks].transpose(0, 1).reshape(kv_heads, -1)[:, :n, None]
