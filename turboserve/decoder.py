@@ -215,8 +215,11 @@ class DecoderModel:
         if self.spec.rope:
             cos, sin = self.cos[step.positions], self.sin[step.positions]
         scale = d ** -0.5
+        # int8 linears: a norm, or fc1 and its activation, hand the next linear its int8 input straight
+        # from their pass (the floats between are never written)
+        qf = lambda lin: lin if getattr(lin, "takes_int8", False) else None        # noqa: E731
         for layer, layer_cache in zip(self.layers, cache):
-            h = ops.norm(x.to(adt), *layer.norm1, self.eps, self.spec.norm)
+            h = ops.norm(x.to(adt), *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv))
             qkv = ops.linear(layer.qkv, h).float()
             q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
             if self.spec.rope:
@@ -226,13 +229,14 @@ class DecoderModel:
             a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, self.window,
                                     scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))
-            h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm)
+            h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up))
             if self.spec.gated_mlp:
                 u = ops.silu_and_mul(ops.linear(layer.up, h))
             else:
-                u = ops.linear(layer.up, h, act=self.activation)
+                u = ops.linear(layer.up, h, act=self.activation, quant_for=qf(layer.down))
             x += reduce(ops.linear(layer.down, u))
-        h = ops.norm(x[step.logit_rows].to(adt), *self.final_norm, self.eps, self.spec.norm)
+        h = ops.norm(x[step.logit_rows].to(adt), *self.final_norm, self.eps, self.spec.norm,
+                     quant_for=qf(self.lm_head_int8))
         if self.lm_head_int8 is not None:
             logits = ops.linear(self.lm_head_int8, h)
         else:

@@ -78,7 +78,7 @@ def lib():
     L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64,
                                   i64, i32]
     L.int8_gemm_packed.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
-    L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64]
+    L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64, i32]
     L.release_thread_pool.argtypes = []
     L.built_with_vnni.argtypes = []
     _lib = L
@@ -165,7 +165,7 @@ def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
     n, kv_heads, d = k.shape
     lib().kv_write(_ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(slot_blocks), _ptr(slot_offsets), n,
                    _ptr(cache.k), _ptr(cache.v), _opt(cache.k_scale), _opt(cache.v_scale), KV_KINDS[cache.k.dtype],
-                   kv_heads, d, cache.k.shape[3])
+                   kv_heads, d, cache.k.shape[3], _threads())
 
 
 def has_vnni() -> bool:

@@ -973,9 +973,28 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
         }
     } else {
         float amax = 0.f;
-        for (int64_t c = 0; c < d; c++) amax = fabsf(src[c]) > amax ? fabsf(src[c]) : amax;
+        int64_t c = 0;
+#ifdef __AVX512F__
+        /* vectorized (the scalar divisions were 2 ms of a 35-sequence GPT-2 decode step): the same
+         * correctly rounded divisions and round-half-even converts, so the same bytes */
+        __m512 mx = _mm512_setzero_ps();
+        for (; c + 16 <= d; c += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(src + c)));
+        amax = _mm512_reduce_max_ps(mx);
+#endif
+        for (; c < d; c++) amax = fabsf(src[c]) > amax ? fabsf(src[c]) : amax;
         const float s = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
-        for (int64_t c = 0; c < d; c++) {
+        int8_t qv[16];
+        c = 0;
+#ifdef __AVX512F__
+        const __m512 vs = _mm512_set1_ps(s);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        for (; c + 16 <= d; c += 16) {
+            const __m512i n = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(src + c), vs));
+            _mm_storeu_si128((__m128i *)qv, _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(n, lo), hi)));
+            for (int u = 0; u < 16; u++) ((int8_t *)part)[AT(c + u)] = qv[u];
+        }
+#endif
+        for (; c < d; c++) {
             float q = nearbyintf(src[c] / s);
             q = q > 127.f ? 127.f : q < -127.f ? -127.f : q;
             ((int8_t *)part)[AT(c)] = (int8_t)q;
@@ -987,16 +1006,18 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
 
 void kv_write(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slot_blocks,
               const int64_t *slot_offsets, int64_t n, void *k_cache, void *v_cache, float *k_scale, float *v_scale,
-              int kind, int64_t kv_heads, int64_t d, int64_t bs) {
+              int kind, int64_t kv_heads, int64_t d, int64_t bs, int threads) {
     const int64_t es = elem_size(kind);
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const int64_t slot = slot_blocks[t] * kv_heads + h, off = slot_offsets[t];
-            float ks = 0.f, vs = 0.f;
-            kv_store_row(k + t * k_stride + h * d, d, kind, (char *)k_cache + slot * d * bs * es, 1, off, bs, &ks);
-            kv_store_row(v + t * v_stride + h * d, d, kind, (char *)v_cache + slot * d * bs * es, 0, off, bs, &vs);
-            if (kind == KV_I8) { k_scale[slot * bs + off] = ks; v_scale[slot * bs + off] = vs; }
-        }
+    /* threads: the stores land on cache lines last read a step ago, mostly in memory by now */
+    #pragma omp parallel for schedule(static) num_threads(threads) if (n * kv_heads >= 64)
+    for (int64_t w = 0; w < n * kv_heads; w++) {
+        const int64_t t = w / kv_heads, h = w % kv_heads;
+        const int64_t slot = slot_blocks[t] * kv_heads + h, off = slot_offsets[t];
+        float ks = 0.f, vs = 0.f;
+        kv_store_row(k + t * k_stride + h * d, d, kind, (char *)k_cache + slot * d * bs * es, 1, off, bs, &ks);
+        kv_store_row(v + t * v_stride + h * d, d, kind, (char *)v_cache + slot * d * bs * es, 0, off, bs, &vs);
+        if (kind == KV_I8) { k_scale[slot * bs + off] = ks; v_scale[slot * bs + off] = vs; }
+    }
 }
 
 /* Free the calling thread's OpenMP worker pool. libgomp keeps one pool per thread that ever ran a

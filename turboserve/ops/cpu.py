@@ -274,17 +274,31 @@ def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
     return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
-def linear(lin, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+def linear(lin, x, act: str | None = None, quant_for=None):
     """A fresh [T, N] output of a DenseLinear / Int8Linear, `act` applied (int8: in the dequantizing
-    pass)."""
-    x = x.to(lin.dtype).contiguous()
-    return lin(x, None, out=torch.empty(x.shape[0], lin.out_features, dtype=lin.dtype), act=act)[0]
+    pass). x: a float tensor, or the Quantized input `norm` or `linear` made for this int8 linear.
+    quant_for: an int8 linear to hand the output to; the output then exists only as its Quantized
+    input (the [T, N] floats are never written)."""
+    if isinstance(x, Quantized):
+        x, xq, rows = None, x, x.q.shape[0]
+    else:
+        x, xq = x.to(lin.dtype).contiguous(), None
+        rows = x.shape[0]
+    out = None if quant_for is not None else torch.empty(rows, lin.out_features, dtype=lin.dtype)
+    y, q = lin(x, xq, out=out, act=act, quant_for=quant_for)
+    return q if quant_for is not None else y
 
 
-def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str,
+         quant_for=None):
+    """RMSNorm / LayerNorm of each row. quant_for: the int8 linear that takes the result; a LayerNorm
+    then runs in that linear's quantizing pass and returns its Quantized input (RMSNorm returns the
+    floats, which the linear quantizes)."""
     if kind == "rmsnorm":
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    if quant_for is not None and bias is not None and x.dtype == torch.float32:
+        return epilogue(x.contiguous(), ln=(weight, bias, eps), quant_for=quant_for)[1]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 

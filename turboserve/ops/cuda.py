@@ -166,13 +166,16 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int
 
 
 # ---------------------------------------------------------------------- decoder ops
-def linear(lin, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+def linear(lin, x: torch.Tensor, act: str | None = None, quant_for=None) -> torch.Tensor:
     """A fresh [T, N] output of a DenseLinear / Int8WeightOnlyLinear, in the linear's dtype, `act`
-    applied in the bias epilogue."""
+    applied in the bias epilogue. No linear here takes int8 input, so quant_for must be None."""
+    _no_int8_consumer(quant_for)
     return lin(x, None, out=None, act=act)[0]
 
 
-def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str) -> torch.Tensor:
+def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str,
+         quant_for=None) -> torch.Tensor:
+    _no_int8_consumer(quant_for)
     return tk.row_norm(x, weight, bias, eps, "rms" if kind == "rmsnorm" else "layer", torch.empty_like(x))
 
 
