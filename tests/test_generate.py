@@ -200,6 +200,30 @@ def test_paged_attention_native_matches_torch(kv_dtype, window, bs):
         assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seqs,kvh,g", [(1, 3, 1), (12, 4, 1), (12, 2, 4)])
+def test_int8_decode_attention_over_head_groups(seqs, kvh, g):
+    """Decode steps over an int8 cache (block size 16): the VNNI kernel reads a block's KV heads
+    together when there are enough sequences to share the threads (one sequence: heads split over
+    the threads), against gather + SDPA; mixed contexts, one of them a block boundary, GQA."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(seqs + kvh)
+    d, bs, nb = 64, 16, 128
+    cache = cpu.allocate_kv_cache(1, nb, kvh, bs, d, "int8")[0]
+    slots = torch.arange(nb * bs)
+    cpu.write_kv(cache, torch.randn(nb * bs, kvh, d, generator=gen), torch.randn(nb * bs, kvh, d, generator=gen),
+                 slots // bs, slots % bs)
+    ctx = torch.tensor([16, 1, 37, 100, 5, 64, 17, 90, 33, 2, 48, 71][:seqs])
+    tables = torch.randperm(nb, generator=gen).int()[:seqs * 8].view(seqs, 8)
+    q = torch.randn(seqs, kvh * g * d, generator=gen)
+    args = (tables, torch.arange(seqs + 1), ctx, kvh * g, 0, d ** -0.5)
+    fast = native.paged_attention(q, cache, *args, int(ctx.max()), torch.empty(seqs, kvh * g * d))
+    ref = cpu._paged_attention_torch(q, cache, *args, torch.empty(seqs, kvh * g * d))
+    assert rel_err(fast, ref) < 4e-3
+
+
 @pytest.mark.parametrize("kv_dtype,bound", [("bf16", 1e-2), ("int8", 2e-2)])
 @pytest.mark.parametrize("bs", [4, 16])
 def test_low_precision_kv_cache_stays_close_to_fp32(kv_dtype, bound, bs):

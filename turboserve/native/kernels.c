@@ -631,7 +631,13 @@ static inline __attribute__((always_inline)) void paged_rows(
 #endif
 
 #ifdef HAVE_VNNI
-/* A row group over an int8 cache, in VNNI dot products (bs a multiple of 16, d of 4).
+/* A row group over an int8 cache, for nh consecutive KV heads at once (kh0 ..), in VNNI dot products
+ * (bs a multiple of 16, d of 4). Head hh's rows are row r's query and output moved by hh * head_step
+ * floats; its scores sit at sc + (hh * PA_ROWS + r) * stride, its output accumulates in
+ * acc + (hh * PA_ROWS + r) * d. Blocks are the outer loop and the group's heads the inner one: a
+ * block's parts for consecutive heads are adjacent, so each block is read as one run of nh KB
+ * instead of 1 KB runs scattered over the cache (decode attention from memory ran at 12-15 GB/s
+ * one head at a time).
  * Scores: each query row goes in as two unsigned bytes per element, q / sq = qh + ql / 254 with
  * sq = max |q| / 127 (qh = round(q / sq), ql = round(254 (q / sq - qh))), each + 128; per 16 keys and
  * 4 dimensions one vpdpbusd for qh, one for ql and one against ones (the keys' sums, shared by the
@@ -641,120 +647,138 @@ static inline __attribute__((always_inline)) void paged_rows(
  * (255 steps), then per 4 keys and 16 dimensions one vpdpbusd, and the int32 sums back to fp32 once
  * per 16 keys. Against converting every int8 to fp32 (two instructions per 16 elements before each
  * FMA) this is about a sixth of the vector instructions. */
-static inline __attribute__((always_inline)) void paged_rows_i8(
-        int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+static inline __attribute__((always_inline)) void paged_heads_i8(
+        int nr, int64_t nh, int64_t head_step, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
         const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
         const int8_t *k_cache, const int8_t *v_cache, const float *k_scale, const float *v_scale,
-        const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d, int64_t bs, float scale, float *sc,
-        int64_t stride, uint8_t *qb) {
-    const int64_t d4 = d / 4, n = hi - lo + 1;
-    float qs[PA_ROWS];
-    for (int r = 0; r < nr; r++) {
-        float amax = 0.f;
-        for (int64_t c = 0; c < d; c++) amax = fabsf(qr[r][c]) > amax ? fabsf(qr[r][c]) : amax;
-        const float sq = (amax > 1e-30f ? amax : 1e-30f) / 127.f, inv = 1.f / sq;
-        for (int64_t c = 0; c < d; c++) {
-            const float t = qr[r][c] * inv, h = nearbyintf(t);
-            float l = nearbyintf((t - h) * 254.f);
-            l = l > 127.f ? 127.f : l < -127.f ? -127.f : l;
-            qb[r * 2 * d + c] = (uint8_t)(int)(h + 128.f);
-            qb[r * 2 * d + d + c] = (uint8_t)(int)(l + 128.f);
+        const int32_t *table, int64_t kv_heads, int64_t kh0, int64_t d, int64_t bs, float scale, float *sc,
+        int64_t stride, uint8_t *qb, float *qs, float *acc) {
+    const int64_t d4 = d / 4, n = hi - lo + 1, part = d * bs;
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int r = 0; r < nr; r++) {
+            const float *x = qr[r] + hh * head_step;
+            uint8_t *qh = qb + (hh * PA_ROWS + r) * 2 * d;
+            float amax = 0.f;
+            for (int64_t c = 0; c < d; c++) amax = fabsf(x[c]) > amax ? fabsf(x[c]) : amax;
+            const float sq = (amax > 1e-30f ? amax : 1e-30f) / 127.f, inv = 1.f / sq;
+            for (int64_t c = 0; c < d; c++) {
+                const float t = x[c] * inv, h = nearbyintf(t);
+                float l = nearbyintf((t - h) * 254.f);
+                l = l > 127.f ? 127.f : l < -127.f ? -127.f : l;
+                qh[c] = (uint8_t)(int)(h + 128.f);
+                qh[d + c] = (uint8_t)(int)(l + 128.f);
+            }
+            qs[hh * PA_ROWS + r] = sq * scale;
         }
-        qs[r] = sq * scale;
-    }
     const __m512i ones = _mm512_set1_epi8(1);
     /* 1. scores */
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
-        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
-        const int8_t *kb = k_cache + slot * d * bs;
         const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
-        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh, d * bs, (const char *)k_cache,
-                       (const char *)v_cache, k_scale, v_scale, bs);
-        for (int64_t o = (j_first - b * bs) / 16 * 16; b * bs + o <= j_last; o += 16) {
-            /* dimension group c4 goes to accumulator set c4 % sets: one set's chains were 16
-             * dependent dot products long (5 cycles each) and held the loop to their latency */
-            enum { KS = 4 };
-            const int sets = nr <= 2 ? KS : 2;
-            __m512i ah[KS][PA_ROWS], al[KS][PA_ROWS], ks[KS];
-            for (int t = 0; t < sets; t++) {
-                ks[t] = _mm512_setzero_si512();
-                for (int r = 0; r < nr; r++) ah[t][r] = al[t][r] = _mm512_setzero_si512();
+        for (int64_t f = b == lo / bs ? b : b + 1; f <= b + 1 && f <= hi / bs; f++) {
+            const int64_t at = (int64_t)table[f] * kv_heads + kh0;
+            for (int64_t x = 0; x < nh * part; x += 64) {
+                _mm_prefetch((const char *)k_cache + at * part + x, _MM_HINT_T0);
+                _mm_prefetch((const char *)v_cache + at * part + x, _MM_HINT_T0);
             }
-#define K_GROUP(t, c4) do { \
-                const __m512i kv = _mm512_loadu_si512(kb + ((c4) * bs + o) * 4); \
-                ks[t] = dpbusd(ks[t], ones, kv); \
-                for (int r = 0; r < nr; r++) { \
-                    int32_t h4, l4; \
-                    memcpy(&h4, qb + r * 2 * d + 4 * (c4), 4); \
-                    memcpy(&l4, qb + r * 2 * d + d + 4 * (c4), 4); \
-                    ah[t][r] = dpbusd(ah[t][r], _mm512_set1_epi32(h4), kv); \
-                    al[t][r] = dpbusd(al[t][r], _mm512_set1_epi32(l4), kv); \
-                } } while (0)
-            int64_t c4 = 0;
-            for (; c4 + sets <= d4; c4 += sets)
-                for (int t = 0; t < sets; t++) K_GROUP(t, c4 + t);
-            for (; c4 < d4; c4++) K_GROUP(0, c4);
-#undef K_GROUP
-            for (int t = 1; t < sets; t++) {
-                ks[0] = _mm512_add_epi32(ks[0], ks[t]);
-                for (int r = 0; r < nr; r++) {
-                    ah[0][r] = _mm512_add_epi32(ah[0][r], ah[t][r]);
-                    al[0][r] = _mm512_add_epi32(al[0][r], al[t][r]);
+            for (int64_t x = 0; x < nh * bs; x += 16) {
+                _mm_prefetch((const char *)(k_scale + at * bs + x), _MM_HINT_T0);
+                _mm_prefetch((const char *)(v_scale + at * bs + x), _MM_HINT_T0);
+            }
+        }
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const int64_t slot = (int64_t)table[b] * kv_heads + kh0 + hh;
+            const int8_t *kb = k_cache + slot * part;
+            const uint8_t *qh = qb + hh * PA_ROWS * 2 * d;
+            for (int64_t o = (j_first - b * bs) / 16 * 16; b * bs + o <= j_last; o += 16) {
+                /* dimension group c4 goes to accumulator set c4 % sets: one set's chains were 16
+                 * dependent dot products long (5 cycles each) and held the loop to their latency */
+                enum { KS = 4 };
+                const int sets = nr <= 2 ? KS : 2;
+                __m512i ah[KS][PA_ROWS], al[KS][PA_ROWS], ks[KS];
+                for (int t = 0; t < sets; t++) {
+                    ks[t] = _mm512_setzero_si512();
+                    for (int r = 0; r < nr; r++) ah[t][r] = al[t][r] = _mm512_setzero_si512();
                 }
-            }
-            const __m512i corr = _mm512_slli_epi32(ks[0], 7);
-            const __m512 f = _mm512_loadu_ps(k_scale + slot * bs + o);
-            /* keys of this chunk inside [j_first, j_last] */
-            const int64_t k0 = b * bs + o, first = j_first > k0 ? j_first - k0 : 0;
-            const __mmask16 m = (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(first));
-            for (int r = 0; r < nr; r++) {
-                const __m512 hi_ = _mm512_cvtepi32_ps(_mm512_sub_epi32(ah[0][r], corr));
-                const __m512 lo_ = _mm512_cvtepi32_ps(_mm512_sub_epi32(al[0][r], corr));
-                const __m512 s = _mm512_mul_ps(_mm512_fmadd_ps(lo_, _mm512_set1_ps(1.f / 254.f), hi_),
-                                               _mm512_mul_ps(f, _mm512_set1_ps(qs[r])));
-                _mm512_mask_storeu_ps(sc + r * stride + (k0 - lo), m, s);
+#define K_GROUP(t, c4) do { \
+                    const __m512i kv = _mm512_loadu_si512(kb + ((c4) * bs + o) * 4); \
+                    ks[t] = dpbusd(ks[t], ones, kv); \
+                    for (int r = 0; r < nr; r++) { \
+                        int32_t h4, l4; \
+                        memcpy(&h4, qh + r * 2 * d + 4 * (c4), 4); \
+                        memcpy(&l4, qh + r * 2 * d + d + 4 * (c4), 4); \
+                        ah[t][r] = dpbusd(ah[t][r], _mm512_set1_epi32(h4), kv); \
+                        al[t][r] = dpbusd(al[t][r], _mm512_set1_epi32(l4), kv); \
+                    } } while (0)
+                int64_t c4 = 0;
+                for (; c4 + sets <= d4; c4 += sets)
+                    for (int t = 0; t < sets; t++) K_GROUP(t, c4 + t);
+                for (; c4 < d4; c4++) K_GROUP(0, c4);
+#undef K_GROUP
+                for (int t = 1; t < sets; t++) {
+                    ks[0] = _mm512_add_epi32(ks[0], ks[t]);
+                    for (int r = 0; r < nr; r++) {
+                        ah[0][r] = _mm512_add_epi32(ah[0][r], ah[t][r]);
+                        al[0][r] = _mm512_add_epi32(al[0][r], al[t][r]);
+                    }
+                }
+                const __m512i corr = _mm512_slli_epi32(ks[0], 7);
+                const __m512 f = _mm512_loadu_ps(k_scale + slot * bs + o);
+                /* keys of this chunk inside [j_first, j_last] */
+                const int64_t k0 = b * bs + o, first = j_first > k0 ? j_first - k0 : 0;
+                const __mmask16 m = (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(first));
+                for (int r = 0; r < nr; r++) {
+                    const __m512 sh = _mm512_cvtepi32_ps(_mm512_sub_epi32(ah[0][r], corr));
+                    const __m512 sl = _mm512_cvtepi32_ps(_mm512_sub_epi32(al[0][r], corr));
+                    const __m512 s = _mm512_mul_ps(_mm512_fmadd_ps(sl, _mm512_set1_ps(1.f / 254.f), sh),
+                                                   _mm512_mul_ps(f, _mm512_set1_ps(qs[hh * PA_ROWS + r])));
+                    _mm512_mask_storeu_ps(sc + (hh * PA_ROWS + r) * stride + (k0 - lo), m, s);
+                }
             }
         }
     }
-    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n);
-    /* 3. values, 64 dimensions per pass */
-    for (int64_t c0 = 0; c0 < d; c0 += 64) {
-        const int64_t cw = d - c0 < 64 ? d - c0 : 64;
-        const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16), lanes(cw - 32), lanes(cw - 48)};
-        __m512 acc[PA_ROWS][4];
-        for (int r = 0; r < nr; r++)
-            for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();
-        for (int64_t b = lo / bs; b <= hi / bs; b++) {
-            const int64_t slot = (int64_t)table[b] * kv_heads + kh;
-            const int8_t *vb = v_cache + slot * bs * d;
-            const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+    for (int64_t hh = 0; hh < nh; hh++) softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n);
+    /* 3. values */
+    memset(acc, 0, sizeof(float) * (size_t)(nh * PA_ROWS * d));
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const int64_t slot = (int64_t)table[b] * kv_heads + kh0 + hh;
+            const int8_t *vb = v_cache + slot * part;
             for (int64_t o = (j_first - b * bs) / 16 * 16; b * bs + o <= j_last; o += 16) {
                 const int64_t k0 = b * bs + o, first = j_first > k0 ? j_first - k0 : 0;
                 const __mmask16 m = (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(first));
                 const __m512 vs = _mm512_loadu_ps(v_scale + slot * bs + o);
                 for (int r = 0; r < nr; r++) {
                     /* sc has SC_PAD floats before each row's first key: k0 - lo >= -15 */
-                    const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sc + r * stride + (k0 - lo)), vs);
+                    const float *sr = sc + (hh * PA_ROWS + r) * stride;
+                    const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, sr + (k0 - lo)), vs);
                     const float pm = _mm512_reduce_max_ps(pv);
                     if (!(pm > 0.f)) continue;
                     const __m128i pb = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(pv, _mm512_set1_ps(255.f / pm))));
                     int32_t g4[4];
                     _mm_storeu_si128((__m128i *)g4, pb);
-                    __m512i ia[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                                     _mm512_setzero_si512()};
-                    for (int g = 0; g < 4; g++) {
-                        const __m512i pg = _mm512_set1_epi32(g4[g]);
-                        const int8_t *vg = vb + ((o / 4 + g) * d + c0) * 4;
-                        for (int u = 0; u < 4; u++) ia[u] = dpbusd(ia[u], pg, _mm512_maskz_loadu_epi32(mk[u], vg + 64 * u));
-                    }
                     const __m512 back = _mm512_set1_ps(pm / 255.f);
-                    for (int u = 0; u < 4; u++) acc[r][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[u]), back, acc[r][u]);
+                    float *ar = acc + (hh * PA_ROWS + r) * d;
+                    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+                        const int64_t cw = d - c0 < 64 ? d - c0 : 64;
+                        const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16), lanes(cw - 32), lanes(cw - 48)};
+                        __m512i ia[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                         _mm512_setzero_si512()};
+                        for (int g = 0; g < 4; g++) {
+                            const __m512i pg = _mm512_set1_epi32(g4[g]);
+                            const int8_t *vg = vb + ((o / 4 + g) * d + c0) * 4;
+                            for (int u = 0; u < 4; u++) ia[u] = dpbusd(ia[u], pg, _mm512_maskz_loadu_epi32(mk[u], vg + 64 * u));
+                        }
+                        for (int u = 0; u < 4; u++)
+                            _mm512_mask_storeu_ps(ar + c0 + 16 * u, mk[u],
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[u]), back, _mm512_maskz_loadu_ps(mk[u], ar + c0 + 16 * u)));
+                    }
                 }
             }
         }
-        for (int r = 0; r < nr; r++)
-            for (int u = 0; u < 4; u++) _mm512_mask_storeu_ps(dst[r] + c0 + 16 * u, mk[u], acc[r][u]);
     }
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int r = 0; r < nr; r++) memcpy(dst[r] + hh * head_step, acc + (hh * PA_ROWS + r) * d, sizeof(float) * (size_t)d);
 }
 #endif
 
@@ -772,17 +796,33 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
     for (int64_t s = 0, k = 0; s < num_seqs; s++)
         for (int64_t i = 0; i < cu_q[s + 1] - cu_q[s]; i += QCHUNK) { item_seq[k] = s; item_q0[k] = i; k++; }
     const int64_t stride = (max_ctx > 0 ? max_ctx : 1) + 16 + SC_PAD;
+    /* work item = (query chunk, group of `gsize` KV heads): one head each, except on the int8 VNNI path,
+     * which reads a block's heads together; its groups are as large as leaves every thread 4 items
+     * (at most 16 heads, which bounds the scratch) */
+    int vnni = 0;
 #ifdef HAVE_VNNI
-    const int vnni = kind == KV_I8 && block_size % 16 == 0 && d % 4 == 0;
+    vnni = kind == KV_I8 && block_size % 16 == 0 && d % 4 == 0;
 #endif
+    int64_t gsize = 1;
+    if (vnni) {
+        const int64_t want = (4 * threads + n_items - 1) / (n_items > 0 ? n_items : 1);   /* groups per chunk */
+        const int64_t groups = want < 1 ? 1 : want > num_kv_heads ? num_kv_heads : want;
+        gsize = (num_kv_heads + groups - 1) / groups;
+        gsize = gsize > 16 ? 16 : gsize;
+    }
+    const int64_t n_groups = (num_kv_heads + gsize - 1) / gsize;
     #pragma omp parallel num_threads(threads)
     {
-        float *sc_mem = malloc(sizeof(float) * (PA_ROWS * stride + SC_PAD));
+        float *sc_mem = malloc(sizeof(float) * (gsize * PA_ROWS * stride + SC_PAD));
         float *sc = sc_mem + SC_PAD;
-        uint8_t *qb = malloc((size_t)(PA_ROWS * 2 * d));
+        uint8_t *qb = malloc((size_t)(gsize * PA_ROWS * 2 * d));
+        float *qs = malloc(sizeof(float) * (size_t)(gsize * PA_ROWS));
+        float *acc = malloc(sizeof(float) * (size_t)(gsize * PA_ROWS * d));
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t w = 0; w < n_items * num_kv_heads; w++) {
-            const int64_t it = w / num_kv_heads, kh = w % num_kv_heads, s = item_seq[it];
+        for (int64_t w = 0; w < n_items * n_groups; w++) {
+            const int64_t it = w / n_groups, kh = (w % n_groups) * gsize, s = item_seq[it];
+            const int64_t nh = num_kv_heads - kh < gsize ? num_kv_heads - kh : gsize;
+            (void)nh;                                              /* used by the VNNI path only */
             const int64_t nq = cu_q[s + 1] - cu_q[s], q0 = item_q0[it];
             const int64_t q1 = q0 + QCHUNK < nq ? q0 + QCHUNK : nq;
             const int64_t first = ctx_len[s] - nq;                 /* position of query 0 */
@@ -805,9 +845,9 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                 /* one specialized copy per element type and row count: neither is tested in the loops */
 #define BY_ROWS(CALL) do { switch (nr) { case 1: CALL(1); break; case 2: CALL(2); break; \
                                          case 3: CALL(3); break; default: CALL(4); } } while (0)
-#define I8_ROWS(NR) paged_rows_i8(NR, qr, dst, row_lo, row_hi, lo, hi, (const int8_t *)k_cache, \
-                                  (const int8_t *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, \
-                                  block_size, scale, sc, stride, qb)
+#define I8_ROWS(NR) paged_heads_i8(NR, nh, g * d, qr, dst, row_lo, row_hi, lo, hi, (const int8_t *)k_cache, \
+                                   (const int8_t *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, \
+                                   block_size, scale, sc, stride, qb, qs, acc)
 #define F32_ROWS(NR) paged_rows(KV_F32, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
                                 (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
 #define BF16_ROWS(NR) paged_rows(KV_BF16, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
@@ -830,6 +870,8 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         }
         free(sc_mem);
         free(qb);
+        free(qs);
+        free(acc);
     }
     free(item_seq);
     free(item_q0);
@@ -983,9 +1025,9 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
 #endif
         for (; c < d; c++) amax = fabsf(src[c]) > amax ? fabsf(src[c]) : amax;
         const float s = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
-        int8_t qv[16];
         c = 0;
 #ifdef __AVX512F__
+        int8_t qv[16];
         const __m512 vs = _mm512_set1_ps(s);
         const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
         for (; c + 16 <= d; c += 16) {
