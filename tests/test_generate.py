@@ -309,3 +309,28 @@ def test_native_kv_write_equals_torch(kv_dtype):
     cpu._write_kv_torch(b, k, v, slots // bs, slots % bs)
     for x, y in zip(a, b):
         assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_native_rope_equals_rotate_half():
+    """The native rotary embedding (in place on strided q / k views of the QKV rows) against HF's
+    rotate-half formula, at a head dim whose half is not a multiple of 16 (the scalar tail) and one
+    that is."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(5)
+    for d in (40, 64):
+        heads, T = 3, 9
+        qkv = torch.randn(T, 3 * heads * d, generator=g)
+        ang = torch.rand(T, d // 2, generator=g) * 6
+        cos, sin = ang.cos(), ang.sin()
+        x = qkv[:, heads * d:2 * heads * d]
+        xh = x.clone().view(T, heads, d)
+        c, s = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+        ref = xh * c + torch.cat([-xh[..., d // 2:], xh[..., :d // 2]], -1) * s
+        before = qkv.clone()
+        cpu.rope_(x, cos, sin, heads)
+        assert torch.allclose(x.reshape(T, heads, d), ref, atol=1e-5)
+        assert torch.equal(qkv[:, :heads * d], before[:, :heads * d])        # neighbours untouched
+        assert torch.equal(qkv[:, 2 * heads * d:], before[:, 2 * heads * d:])

@@ -133,11 +133,12 @@ def test_native_varlen_attention_matches_sdpa(head_dim):
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu", "silu_mul"])
 def test_native_epilogue_equals_torch(act):
-    """The native pass between two GEMMs (dequantize, activation, residual, LayerNorm, int8 for the
-    next GEMM) gives the PyTorch version's numbers: outputs within 1e-5 of their scale, int8 values
-    within one step (a value on a rounding boundary), row scales within 1e-5."""
+    """The native pass between two GEMMs (dequantize, activation or SiLU-and-multiply, residual,
+    LayerNorm or RMSNorm, int8 for the next GEMM) gives the PyTorch version's numbers: outputs within
+    1e-5 of their scale, int8 values within one step (a value on a rounding boundary), row scales
+    within 1e-5."""
     from turboserve import native
     from turboserve.ops import cpu
     if native.lib() is None:
@@ -147,13 +148,14 @@ def test_native_epilogue_equals_torch(act):
     lin = cpu.Int8Linear(torch.randn(cols, 64, generator=g), torch.randn(cols, generator=g))
     src = cpu.IntAccumulator(torch.randint(-40000, 40000, (rows, cols), dtype=torch.int32, generator=g),
                              torch.rand(rows, 1, generator=g) * 1e-4, torch.rand(cols, generator=g), torch.randn(cols, generator=g))
-    residual = torch.randn(rows, cols, generator=g)
-    ln = (torch.rand(cols, generator=g) + 0.5, torch.randn(cols, generator=g), 1e-5)
-    nxt = cpu.Int8Linear(torch.randn(16, cols, generator=g), None)
-    for kw in ({}, {"residual": residual, "ln": ln}):
-        out, q = cpu.epilogue(src, out=torch.empty(rows, cols), act=act, quant_for=nxt, **kw)
-        ref, ref_q, ref_scale = cpu._epilogue_torch(src, torch.empty(rows, cols), act, kw.get("residual"), kw.get("ln"),
-                                                    nxt.inv_smooth)
+    oc = cols // 2 if act == "silu_mul" else cols
+    residual = torch.randn(rows, oc, generator=g)
+    ln = (torch.rand(oc, generator=g) + 0.5, torch.randn(oc, generator=g), 1e-5)
+    nxt = cpu.Int8Linear(torch.randn(16, oc, generator=g), None)
+    for kw in ({}, {"residual": residual, "ln": ln}, {"residual": residual, "ln": (ln[0], None, ln[2]), "rms": True}):
+        out, q = cpu.epilogue(src, out=torch.empty(rows, oc), act=act, quant_for=nxt, **kw)
+        ref, ref_q, ref_scale = cpu._epilogue_torch(src, torch.empty(rows, oc), act, kw.get("residual"), kw.get("ln"),
+                                                    nxt.inv_smooth, kw.get("rms", False))
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
         assert (q.q.int() - ref_q.int()).abs().max() <= 1
         assert torch.allclose(q.scale, ref_scale, rtol=1e-5)

@@ -215,8 +215,8 @@ class DecoderModel:
         if self.spec.rope:
             cos, sin = self.cos[step.positions], self.sin[step.positions]
         scale = d ** -0.5
-        # int8 linears: a norm, or fc1 and its activation, hand the next linear its int8 input straight
-        # from their pass (the floats between are never written)
+        # int8 linears: a norm, or fc1 / gate|up and the activation, hand the next linear its int8 input
+        # straight from their pass (the floats between are never written)
         qf = lambda lin: lin if getattr(lin, "takes_int8", False) else None        # noqa: E731
         for layer, layer_cache in zip(self.layers, cache):
             h = ops.norm(x.to(adt), *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv))
@@ -230,7 +230,9 @@ class DecoderModel:
                                     scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))
             h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up))
-            if self.spec.gated_mlp:
+            if self.spec.gated_mlp and qf(layer.down) is not None:
+                u = ops.linear(layer.up, h, act="silu_mul", quant_for=layer.down)
+            elif self.spec.gated_mlp:
                 u = ops.silu_and_mul(ops.linear(layer.up, h))
             else:
                 u = ops.linear(layer.up, h, act=self.activation, quant_for=qf(layer.down))

@@ -73,7 +73,7 @@ def lib():
         return None
     L = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, p, p, p, p, i64, i64, i32]
+    L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, i32, p, p, p, p, i64, i64, i32]
     L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, i32]
     L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64,
                                   i64, i32]
@@ -81,6 +81,7 @@ def lib():
     L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64, i32]
     L.release_thread_pool.argtypes = []
     L.built_with_vnni.argtypes = []
+    L.rope.argtypes = [p, i64, i64, i64, i64, p, p, i32]
     _lib = L
     return _lib
 
@@ -98,7 +99,7 @@ def _check(*tensors: torch.Tensor) -> None:
         assert t.is_contiguous() and t.device.type == "cpu", "native kernels need contiguous CPU tensors"
 
 
-ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "silu_mul": 5}
 
 
 def _opt(t: torch.Tensor | None) -> int | None:
@@ -106,9 +107,10 @@ def _opt(t: torch.Tensor | None) -> int | None:
 
 
 def row_epilogue(src: torch.Tensor, *, row_scale=None, col_scale=None, bias=None, activation=None,
-                 residual=None, ln=None, out=None, inv_smooth=None, q=None, qscale=None) -> None:
-    """See kernels.c: dequantize (src int32) or copy (src fp32), activation, + residual, LayerNorm,
-    store to `out`, quantize to `q`/`qscale` with `inv_smooth`. ln: (gamma, beta, eps)."""
+                 residual=None, ln=None, rms=False, out=None, inv_smooth=None, q=None, qscale=None) -> None:
+    """See kernels.c: dequantize (src int32) or copy (src fp32), activation ("silu_mul" halves the
+    row: silu(gate) * up), + residual, LayerNorm (RMSNorm with rms), store to `out`, quantize to
+    `q`/`qscale` with `inv_smooth`. ln: (gamma, beta, eps); beta None with rms."""
     rows, cols = src.shape
     gamma, beta, eps = ln if ln is not None else (None, None, 0.0)
     _check(*(t for t in (src, row_scale, col_scale, bias, residual, gamma, beta, out, inv_smooth, q, qscale)
@@ -116,7 +118,7 @@ def row_epilogue(src: torch.Tensor, *, row_scale=None, col_scale=None, bias=None
     is_int = src.dtype == torch.int32
     lib().row_epilogue(None if is_int else src.data_ptr(), src.data_ptr() if is_int else None,
                        _opt(row_scale), _opt(col_scale), _opt(bias), ACTIVATIONS[activation], _opt(residual),
-                       _opt(gamma), _opt(beta), eps, _opt(out), _opt(inv_smooth), _opt(q), _opt(qscale),
+                       _opt(gamma), _opt(beta), eps, int(rms), _opt(out), _opt(inv_smooth), _opt(q), _opt(qscale),
                        rows, cols, _threads())
 
 
@@ -166,6 +168,15 @@ def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
     lib().kv_write(_ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(slot_blocks), _ptr(slot_offsets), n,
                    _ptr(cache.k), _ptr(cache.v), _opt(cache.k_scale), _opt(cache.v_scale), KV_KINDS[cache.k.dtype],
                    kv_heads, d, cache.k.shape[3], _threads())
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
+    """Rotary embedding in place (see kernels.c): x fp32 [T, >= num_heads * d] rows with unit column
+    stride (a view into the QKV output is fine), cos, sin fp32 contiguous [T, d / 2]."""
+    _check(cos, sin)
+    assert x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(1) == 1
+    T = x.shape[0]
+    lib().rope(_ptr(x), x.stride(0), T, num_heads, 2 * cos.shape[1], _ptr(cos), _ptr(sin), _threads())
 
 
 def has_vnni() -> bool:

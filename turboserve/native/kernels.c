@@ -17,14 +17,16 @@
 /* Everything between two GEMMs, one pass per row (TurboTransformers' fusion):
  *   v   = src                                   (fp32 GEMM output, bias already added), or
  *   v   = src_i32 * row_scale[r] * col_scale + bias   (int8 GEMM output)
- *   v   = act(v)                                 act: 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu
+ *   v   = act(v)                                 act: 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu,
+ *                                                4 silu, 5 silu-and-multiply: the row is gate | up,
+ *                                                v = silu(gate) * up, cols / 2 wide from here on
  *   v   = v + residual                           if residual
- *   v   = LayerNorm(v) * gamma + beta            if gamma
+ *   v   = LayerNorm(v) * gamma + beta            if gamma (rms: RMSNorm(v) * gamma, no beta)
  *   out = v                                      if out (may alias src or residual: rows are
  *                                                read whole before they are written)
  *   q, qscale = int8(v * inv_smooth), per row    if q (the next int8 GEMM's input)
  * `row` is a per-thread scratch of `cols` floats. */
-enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3 };
+enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4, ACT_SILU_MUL = 5 };
 
 #ifdef __AVX512F__
 /* exp(x): 2^n * p(r), r = x - n ln2, degree-6 Taylor polynomial (relative error < 2e-7); x is clamped at -87 (0 below), large x overflow to inf. */
@@ -80,6 +82,12 @@ static void activate_row(float *v, int64_t n, int act) {
             const __m512 e = erf512(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
             _mm512_storeu_ps(v + c, _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
         }
+    } else if (act == ACT_SILU) {
+        for (; c + 16 <= n; c += 16) {          /* x / (1 + e^-x), -x clamped at 80 as in GELU-tanh */
+            const __m512 x = _mm512_loadu_ps(v + c);
+            const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(80.0f)));
+            _mm512_storeu_ps(v + c, _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+        }
     } else if (act == ACT_GELU_TANH) {
         /* 0.5 x (1 + tanh u) = x / (1 + exp(-2u)), u = sqrt(2 / pi) (x + 0.044715 x^3): one exp, no
          * tanh (the scalar tanhf loop made GPT-2's fc1 epilogue its most expensive step); -2u is
@@ -100,6 +108,7 @@ static void activate_row(float *v, int64_t n, int act) {
         case ACT_GELU: v[c] = 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); break;
         case ACT_GELU_TANH: v[c] = 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x))); break;
         case ACT_RELU: v[c] = x > 0.0f ? x : 0.0f; break;
+        case ACT_SILU: v[c] = x / (1.0f + expf(-x)); break;
         default: break;
         }
     }
@@ -135,8 +144,9 @@ static float quantize_row(const float *v, const float *inv_smooth, int8_t *qr, i
 
 void row_epilogue(const float *src, const int32_t *src_i32, const float *row_scale, const float *col_scale,
                   const float *bias, int act, const float *residual, const float *gamma, const float *beta,
-                  float eps, float *out, const float *inv_smooth, int8_t *q, float *qscale,
+                  float eps, int rms, float *out, const float *inv_smooth, int8_t *q, float *qscale,
                   int64_t rows, int64_t cols, int nthreads) {
+    const int64_t oc = act == ACT_SILU_MUL ? cols / 2 : cols;        /* output columns */
     #pragma omp parallel num_threads(nthreads)
     {
         float *v = malloc(sizeof(float) * cols);
@@ -149,21 +159,31 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
             } else {
                 memcpy(v, src + r * cols, sizeof(float) * cols);
             }
-            if (act) activate_row(v, cols, act);
+            if (act == ACT_SILU_MUL) {
+                activate_row(v, oc, ACT_SILU);
+                for (int64_t c = 0; c < oc; c++) v[c] *= v[oc + c];
+            } else if (act) {
+                activate_row(v, cols, act);
+            }
             if (residual) {
-                const float *rr = residual + r * cols;
-                for (int64_t c = 0; c < cols; c++) v[c] += rr[c];
+                const float *rr = residual + r * oc;
+                for (int64_t c = 0; c < oc; c++) v[c] += rr[c];
             }
-            if (gamma) {
+            if (gamma && rms) {
+                float ss = 0.0f;
+                for (int64_t c = 0; c < oc; c++) ss += v[c] * v[c];
+                const float rstd = 1.0f / sqrtf(ss / (float)oc + eps);
+                for (int64_t c = 0; c < oc; c++) v[c] = v[c] * rstd * gamma[c];
+            } else if (gamma) {
                 float sum = 0.0f, var = 0.0f;
-                for (int64_t c = 0; c < cols; c++) sum += v[c];
-                const float mean = sum / (float)cols;
-                for (int64_t c = 0; c < cols; c++) { const float d = v[c] - mean; var += d * d; }
-                const float rstd = 1.0f / sqrtf(var / (float)cols + eps);
-                for (int64_t c = 0; c < cols; c++) v[c] = (v[c] - mean) * rstd * gamma[c] + beta[c];
+                for (int64_t c = 0; c < oc; c++) sum += v[c];
+                const float mean = sum / (float)oc;
+                for (int64_t c = 0; c < oc; c++) { const float d = v[c] - mean; var += d * d; }
+                const float rstd = 1.0f / sqrtf(var / (float)oc + eps);
+                for (int64_t c = 0; c < oc; c++) v[c] = (v[c] - mean) * rstd * gamma[c] + beta[c];
             }
-            if (out) memcpy(out + r * cols, v, sizeof(float) * cols);
-            if (q) qscale[r] = quantize_row(v, inv_smooth, q + r * cols, cols);
+            if (out) memcpy(out + r * oc, v, sizeof(float) * oc);
+            if (q) qscale[r] = quantize_row(v, inv_smooth, q + r * oc, oc);
         }
         free(v);
     }
@@ -1076,4 +1096,33 @@ int built_with_vnni(void) {
 #else
     return 0;
 #endif
+}
+
+/* Rotary embedding in place, HF's rotate-half layout: for each token t and head h of x (rows
+ * `stride` floats apart, heads d apart), with c = cos[t], s = sin[t] ([T, d / 2] each):
+ * x1, x2 = halves of the head;  x1 <- x1 c - x2 s,  x2 <- x2 c + x1 s. */
+void rope(float *x, int64_t stride, int64_t T, int64_t heads, int64_t d, const float *cos_t, const float *sin_t,
+          int threads) {
+    const int64_t half = d / 2;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (T * heads >= 256)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < heads; h++) {
+            float *x1 = x + t * stride + h * d, *x2 = x1 + half;
+            int64_t i = 0;
+#ifdef __AVX512F__
+            for (; i + 16 <= half; i += 16) {
+                const __m512 a = _mm512_loadu_ps(x1 + i), b = _mm512_loadu_ps(x2 + i);
+                const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+                _mm512_storeu_ps(x1 + i, _mm512_fmsub_ps(a, cv, _mm512_mul_ps(b, sv)));
+                _mm512_storeu_ps(x2 + i, _mm512_fmadd_ps(b, cv, _mm512_mul_ps(a, sv)));
+            }
+#endif
+            for (; i < half; i++) {
+                const float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
 }

@@ -47,44 +47,51 @@ def _native_ok(*tensors) -> bool:
 
 
 def epilogue(src, *, out: torch.Tensor | None = None, act: str | None = None, residual=None, ln=None,
-             quant_for=None) -> tuple[torch.Tensor | None, Quantized | None]:
+             rms: bool = False, quant_for=None) -> tuple[torch.Tensor | None, Quantized | None]:
     """out = LN(act(src) + residual), and its int8 form for `quant_for` (an Int8Linear) if given.
 
-    src: a float tensor (a GEMM output with bias) or an IntAccumulator. ln: (gamma, beta, eps).
-    `out` may alias src or residual. Returns (out, Quantized or None)."""
+    src: a float tensor (a GEMM output with bias) or an IntAccumulator. act "silu_mul": src is
+    gate | up and the result silu(gate) * up, half as wide. ln: (gamma, beta, eps); with rms, RMSNorm
+    (beta None). `out` may alias src or residual. Returns (out, Quantized or None)."""
     inv_smooth = None if quant_for is None else quant_for.inv_smooth
     rows, cols = (src.acc if isinstance(src, IntAccumulator) else src).shape
-    q = torch.empty(rows, cols, dtype=torch.int8) if inv_smooth is not None else None
+    out_cols = cols // 2 if act == "silu_mul" else cols
+    q = torch.empty(rows, out_cols, dtype=torch.int8) if inv_smooth is not None else None
     qscale = torch.empty(rows, 1, dtype=torch.float32) if inv_smooth is not None else None
     if isinstance(src, IntAccumulator):
         tensors = (src.acc, src.row_scale, src.col_scale, src.bias)
     else:
         tensors = (src,)
     gamma, beta = (ln[0], ln[1]) if ln is not None else (None, None)
-    if _native_ok(*tensors, residual, gamma, beta, out) and act in native.ACTIVATIONS:   # silu: torch's
+    if _native_ok(*tensors, residual, gamma, beta, out) and act in native.ACTIVATIONS and (beta is not None or rms
+                                                                                           or ln is None):
         if isinstance(src, IntAccumulator):
             native.row_epilogue(src.acc, row_scale=src.row_scale, col_scale=src.col_scale, bias=src.bias,
-                                activation=act, residual=residual, ln=ln, out=out, inv_smooth=inv_smooth,
+                                activation=act, residual=residual, ln=ln, rms=rms, out=out, inv_smooth=inv_smooth,
                                 q=q, qscale=qscale)
         else:
-            native.row_epilogue(src, activation=act, residual=residual, ln=ln, out=out,
+            native.row_epilogue(src, activation=act, residual=residual, ln=ln, rms=rms, out=out,
                                 inv_smooth=inv_smooth, q=q, qscale=qscale)
     else:
-        out, q, qscale = _epilogue_torch(src, out, act, residual, ln, inv_smooth)
+        out, q, qscale = _epilogue_torch(src, out, act, residual, ln, inv_smooth, rms)
     return out, (Quantized(q, qscale, inv_smooth) if inv_smooth is not None else None)
 
 
-def _epilogue_torch(src, out, act, residual, ln, inv_smooth):
+def _epilogue_torch(src, out, act, residual, ln, inv_smooth, rms=False):
     if isinstance(src, IntAccumulator):
         v = torch.addcmul(src.bias, src.acc.float() * src.row_scale, src.col_scale)
     else:
         v = src.float()
-    if act is not None:
+    if act == "silu_mul":
+        v = silu_and_mul(v)
+    elif act is not None:
         v = activation_(v.clone() if v is src else v, act)
     if residual is not None:
         v = v + residual.float()
-    if ln is not None:
-        v = F.layer_norm(v, (v.shape[-1],), ln[0].float(), ln[1].float(), ln[2])
+    if ln is not None and rms:
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + ln[2]) * ln[0].float()
+    elif ln is not None:
+        v = F.layer_norm(v, (v.shape[-1],), ln[0].float(), None if ln[1] is None else ln[1].float(), ln[2])
     if out is not None:
         out.copy_(v)
     if inv_smooth is None:
@@ -291,14 +298,13 @@ def linear(lin, x, act: str | None = None, quant_for=None):
 
 def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str,
          quant_for=None):
-    """RMSNorm / LayerNorm of each row. quant_for: the int8 linear that takes the result; a LayerNorm
-    then runs in that linear's quantizing pass and returns its Quantized input (RMSNorm returns the
-    floats, which the linear quantizes)."""
+    """RMSNorm / LayerNorm of each row. quant_for: the int8 linear that takes the result; the norm
+    then runs in that linear's quantizing pass and returns its Quantized input."""
+    if quant_for is not None and x.dtype == torch.float32:
+        return epilogue(x.contiguous(), ln=(weight, bias, eps), rms=kind == "rmsnorm", quant_for=quant_for)[1]
     if kind == "rmsnorm":
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
-    if quant_for is not None and bias is not None and x.dtype == torch.float32:
-        return epilogue(x.contiguous(), ln=(weight, bias, eps), quant_for=quant_for)[1]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
@@ -311,6 +317,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
     """Rotary embedding in place, HF's rotate-half layout. x: [T, num_heads * d] (a view);
     cos, sin: [T, d / 2] for each token's position."""
+    if (native.lib() is not None and x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(1) == 1
+            and cos.is_contiguous() and sin.is_contiguous()):
+        native.rope_(x, cos, sin, num_heads)
+        return
     T = x.shape[0]
     xh = x.view(T, num_heads, -1)
     half = xh.shape[-1] // 2
