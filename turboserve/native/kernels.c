@@ -935,15 +935,22 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         if (cols > 32) _mm512_mask_storeu_epi32(o + 32, lanes(cols - 32), s2); \
         if (cols > 48) _mm512_mask_storeu_epi32(o + 48, lanes(cols - 48), s3); } } while (0)
 
+/* the next block's k group g into L2, while this block's first tile streams its own */
+#define VT_PREFETCH(g) (_mm_prefetch((const char *)pf + (g) * 256, _MM_HINT_T1), \
+                        _mm_prefetch((const char *)pf + (g) * 256 + 64, _MM_HINT_T1), \
+                        _mm_prefetch((const char *)pf + (g) * 256 + 128, _MM_HINT_T1), \
+                        _mm_prefetch((const char *)pf + (g) * 256 + 192, _MM_HINT_T1))
 static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *xu, int64_t ldu, const int8_t *wb,
                                                             int64_t K4, const int32_t *cs, int32_t *acc,
-                                                            int64_t lda, int64_t cols, const int ROWS) {
+                                                            int64_t lda, int64_t cols, const int8_t *pf,
+                                                            const int ROWS) {
     VT_DECL(0); VT_DECL(1); VT_DECL(2); VT_DECL(3); VT_DECL(4); VT_DECL(5);
     /* rows 6, 7: a second accumulator set for the odd k groups of 1-2 row tiles (VT_ROW reads row r % 6) */
     VT_DECL(6); VT_DECL(7);
     int64_t g = 0;
     if (ROWS <= 2) {
         for (; g + 2 <= K4; g += 2) {
+            if (pf) VT_PREFETCH(g), VT_PREFETCH(g + 1);
             VT_LOAD(w, g);
             VT_ROW(0, g, w); VT_ROW(1, g, w);
             VT_LOAD(v, g + 1);
@@ -951,6 +958,7 @@ static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *xu, i
         }
     }
     for (; g < K4; g++) {
+        if (pf) VT_PREFETCH(g);
         VT_LOAD(w, g);
         VT_ROW(0, g, w); VT_ROW(1, g, w); VT_ROW(2, g, w); VT_ROW(3, g, w); VT_ROW(4, g, w); VT_ROW(5, g, w);
     }
@@ -961,6 +969,7 @@ static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *xu, i
 #undef VT_ROW
 #undef VT_LOAD
 #undef VT_STORE
+#undef VT_PREFETCH
 #endif
 
 void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int32_t *colsum, int32_t *acc,
@@ -985,7 +994,8 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
             const int64_t mr = M / tiles + (t < M % tiles);
             const uint8_t *xt = xu + m0 * ldu;
             int32_t *at = acc + m0 * N + n0;
-#define TILE(R) vnni_tile(xt, ldu, wb, K4, colsum + n0, at, N, cols, R)
+            const int8_t *pf = t == 0 && cb + 1 < blocks ? wb + K4 * 256 : NULL;
+#define TILE(R) vnni_tile(xt, ldu, wb, K4, colsum + n0, at, N, cols, pf, R)
             switch (mr) {
                 case 1: TILE(1); break;
                 case 2: TILE(2); break;
