@@ -136,9 +136,9 @@ def test_native_varlen_attention_matches_sdpa(head_dim):
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu", "silu_mul"])
 def test_native_epilogue_equals_torch(act):
     """The native pass between two GEMMs (dequantize, activation or SiLU-and-multiply, residual,
-    LayerNorm or RMSNorm, int8 for the next GEMM) gives the PyTorch version's numbers: outputs within
-    1e-5 of their scale, int8 values within one step (a value on a rounding boundary), row scales
-    within 1e-5."""
+    LayerNorm with or without bias or RMSNorm, int8 for the next GEMM) gives the PyTorch version's
+    numbers: outputs within 1e-5 of their scale, int8 values within one step (a value on a rounding
+    boundary), row scales within 1e-5."""
     from turboserve import native
     from turboserve.ops import cpu
     if native.lib() is None:
@@ -152,7 +152,8 @@ def test_native_epilogue_equals_torch(act):
     residual = torch.randn(rows, oc, generator=g)
     ln = (torch.rand(oc, generator=g) + 0.5, torch.randn(oc, generator=g), 1e-5)
     nxt = cpu.Int8Linear(torch.randn(16, oc, generator=g), None)
-    for kw in ({}, {"residual": residual, "ln": ln}, {"residual": residual, "ln": (ln[0], None, ln[2]), "rms": True}):
+    for kw in ({}, {"residual": residual, "ln": ln}, {"ln": (ln[0], None, ln[2])},
+               {"residual": residual, "ln": (ln[0], None, ln[2]), "rms": True}):
         out, q = cpu.epilogue(src, out=torch.empty(rows, oc), act=act, quant_for=nxt, **kw)
         ref, ref_q, ref_scale = cpu._epilogue_torch(src, torch.empty(rows, oc), act, kw.get("residual"), kw.get("ln"),
                                                     nxt.inv_smooth, kw.get("rms", False))

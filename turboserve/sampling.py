@@ -132,11 +132,10 @@ def sample(logits: torch.Tensor, requests: list) -> list[Draw]:
     # greedy rows without penalties: one argmax over all of them, no per-row copy (a clone and an
     # argmax per row cost ~110 us a token on GPT-2's 50257-entry vocabulary)
     plain = [i for i, r in enumerate(requests) if r.params.greedy and not _has_penalties(r.params)]
-    # (numpy's argmax: 0.3 ms for [45, 50257] fp32 against torch's 2.0 ms; both take the first maximum)
-    if len(plain) == len(requests):
-        argmax = dict(enumerate(logits.numpy().argmax(-1).tolist()))   # no gathered copy of the rows
-    else:
-        argmax = dict(zip(plain, logits[plain].numpy().argmax(-1).tolist())) if plain else {}
+    # (numpy's argmax: 0.3 ms for [45, 50257] fp32 against torch's 2.0 ms; both take the first maximum;
+    # all rows plain: no gathered copy of them)
+    rows = logits if len(plain) == len(requests) else logits[plain]
+    argmax = dict(zip(plain, rows.numpy().argmax(-1).tolist())) if plain else {}
     out = []
     for i, r in enumerate(requests):
         p = r.params

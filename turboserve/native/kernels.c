@@ -21,7 +21,7 @@
  *                                                4 silu, 5 silu-and-multiply: the row is gate | up,
  *                                                v = silu(gate) * up, cols / 2 wide from here on
  *   v   = v + residual                           if residual
- *   v   = LayerNorm(v) * gamma + beta            if gamma (rms: RMSNorm(v) * gamma, no beta)
+ *   v   = LayerNorm(v) * gamma + beta            if gamma (beta may be NULL; rms: RMSNorm(v) * gamma)
  *   out = v                                      if out (may alias src or residual: rows are
  *                                                read whole before they are written)
  *   q, qscale = int8(v * inv_smooth), per row    if q (the next int8 GEMM's input)
@@ -180,7 +180,7 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
                 const float mean = sum / (float)oc;
                 for (int64_t c = 0; c < oc; c++) { const float d = v[c] - mean; var += d * d; }
                 const float rstd = 1.0f / sqrtf(var / (float)oc + eps);
-                for (int64_t c = 0; c < oc; c++) v[c] = (v[c] - mean) * rstd * gamma[c] + beta[c];
+                for (int64_t c = 0; c < oc; c++) v[c] = (v[c] - mean) * rstd * gamma[c] + (beta ? beta[c] : 0.0f);
             }
             if (out) memcpy(out + r * oc, v, sizeof(float) * oc);
             if (q) qscale[r] = quantize_row(v, inv_smooth, q + r * oc, oc);
@@ -411,7 +411,7 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
  *             are 16 lanes of FMAs with the query element broadcast, no horizontal sum per key (the
  *             row-major layout's per-key reduction held decode attention to 19 GB/s on GPT-2);
  *             int8: [d / 4][block_size][4], four dimensions of a key side by side, so one vector holds
- *             four dimensions of 16 keys, vpdpbusd's operand (see paged_rows_i8).
+ *             four dimensions of 16 keys, vpdpbusd's operand (see paged_heads_i8).
  *   v_cache:  fp32 / bf16: [block_size][d] (one key's values are one vector run);
  *             int8: [block_size / 4][d][4], four keys of a dimension side by side (vpdpbusd again).
  *   kind:     element type of both caches: KV_F32, KV_BF16, or KV_I8 with k_scale / v_scale
@@ -420,9 +420,10 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
  *   context after this step holds ctx_len[s] tokens, so its i-th query sits at position
  *   p = ctx_len[s] - n_q + i and attends to keys max(0, p - window + 1) .. p (window <= 0: unbounded).
  *   out:      fp32, head h of token t at out + t * out_stride + h * d
- * Work item = (sequence, KV head, chunk of up to QCHUNK queries). Its rows, (query, head) pairs of the
- * query heads sharing the KV head (grouped-query attention), go PA_ROWS at a time, so each key and
- * value vector loaded (and converted from bf16 / int8) serves PA_ROWS rows. Softmax is exact. */
+ * Work item = (sequence, chunk of up to QCHUNK queries, KV head; on the int8 VNNI path a group of KV
+ * heads). Its rows, (query, head) pairs of the query heads sharing a KV head (grouped-query
+ * attention), go PA_ROWS at a time, so each key and value vector loaded (and converted from bf16)
+ * serves PA_ROWS rows. Softmax is exact. */
 enum { KV_F32 = 0, KV_BF16 = 1, KV_I8 = 2 };
 #define QCHUNK 16
 #define PA_ROWS 4
@@ -472,28 +473,33 @@ static inline int64_t v_index(int kind, int64_t j, int64_t c, int64_t d) {
 
 static inline int64_t elem_size(int kind) { return kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1; }
 
+/* The keys of block b (block size bs) inside a group's range lo .. hi. */
+static inline int64_t block_first(int64_t b, int64_t bs, int64_t lo) { return b * bs > lo ? b * bs : lo; }
+static inline int64_t block_last(int64_t b, int64_t bs, int64_t hi) { return (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi; }
+
 /* The next block's keys, values and (int8) scales while this one computes, and at the first block the
  * first one's too. Prefetching 2, 4 or 8 blocks ahead, into L1 or L2, made no difference beyond this
  * VM's noise (with the VNNI int8 kernel too); without the scales, 20% of the first int8 kernel's time
  * went to waiting for them. */
 static inline void prefetch_block(int64_t b, int64_t lo, int64_t hi, const int32_t *table, int64_t kv_heads,
-                                  int64_t kh, int64_t part, const char *k_cache, const char *v_cache,
+                                  int64_t kh, int64_t nh, int64_t part, const char *k_cache, const char *v_cache,
                                   const float *k_scale, const float *v_scale, int64_t bs) {
 #ifdef __AVX512F__
+    /* heads kh .. kh + nh - 1, whose parts (`part` bytes each) are adjacent */
     for (int64_t f = b == lo ? b : b + 1; f <= b + 1 && f <= hi; f++) {
         const int64_t at = (int64_t)table[f] * kv_heads + kh;
-        for (int64_t x = 0; x < part; x += 64) {
+        for (int64_t x = 0; x < nh * part; x += 64) {
             _mm_prefetch(k_cache + at * part + x, _MM_HINT_T0);
             _mm_prefetch(v_cache + at * part + x, _MM_HINT_T0);
         }
         if (k_scale)
-            for (int64_t x = 0; x < bs; x += 16) {
+            for (int64_t x = 0; x < nh * bs; x += 16) {
                 _mm_prefetch((const char *)(k_scale + at * bs + x), _MM_HINT_T0);
                 _mm_prefetch((const char *)(v_scale + at * bs + x), _MM_HINT_T0);
             }
     }
 #else
-    (void)b; (void)lo; (void)hi; (void)table; (void)kv_heads; (void)kh; (void)part; (void)k_cache;
+    (void)b; (void)lo; (void)hi; (void)table; (void)kv_heads; (void)kh; (void)nh; (void)part; (void)k_cache;
     (void)v_cache; (void)k_scale; (void)v_scale; (void)bs;
 #endif
 }
@@ -537,7 +543,7 @@ static void paged_rows_scalar(int kind, int nr, const float *const qr[PA_ROWS], 
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
         const int64_t slot = (int64_t)table[b] * kv_heads + kh;
         const char *kb = k_cache + slot * d * bs * es;
-        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
         for (int64_t j = j_first; j <= j_last; j++) {
             const int64_t off = j - b * bs;
             const float f = scale * (kind == KV_I8 ? k_scale[slot * bs + off] : 1.0f);
@@ -554,7 +560,7 @@ static void paged_rows_scalar(int kind, int nr, const float *const qr[PA_ROWS], 
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
         const int64_t slot = (int64_t)table[b] * kv_heads + kh;
         const char *vb = v_cache + slot * bs * d * es;
-        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
         for (int64_t j = j_first; j <= j_last; j++) {
             const int64_t off = j - b * bs;
             const float vs = kind == KV_I8 ? v_scale[slot * bs + off] : 1.0f;
@@ -587,8 +593,8 @@ static inline __attribute__((always_inline)) void paged_rows(
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
         const int64_t slot = (int64_t)table[b] * kv_heads + kh;
         const char *kb = k_cache + slot * d * bs * es;
-        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
-        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh, d * bs * es, k_cache, v_cache, NULL, NULL, bs);
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
+        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh, 1, d * bs * es, k_cache, v_cache, NULL, NULL, bs);
         for (int64_t j0 = j_first; j0 <= j_last; j0 += 16) {
             const int64_t off = j0 - b * bs;
             const __mmask16 m = lanes(j_last - j0 + 1);
@@ -627,7 +633,7 @@ static inline __attribute__((always_inline)) void paged_rows(
                 for (int u = 0; u < 4; u++) acc[r][p][u] = _mm512_setzero_ps();
         for (int64_t b = lo / bs; b <= hi / bs; b++) {
             const char *vb = v_cache + ((int64_t)table[b] * kv_heads + kh) * bs * d * es;
-            const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+            const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
             /* key j into accumulator set P; all four vectors run, the masks zero those past d */
 #define V_KEY(P, j) do { \
                 const int64_t off = (j) - b * bs; \
@@ -667,6 +673,11 @@ static inline __attribute__((always_inline)) void paged_rows(
  * (255 steps), then per 4 keys and 16 dimensions one vpdpbusd, and the int32 sums back to fp32 once
  * per 16 keys. Against converting every int8 to fp32 (two instructions per 16 elements before each
  * FMA) this is about a sixth of the vector instructions. */
+/* The lanes of the 16 keys from k0 on that lie inside [j_first, j_last]. */
+static inline __mmask16 chunk_keys(int64_t k0, int64_t j_first, int64_t j_last) {
+    return (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(j_first - k0));
+}
+
 static inline __attribute__((always_inline)) void paged_heads_i8(
         int nr, int64_t nh, int64_t head_step, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
         const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
@@ -693,18 +704,9 @@ static inline __attribute__((always_inline)) void paged_heads_i8(
     const __m512i ones = _mm512_set1_epi8(1);
     /* 1. scores */
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
-        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
-        for (int64_t f = b == lo / bs ? b : b + 1; f <= b + 1 && f <= hi / bs; f++) {
-            const int64_t at = (int64_t)table[f] * kv_heads + kh0;
-            for (int64_t x = 0; x < nh * part; x += 64) {
-                _mm_prefetch((const char *)k_cache + at * part + x, _MM_HINT_T0);
-                _mm_prefetch((const char *)v_cache + at * part + x, _MM_HINT_T0);
-            }
-            for (int64_t x = 0; x < nh * bs; x += 16) {
-                _mm_prefetch((const char *)(k_scale + at * bs + x), _MM_HINT_T0);
-                _mm_prefetch((const char *)(v_scale + at * bs + x), _MM_HINT_T0);
-            }
-        }
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
+        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh0, nh, part, (const char *)k_cache,
+                       (const char *)v_cache, k_scale, v_scale, bs);
         for (int64_t hh = 0; hh < nh; hh++) {
             const int64_t slot = (int64_t)table[b] * kv_heads + kh0 + hh;
             const int8_t *kb = k_cache + slot * part;
@@ -743,9 +745,8 @@ static inline __attribute__((always_inline)) void paged_heads_i8(
                 }
                 const __m512i corr = _mm512_slli_epi32(ks[0], 7);
                 const __m512 f = _mm512_loadu_ps(k_scale + slot * bs + o);
-                /* keys of this chunk inside [j_first, j_last] */
-                const int64_t k0 = b * bs + o, first = j_first > k0 ? j_first - k0 : 0;
-                const __mmask16 m = (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(first));
+                const int64_t k0 = b * bs + o;
+                const __mmask16 m = chunk_keys(k0, j_first, j_last);
                 for (int r = 0; r < nr; r++) {
                     const __m512 sh = _mm512_cvtepi32_ps(_mm512_sub_epi32(ah[0][r], corr));
                     const __m512 sl = _mm512_cvtepi32_ps(_mm512_sub_epi32(al[0][r], corr));
@@ -760,13 +761,13 @@ static inline __attribute__((always_inline)) void paged_heads_i8(
     /* 3. values */
     memset(acc, 0, sizeof(float) * (size_t)(nh * PA_ROWS * d));
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
-        const int64_t j_first = b * bs > lo ? b * bs : lo, j_last = (b + 1) * bs - 1 < hi ? (b + 1) * bs - 1 : hi;
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
         for (int64_t hh = 0; hh < nh; hh++) {
             const int64_t slot = (int64_t)table[b] * kv_heads + kh0 + hh;
             const int8_t *vb = v_cache + slot * part;
             for (int64_t o = (j_first - b * bs) / 16 * 16; b * bs + o <= j_last; o += 16) {
-                const int64_t k0 = b * bs + o, first = j_first > k0 ? j_first - k0 : 0;
-                const __mmask16 m = (__mmask16)(lanes(j_last - k0 + 1) & ~lanes(first));
+                const int64_t k0 = b * bs + o;
+                const __mmask16 m = chunk_keys(k0, j_first, j_last);
                 const __m512 vs = _mm512_loadu_ps(v_scale + slot * bs + o);
                 for (int r = 0; r < nr; r++) {
                     /* sc has SC_PAD floats before each row's first key: k0 - lo >= -15 */

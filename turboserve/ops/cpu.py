@@ -63,8 +63,7 @@ def epilogue(src, *, out: torch.Tensor | None = None, act: str | None = None, re
     else:
         tensors = (src,)
     gamma, beta = (ln[0], ln[1]) if ln is not None else (None, None)
-    if _native_ok(*tensors, residual, gamma, beta, out) and act in native.ACTIVATIONS and (beta is not None or rms
-                                                                                           or ln is None):
+    if _native_ok(*tensors, residual, gamma, beta, out) and act in native.ACTIVATIONS:
         if isinstance(src, IntAccumulator):
             native.row_epilogue(src.acc, row_scale=src.row_scale, col_scale=src.col_scale, bias=src.bias,
                                 activation=act, residual=residual, ln=ln, rms=rms, out=out, inv_smooth=inv_smooth,
@@ -344,7 +343,7 @@ class PagedKV(NamedTuple):
     in fp32, bf16 or int8. int8 keeps one fp32 scale per token and KV head (k_scale, v_scale:
     [num_blocks, kv_heads, block_size]): symmetric, max |x| / 127 over the head's d values. int8 keeps
     the same shapes with the bytes of a block part in the order VNNI dot products read them (kernels.c
-    paged_rows_i8): K as [head_dim / 4, block_size, 4] (four dimensions of a key side by side), V as
+    paged_heads_i8): K as [head_dim / 4, block_size, 4] (four dimensions of a key side by side), V as
     [block_size / 4, head_dim, 4] (four keys of a dimension side by side); `int8_views` gives them.
     """
     k: torch.Tensor
