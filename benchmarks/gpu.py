@@ -9,8 +9,9 @@ PyTorch baseline's, and its achieved GB/s or TFLOP/s as a fraction of those peak
   varlen attention    bf16, the encoder `short` and `longtail` length mixes, d = 64 and 128, against
                       SDPA on the same sequences padded to a batch (with the key-padding mask) and,
                       where torch has it, torch.nn.attention.varlen.varlen_attn
-  paged attention     bf16 decode (one token per sequence) over 1024-token contexts in 16-token pages,
-                      GQA 32/8, d = 128, against SDPA over the same keys gathered contiguous (enable_gqa)
+  paged attention     bf16 decode (one token per sequence) over 1024- and 8192-token contexts in 16-token
+                      pages, GQA 32/8, d = 128, against SDPA over the same keys gathered contiguous
+                      (enable_gqa); each also with flash-decoding's key splits off (one split)
   row/elementwise     bias+residual+LayerNorm, RMSNorm, bias+GELU, SiLU-and-mul, RoPE against eager torch
   int8 weight-only    the Triton W8 GEMM against bf16 cuBLAS for M = 1 ... 512 rows; prints the row count
                       where cuBLAS starts to win (the value for cuda.Int8WeightOnlyLinear.triton_max_rows)
@@ -111,23 +112,28 @@ def bench_varlen(report: Report, tk) -> None:
 
 
 def bench_paged(report: Report, tk) -> None:
-    print("paged decode attention (bf16, GQA 32/8, d=128, 1024-token contexts, 16-token pages)")
-    nh, kvh, d, page, ctx = 32, 8, 128, 16, 1024
-    for seqs in (1, 8, 64):
-        blocks_per = ctx // page
-        k_cache = torch.randn(seqs * blocks_per + 1, kvh, page, d, device="cuda", dtype=torch.bfloat16)
-        v_cache = torch.randn_like(k_cache)
-        tables = torch.randperm(seqs * blocks_per, device="cuda").int().view(seqs, blocks_per)
-        cu_q = torch.arange(seqs + 1, device="cuda")
-        ctx_len = torch.full((seqs,), ctx, device="cuda")
-        q = torch.randn(seqs, nh * d, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty(seqs, nh * d, device="cuda", dtype=torch.float32)
-        ours = cuda_time(tk.paged_attention, q, k_cache, v_cache, tables, cu_q, ctx_len, nh, 0, d ** -0.5, out)
-        k = k_cache[tables.long()].permute(0, 2, 1, 3, 4).reshape(seqs, kvh, ctx, d)   # gathered outside the timing
-        v = v_cache[tables.long()].permute(0, 2, 1, 3, 4).reshape(seqs, kvh, ctx, d)
-        qs = q.view(seqs, nh, 1, d)
-        base = cuda_time(F.scaled_dot_product_attention, qs, k, v, enable_gqa=True)
-        report.line(f"{seqs} sequences", ours, base, "SDPA contiguous", nbytes=2 * k.numel() * 2)
+    print("paged decode attention (bf16, GQA 32/8, d=128, 16-token pages; 'one split' = flash-decoding off)")
+    nh, kvh, d, page = 32, 8, 128, 16
+    for ctx in (1024, 8192):
+        for seqs in (1, 8, 64):
+            blocks_per = ctx // page
+            k_cache = torch.randn(seqs * blocks_per + 1, kvh, page, d, device="cuda", dtype=torch.bfloat16)
+            v_cache = torch.randn_like(k_cache)
+            tables = torch.randperm(seqs * blocks_per, device="cuda").int().view(seqs, blocks_per)
+            cu_q = torch.arange(seqs + 1, device="cuda")
+            ctx_len = torch.full((seqs,), ctx, device="cuda")
+            q = torch.randn(seqs, nh * d, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(seqs, nh * d, device="cuda", dtype=torch.float32)
+            args = (q, k_cache, v_cache, tables, cu_q, ctx_len, nh, 0, d ** -0.5, out)
+            ours = cuda_time(tk.paged_attention, *args)
+            k = k_cache[tables.long()].permute(0, 2, 1, 3, 4).reshape(seqs, kvh, ctx, d)   # gathered outside the timing
+            v = v_cache[tables.long()].permute(0, 2, 1, 3, 4).reshape(seqs, kvh, ctx, d)
+            base = cuda_time(F.scaled_dot_product_attention, q.view(seqs, nh, 1, d), k, v, enable_gqa=True)
+            nbytes = 2 * k.numel() * 2
+            report.line(f"{seqs} sequences x {ctx} keys", ours, base, "SDPA contiguous", nbytes=nbytes)
+            whole = cuda_time(tk.paged_attention, *args, split_size=ctx)
+            report.line(f"{seqs} sequences x {ctx} keys, one split", whole, base, "SDPA contiguous", nbytes=nbytes)
+            del k, v, k_cache, v_cache
 
 
 def bench_rows(report: Report, tk) -> None:

@@ -99,14 +99,8 @@ PAGED_CASES = [  # (query heads, kv heads, head dim, page size, window, dtype)
 ]
 
 
-@pytest.mark.parametrize("nh,kvh,d,page,window,dtype", PAGED_CASES)
-@pytest.mark.parametrize("decode_only", [False, True])
-def test_paged_attention_matches_torch(nh, kvh, d, page, window, dtype, decode_only):
-    gen = torch.Generator().manual_seed(nh * d + window)
-    if decode_only:                         # one token per sequence: the decode tile shape
-        q_counts, ctx = [1, 1, 1], [1, 37, page + 1]
-    else:                                   # decode, whole prefill, decode, chunked prefill
-        q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, page * 3 + 1]
+def paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen):
+    """Run the paged kernel on random caches with scattered blocks; its error against the CPU reference."""
     width = max(-(-n // page) for n in ctx)
     num_blocks = 2 + width * len(ctx)
     k_cache = rand(num_blocks, kvh, page, d, dtype=dtype, gen=gen)
@@ -119,11 +113,34 @@ def test_paged_attention_matches_torch(nh, kvh, d, page, window, dtype, decode_o
     q = qkv[:, :nh * d]                    # strided rows, as the decoder passes them
     args = (tables, cu, torch.tensor(ctx), nh, window, d ** -0.5)
     out = torch.full((T, nh * d), float("nan"), dtype=torch.float32)
-    tk.paged_attention(q, k_cache, v_cache, *args, out)
+    tk.paged_attention(q, k_cache, v_cache, *args, out, split_size=split_size)
     # the CPU reference takes its own layout: keys transposed inside a block
     ref = cpu._paged_attention_torch(q.float(), cpu.PagedKV(k_cache.float().transpose(2, 3), v_cache.float()), *args,
                                      torch.empty(T, nh * d))
-    assert rel_err(out, ref) < BOUND[dtype]
+    return rel_err(out, ref)
+
+
+@pytest.mark.parametrize("nh,kvh,d,page,window,dtype", PAGED_CASES)
+@pytest.mark.parametrize("decode_only", [False, True])
+@pytest.mark.parametrize("split_size", [None, 16])       # 16: flash-decoding splits of 16 keys, combined
+def test_paged_attention_matches_torch(nh, kvh, d, page, window, dtype, decode_only, split_size):
+    gen = torch.Generator().manual_seed(nh * d + window)
+    if decode_only:                         # one token per sequence: the decode tile shape
+        q_counts, ctx = [1, 1, 1], [1, 37, page + 1]
+    else:                                   # decode, whole prefill, decode, chunked prefill
+        q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, page * 3 + 1]
+    assert paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen) < BOUND[dtype]
+
+
+def test_paged_attention_splits_long_contexts_at_small_batch():
+    """One sequence decoding over 1,500 keys fills 2 programs: the launcher splits its keys (each
+    split at least MIN_SPLIT keys) and the combined result is the unsplit one."""
+    key_span = 94 * 16
+    split = tk._split_size(2, key_span, 64, torch.device("cpu"))
+    assert tk.MIN_SPLIT <= split < key_span and split % 64 == 0
+    assert tk._split_size(4096, key_span, 64, torch.device("cpu")) == key_span    # a full GPU: no split
+    gen = torch.Generator().manual_seed(5)
+    assert paged_case(8, 2, 64, 16, 0, torch.bfloat16, [1], [1500], None, gen) < BOUND[torch.bfloat16]
 
 
 # ---------------------------------------------------------------------- row and elementwise fusions
@@ -303,6 +320,8 @@ cache = torch.empty(9, 2, 16, 128, dtype=bf)
 for T in (2, 40):                  # decode tile (GQA 7 padded to 8 rows), prefill tile
     tk.paged_attention(torch.empty(T, 14 * 128, dtype=bf), cache, cache, torch.empty(2, 4, dtype=torch.int32),
                        torch.tensor([0, 1, T]), torch.tensor([9, 50]), 14, 8, 0.1, torch.empty(T, 14 * 128))
+tk.paged_attention(torch.empty(2, 14 * 128, dtype=bf), cache, cache, torch.empty(2, 40, dtype=torch.int32),
+                   torch.tensor([0, 1, 2]), torch.tensor([9, 600]), 14, 0, 0.1, torch.empty(2, 14 * 128))  # splits
 x = torch.empty(8, 768, dtype=bf)
 tk.row_norm(x, x[0], None, 1e-5, "rms", x, bias=x[0], act="gelu_tanh", residual=x)
 tk.bias_act(x, x, bias=x[0], act="gelu")
@@ -335,7 +354,7 @@ def test_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 8, run.stdout
+    assert run.stdout.count("compiled") == 10, run.stdout
 
 
 # ---------------------------------------------------------------------- CUDA graphs: what runs without a GPU

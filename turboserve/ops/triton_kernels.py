@@ -11,7 +11,9 @@ Kernels
                       [T, 3H] projection
   paged_attention     causal attention of each sequence's new tokens (prefill chunks and decode tokens
                       in one launch) over its paged KV cache; GQA: the query heads that share a KV head
-                      are rows of one tile, so each K/V block is loaded once per group; sliding window
+                      are rows of one tile, so each K/V block is loaded once per group; sliding window;
+                      flash-decoding: when its programs cannot fill the GPU (small decode batches, long
+                      contexts) each program's keys are split and _combine_splits_kernel merges them
   row_norm            one pass per row: act(x + bias) + residual, then LayerNorm or RMSNorm
   bias_act            elementwise act(x + bias) (+ residual): bias+GELU after a GEMM
   silu_and_mul        [T, 2I] (gate | up) -> silu(gate) * up
@@ -24,6 +26,8 @@ TF32) so the fp32 path keeps the reference contract of the CPU backend; bf16/fp1
 Head dimensions that are not powers of two (80, 96) run in a padded BLOCK_D with masked lanes.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -128,15 +132,16 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.T
 
 
 # ---------------------------------------------------------------------------------- paged attention
-@triton.jit(do_not_specialize=["num_seqs", "window"])
-def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, tables_ptr, cu_q_ptr, ctx_ptr, num_seqs,
-                            stride_q, stride_o, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                            stride_table, qk_scale, window,
-                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                            PAGE: tl.constexpr, DOT: tl.constexpr):
+@triton.jit(do_not_specialize=["num_seqs", "window", "split_size"])
+def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, part_ptr, stats_ptr, tables_ptr, cu_q_ptr, ctx_ptr,
+                            num_seqs, stride_q, stride_o, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                            stride_vt, stride_table, qk_scale, window, split_size,
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                            BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     # Program pid serves a block of BLOCK_Q query tokens. Sequence s owns programs from
     # cu_q[s] // BLOCK_Q + s on (an upper bound on the blocks of sequences before it, so the grid is
     # T // BLOCK_Q + S programs, known without reading cu_q on the host); binary search for s.
@@ -173,6 +178,9 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, tables_ptr, cu_q_ptr
     first_pos = ctx - n_q + qblk * BLOCK_Q
     key_end = tl.minimum(ctx, first_pos + BLOCK_Q)      # keys past the block's last query are masked
     key_start = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    if NUM_SPLITS > 1:                                  # this program's share of the keys (split_size % BLOCK_N == 0)
+        key_start = tl.maximum(key_start, split * split_size)
+        key_end = tl.minimum(key_end, (split + 1) * split_size)
     table = tables_ptr + seq * stride_table
     for n0 in range(key_start, key_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -187,18 +195,67 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, tables_ptr, cu_q_ptr
         valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         valid = valid & ((window == 0) | (offs_n[None, :] > pos[:, None] - window))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), valid, qk_scale, DOT)
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    o_off = (q_start + tok)[:, None] * stride_o + head[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask)
+    if NUM_SPLITS == 1:
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        o_off = (q_start + tok)[:, None] * stride_o + head[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptr + o_off, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask)
+    else:
+        # unnormalized partial result and its (max, sum) for _combine_splits_kernel; a split past the
+        # context (or before the window) stores max -1e30, sum 0 and weighs nothing there
+        row = ((q_start + tok) * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_mask)
+        tl.store(stats_ptr + 2 * row, m_i, mask=row_ok)
+        tl.store(stats_ptr + 2 * row + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(part_ptr, stats_ptr, o_ptr, stride_o, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (flash-decoding)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (t * NUM_HEADS + h) * NUM_SPLITS + s
+    m = tl.load(stats_ptr + 2 * row, mask=s_ok, other=-1.0e30)
+    l = tl.load(stats_ptr + 2 * row + 1, mask=s_ok, other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    acc = tl.load(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(o_ptr + t * stride_o + h * HEAD_DIM + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+MIN_SPLIT = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132                                      # the interpreter on CPU tensors: an H100/H200's count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_size(programs: int, key_span: int, block_n: int, device: torch.device) -> int:
+    """Keys per split (a multiple of block_n; key_span when not splitting). Flash-decoding: when the
+    (query tile, KV head) programs cannot fill the GPU twice over (small decode batches), each also
+    splits its keys, in splits of at least MIN_SPLIT keys, and a second kernel combines the splits.
+    From shapes only: key_span is the block tables' width in tokens, fixed under a CUDA graph."""
+    splits = min(triton.cdiv(2 * _sm_count(device), programs), key_span // MIN_SPLIT)
+    if splits <= 1:
+        return key_span
+    return triton.cdiv(key_span, splits * block_n) * block_n
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
-                    out: torch.Tensor) -> torch.Tensor:
+                    out: torch.Tensor, split_size: int | None = None) -> torch.Tensor:
     """q: [T, num_heads * d] (rows may be strided, e.g. a view of the qkv projection); caches
     [num_blocks, kv_heads, block_size, d]; block_tables int32 [S, W]; cu_q int64 [S + 1]; ctx_len int64
     [S] (context length after this step's tokens); out [T, num_heads * d]. window > 0 keeps the keys
-    in (pos - window, pos]. The grid depends only on tensor shapes (graph capture safe)."""
+    in (pos - window, pos]. split_size: keys per split (a power of two >= 16), None to choose from the
+    shapes (_split_size). The grids depend only on tensor shapes (graph capture safe)."""
     T = q.shape[0]
     _, kv_heads, page, d = k_cache.shape
     assert q.stride(1) == 1 and out.stride(1) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
@@ -208,12 +265,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     # a decode-only step (one token per sequence) wants few query rows per tile; prefill wants 64
     rows = 16 if T == num_seqs else 64
     block_q = max(1, rows // group_pad)
-    grid = (T // block_q + num_seqs, kv_heads)
-    _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_q, ctx_len, num_seqs, q.stride(0), out.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), scale * LOG2E, window,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=block_q,
-        BLOCK_N=64 if d <= 64 else 32, PAGE=page, DOT=_dot_precision(q.dtype), num_warps=4)
+    block_n = 64 if d <= 64 else 32
+    programs = T // block_q + num_seqs
+    key_span = block_tables.shape[1] * page
+    if split_size is None:
+        split_size = _split_size(programs * kv_heads, key_span, block_n, q.device)
+    else:
+        block_n = min(block_n, split_size)
+    splits = max(1, triton.cdiv(key_span, split_size))
+    part = stats = out
+    if splits > 1:
+        part = torch.empty(T * num_heads * splits, d, dtype=torch.float32, device=q.device)
+        stats = torch.empty(T * num_heads * splits, 2, dtype=torch.float32, device=q.device)
+    _paged_attention_kernel[(programs, kv_heads, splits)](
+        q, k_cache, v_cache, out, part, stats, block_tables, cu_q, ctx_len, num_seqs, q.stride(0), out.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), scale * LOG2E, window, split_size,
+        GROUP=group, GROUP_PAD=group_pad, NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_Q=block_q, BLOCK_N=block_n, PAGE=page, NUM_SPLITS=splits, DOT=_dot_precision(q.dtype), num_warps=4)
+    if splits > 1:
+        _combine_splits_kernel[(T, num_heads)](
+            part, stats, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+            NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 
