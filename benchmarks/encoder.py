@@ -77,7 +77,9 @@ def gemm_peaks() -> dict:
 
 
 # ------------------------------------------------------------------ models
-def model_dir(name: str) -> Path:
+def model_dir(name: str, vocab_from: Path | None = None) -> Path:
+    """The model's directory (bert-base: built once, random weights, MiniLM's tokenizer files, taken
+    from `vocab_from` where the bundled package is not installed, as on the GPU machine)."""
     if name == "minilm":
         return default_model_path()
     if name == "bert-base":
@@ -88,7 +90,7 @@ def model_dir(name: str) -> Path:
             torch.manual_seed(0)
             transformers.BertModel(transformers.BertConfig()).save_pretrained(d)   # bert-base-uncased shape
             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-                shutil.copy(default_model_path() / f, d / f)
+                shutil.copy((vocab_from or default_model_path()) / f, d / f)
         # transformers 5 no longer writes this key; CTranslate2's converter still reads it
         cfg = json.loads((d / "config.json").read_text())
         if "position_embedding_type" not in cfg:

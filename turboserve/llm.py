@@ -148,7 +148,9 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model: DecoderModel, tokenizer: DecoderTokenizer, *, max_num_seqs: int = 64,
                  max_batch_tokens: int = 2048, block_size: int = 16, kv_cache_bytes: int | None = None,
-                 max_waiting: int = 1024, prefix_caching: bool = True, seed: int = 0):
+                 max_waiting: int = 1024, prefix_caching: bool = True, seed: int = 0, cuda_graphs: bool = True):
+        """cuda_graphs: on a CUDA model, replay decode steps from CUDA graphs (False: every step eager,
+        for debugging and to measure what the graphs save)."""
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs, self.max_batch_tokens, self.max_waiting = max_num_seqs, max_batch_tokens, max_waiting
         self.max_context = model.max_positions
@@ -159,7 +161,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.kv_cache_bytes = num_blocks * block_size * per_token
         device = getattr(model, "device", torch.device("cpu"))
-        if device.type == "cuda":
+        if device.type == "cuda" and cuda_graphs:
             # decode steps replay CUDA graphs (ops/cuda_graphs.py); their padding sequences write into
             # one block past the ones the block manager hands out
             from .ops.cuda_graphs import DecodeGraphs

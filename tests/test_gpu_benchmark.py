@@ -1,0 +1,39 @@
+"""benchmarks/gpu.py must work the first time it meets a GPU (a lent GPU's minutes are few): its dry
+run executes the whole script on the CPU, the kernels in Triton's interpreter at toy sizes, and checks
+every kernel's output against its PyTorch baseline as the GPU run does."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dry_run(*extra: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--dry-run", *extra], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "WRONG" not in run.stdout and "failed" not in run.stdout, run.stdout
+    return run.stdout
+
+
+def test_gpu_benchmark_kernels_dry_run():
+    out = dry_run("--skip-e2e")
+    for section in ("measured peaks", "varlen attention", "paged decode attention", "row and elementwise fusions",
+                    "int8 weight-only GEMM", "cuBLAS first wins"):
+        assert section in out, out
+    timed = [line for line in out.splitlines() if line.startswith("  ") and " us " in line]
+    assert len(timed) >= 18 and all(" err " in line for line in timed), out   # each with its error
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_end_to_end_dry_run():
+    out = dry_run("--models", "minilm", "--gen-models", "llama")
+    for line in ("minilm short: turboserve", "minilm longtail: transformers", "llama: turboserve (CUDA graphs)",
+                 "llama: turboserve (eager)", "llama: transformers static/16"):
+        assert line in out, out
