@@ -22,6 +22,8 @@ the script exits 1):
   int8 weight-only    the Triton W8 GEMM against bf16 cuBLAS for M = 1 ... 512 rows (error against the
                       dequantized weight's product); prints the row count where cuBLAS starts to win (the
                       value for cuda.Int8WeightOnlyLinear.triton_max_rows)
+  sweeps              W8 GEMM tiles at decode row counts (for triton_kernels.W8_DECODE_TILES) and
+                      flash-decoding split sizes for few sequences over 8k and 32k keys (MIN_SPLIT)
 
 End to end (unless --skip-e2e): encoder throughput (real tokens/s) of turboserve on device="cuda"
 against transformers (SDPA, length-sorted padded batches of 32) on the same GPU, and generation
@@ -69,6 +71,9 @@ class Setup:
     rows: tuple                  # (M, N, intermediate, RoPE heads, RoPE head dim)
     w8_shapes: tuple
     w8_rows: tuple
+    sweep_w8_shapes: tuple
+    sweep_w8_tiles: tuple        # (BLOCK_N, BLOCK_K, stages) candidates at BLOCK_M 16, 4 warps
+    sweep_split: tuple           # (sequences, keys, split sizes to try)
     enc_count: int
     gen_count: int
     gen_max_new: int | None
@@ -76,9 +81,13 @@ class Setup:
 
 GPU = Setup("cuda", torch.bfloat16, 8192, 1 << 30, 64, ((12, 64), (16, 128)), (32, 8, 128), (1024, 8192), (1, 8, 64),
             (8192, 4096, 11008, 32, 128), ((4096, 4096), (4096, 11008)), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            ((4096, 4096), (4096, 11008), (11008, 4096)),
+            tuple((n, k, st) for n in (32, 64, 128) for k in (64, 128, 256) for st in (2, 3, 4)),
+            ((1, 8192, (256, 512, 1024, 2048)), (8, 8192, (512, 1024, 2048)), (1, 32768, (512, 1024, 2048, 4096))),
             512, 64, None)
 DRY = Setup("cpu", torch.float32, 256, 1 << 24, 3, ((2, 64),), (4, 1, 64), (64, 600), (1, 2),
-            (8, 256, 512, 2, 64), ((256, 128),), (1, 16, 64), 8, 2, 6)
+            (8, 256, 512, 2, 64), ((256, 128),), (1, 16, 64), ((256, 128),), ((32, 64, 2), (64, 128, 3)),
+            ((1, 600, (256, 512)),), 8, 2, 6)
 
 
 # ---------------------------------------------------------------------- timing and peaks
@@ -285,6 +294,57 @@ def bench_w8(report: Report, cuda_ops) -> None:
         print(f"    cuBLAS first wins at M = {crossover} rows (None: never up to {setup.w8_rows[-1]})")
 
 
+# ---------------------------------------------------------------------- tile and split sweeps
+def sweep_w8(report: Report, tk) -> None:
+    """Decode-sized W8 GEMMs (1 and 16 rows) over tile candidates: the best go into
+    triton_kernels.W8_DECODE_TILES."""
+    setup = report.setup
+    print("sweep: W8 GEMM tiles at 1 and 16 rows (BLOCK_M 16, 4 warps): us per (shape, rows), best first")
+    totals: dict[tuple, float] = {}
+    for K, N in setup.sweep_w8_shapes:
+        w_q = torch.randint(-127, 128, (K, N), device=setup.device, dtype=torch.int8)
+        scale = torch.rand(N, device=setup.device) / 64
+        for M in (1, 16):
+            x = rand(setup, M, K)
+            out = torch.empty(M, N, device=setup.device, dtype=setup.dtype)
+            times = {}
+            for n, k, stages in setup.sweep_w8_tiles:
+                tiles = (16, n, k, 4, stages)
+                times[tiles] = report.time(tk.w8_matmul, x, w_q, scale, None, out, tiles=tiles)
+                totals[tiles] = totals.get(tiles, 0.0) + times[tiles]
+            best = sorted(times, key=times.get)[:3]
+            default = report.time(tk.w8_matmul, x, w_q, scale, None, out)
+            print(f"  K={K} N={N} M={M}: default {default * 1e6:.1f} us ({K * N / default / 1e9:.0f} GB/s); "
+                  + ", ".join(f"{t} {times[t] * 1e6:.1f}" for t in best))
+    best = min(totals, key=totals.get)
+    print(f"    best over all shapes: tiles {best} (summed {totals[best] * 1e6:.1f} us); "
+          f"now W8_DECODE_TILES = {tk.W8_DECODE_TILES}")
+
+
+def sweep_split(report: Report, tk) -> None:
+    """Flash-decoding's split size for few sequences over long contexts (GQA 32/8, d 128 on the GPU)."""
+    setup = report.setup
+    nh, kvh, d = setup.paged_heads
+    page = 16
+    print("sweep: paged attention split sizes (keys per split): us; 'auto' is the launcher's choice")
+    for seqs, ctx, sizes in setup.sweep_split:
+        blocks = -(-ctx // page)
+        k_cache = rand(setup, seqs * blocks + 1, kvh, page, d)
+        v_cache = rand(setup, seqs * blocks + 1, kvh, page, d)
+        tables = torch.randperm(seqs * blocks, device=setup.device).int().view(seqs, blocks)
+        q = rand(setup, seqs, nh * d)
+        out = torch.empty(seqs, nh * d, device=setup.device)
+        args = (q, k_cache, v_cache, tables, torch.arange(seqs + 1, device=setup.device),
+                torch.full((seqs,), ctx, device=setup.device), nh, 0, d ** -0.5, out)
+        auto = tk._split_size(seqs * kvh, blocks * page, 64 if d <= 64 else 32, q.device)
+        times = {"auto": report.time(tk.paged_attention, *args)}
+        for size in sizes:
+            times[size] = report.time(tk.paged_attention, *args, split_size=size)
+        print(f"  {seqs} x {ctx} keys (auto = {auto}): "
+              + ", ".join(f"{size} {t * 1e6:.1f}" for size, t in times.items()))
+        del k_cache, v_cache
+
+
 # ---------------------------------------------------------------------- end to end
 def e2e_encoder(setup: Setup, timer: Timer, models: list[str], vocab_from: Path | None) -> None:
     import tokenizers
@@ -407,6 +467,8 @@ def main() -> int:
     bench_paged(report, cuda_ops.tk)
     bench_rows(report, cuda_ops.tk)
     bench_w8(report, cuda_ops)
+    sweep_w8(report, cuda_ops.tk)
+    sweep_split(report, cuda_ops.tk)
     if not args.skip_e2e:
         e2e_encoder(setup, timer, [m for m in args.models.split(",") if m], args.vocab_from)
         e2e_generation(setup, timer, [m for m in args.gen_models.split(",") if m])

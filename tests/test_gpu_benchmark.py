@@ -25,9 +25,11 @@ def dry_run(*extra: str) -> str:
 def test_gpu_benchmark_kernels_dry_run():
     out = dry_run("--skip-e2e")
     for section in ("measured peaks", "varlen attention", "paged decode attention", "row and elementwise fusions",
-                    "int8 weight-only GEMM", "cuBLAS first wins"):
+                    "int8 weight-only GEMM", "cuBLAS first wins", "sweep: W8 GEMM tiles", "best over all shapes",
+                    "sweep: paged attention split sizes"):
         assert section in out, out
-    timed = [line for line in out.splitlines() if line.startswith("  ") and " us " in line]
+    kernels = out.split("sweep:")[0]
+    timed = [line for line in kernels.splitlines() if line.startswith("  ") and " us " in line]
     assert len(timed) >= 18 and all(" err " in line for line in timed), out   # each with its error
 
 

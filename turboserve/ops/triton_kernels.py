@@ -436,17 +436,22 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, o_ptr, M, N, K, stride_
              mask=m_ok & n_ok)
 
 
+W8_DECODE_TILES = (16, 64, 128, 4, 3)     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) up to 16 rows
+W8_TILES = (64, 64, 64, 4, 3)             # above: first guesses; benchmarks/gpu.py sweeps them on a GPU
+
+
 def w8_matmul(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-              out: torch.Tensor) -> torch.Tensor:
+              out: torch.Tensor, tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """out = (x @ weight_q) * scale + bias. x [M, K] float; weight_q int8 [K, N] (row-major, so a tile's
-    rows are contiguous along N); scale fp32 [N]. Tiles are a first guess, to be tuned on a GPU."""
+    rows are contiguous along N); scale fp32 [N]. tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages),
+    default W8_DECODE_TILES / W8_TILES by row count."""
     M, K = x.shape
     N = weight_q.shape[1]
     assert x.stride(1) == 1 and weight_q.stride(1) == 1 and out.stride(1) == 1
-    block_m = 16 if M <= 16 else 64
-    block_n, block_k = (64, 128) if M <= 16 else (64, 64)
+    block_m, block_n, block_k, warps, stages = tiles or (W8_DECODE_TILES if M <= 16 else W8_TILES)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _w8_matmul_kernel[grid](x, weight_q, scale, scale if bias is None else bias, out, M, N, K, x.stride(0),
                             weight_q.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=block_k, DOT=_dot_precision(x.dtype), num_warps=4)
+                            BLOCK_N=block_n, BLOCK_K=block_k, DOT=_dot_precision(x.dtype), num_warps=warps,
+                            num_stages=stages)
     return out
