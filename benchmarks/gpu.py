@@ -20,8 +20,9 @@ the script exits 1):
                       (enable_gqa); each also with flash-decoding's key splits off (one split)
   row/elementwise     bias+residual+LayerNorm, RMSNorm, bias+GELU, SiLU-and-mul, RoPE against eager torch
   int8 weight-only    the Triton W8 GEMM against bf16 cuBLAS for M = 1 ... 512 rows (error against the
-                      dequantized weight's product); prints the row count where cuBLAS starts to win (the
-                      value for cuda.Int8WeightOnlyLinear.triton_max_rows)
+                      dequantized weight's product); prints the row counts where bf16 cuBLAS starts to win
+                      and where dequantize + cuBLAS does (the value for
+                      cuda.Int8WeightOnlyLinear.triton_max_rows)
   sweeps              W8 GEMM tiles at decode row counts (for triton_kernels.W8_DECODE_TILES) and
                       flash-decoding split sizes for few sequences over 8k and 32k keys (MIN_SPLIT)
 
@@ -274,24 +275,34 @@ def bench_rows(report: Report, tk) -> None:
 
 
 def bench_w8(report: Report, cuda_ops) -> None:
+    """Against the bf16 GEMM (does int8 pay at all) and against what Int8WeightOnlyLinear does above
+    triton_max_rows, dequantizing the weight and calling cuBLAS (where that should switch)."""
     setup = report.setup
-    print(f"int8 weight-only GEMM against {_name(setup.dtype)} cuBLAS")
+    name = _name(setup.dtype)
+    print(f"int8 weight-only GEMM against {name} cuBLAS, and against dequantize + cuBLAS")
     for K, N in setup.w8_shapes:
         w = torch.randn(N, K)
         lin8 = cuda_ops.Int8WeightOnlyLinear(w, None, setup.dtype, device=setup.device)
         w16 = w.to(setup.device, setup.dtype)
         dequant = lin8.weight_q.float() * lin8.weight_scale.float()[None, :]       # [K, N]
-        crossover = None
+
+        def dequant_mm(x):
+            return torch.mm(x, lin8.weight_q.to(setup.dtype) * lin8.weight_scale.to(setup.dtype))
+        beats_bf16, crossover = None, None
         for M in setup.w8_rows:
             x = rand(setup, M, K)
             out = torch.full((M, N), float("nan"), device=setup.device, dtype=setup.dtype)
             ours = report.time(cuda_ops.tk.w8_matmul, x, lin8.weight_q, lin8.weight_scale, None, out)
             base = report.time(torch.mm, x, w16.t())
-            report.line(f"K={K} N={N} M={M}", ours, base, f"{_name(setup.dtype)} mm", err=rel_err(out, x.float() @ dequant),
+            report.line(f"K={K} N={N} M={M}", ours, base, f"{name} mm", err=rel_err(out, x.float() @ dequant),
                         nbytes=K * N)
-            if crossover is None and base < ours:
+            if beats_bf16 is None and base < ours:
+                beats_bf16 = M
+            if crossover is None and report.time(dequant_mm, x) < ours:
                 crossover = M
-        print(f"    cuBLAS first wins at M = {crossover} rows (None: never up to {setup.w8_rows[-1]})")
+        print(f"    {name} cuBLAS first wins at M = {beats_bf16}; dequantize + cuBLAS first wins at M = {crossover} "
+              f"(triton_max_rows is {cuda_ops.Int8WeightOnlyLinear.triton_max_rows}; None: never up to "
+              f"{setup.w8_rows[-1]})")
 
 
 # ---------------------------------------------------------------------- tile and split sweeps
