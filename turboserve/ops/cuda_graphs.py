@@ -20,9 +20,12 @@ host during a decode step: ops/cuda.py's kernels size their grids from shapes on
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger("turboserve")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _STEP_TENSORS = ("input_ids", "positions", "cu_q", "ctx_len", "block_tables", "slot_blocks", "slot_offsets",
@@ -77,7 +80,7 @@ class DecodeGraphs:
         self.max_blocks, self.pad_block = max_blocks, pad_block
         self.device = torch.device(device)
         self.buckets = buckets
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor] | None] = {}   # None: failed
         self._pool = None
 
     def replayable(self, step) -> bool:
@@ -93,7 +96,15 @@ class DecodeGraphs:
         bucket = bucket_for(num_seqs, self.buckets)
         padded = pad_decode_step(step, bucket, self.max_blocks, self.pad_block)
         if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(padded)
+            try:
+                self._graphs[bucket] = self._capture(padded)
+            except Exception:   # noqa: BLE001 - a capture failure must cost speed, not the request
+                log.exception("CUDA graph capture failed for decode bucket %d; that bucket runs eagerly", bucket)
+                self._graphs[bucket] = None
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+        if self._graphs[bucket] is None:
+            return self.forward(step)
         graph, static, logits = self._graphs[bucket]
         for name in _STEP_TENSORS:
             getattr(static, name).copy_(getattr(padded, name), non_blocking=True)

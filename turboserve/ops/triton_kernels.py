@@ -28,6 +28,7 @@ Head dimensions that are not powers of two (80, 96) run in a padded BLOCK_D with
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -210,19 +211,17 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, part_ptr, stats_ptr,
 
 @triton.jit
 def _combine_splits_kernel(part_ptr, stats_ptr, o_ptr, stride_o, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (flash-decoding)."""
+                           BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (flash-decoding;
+    NUM_SPLITS a power of two)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = s < NUM_SPLITS
     offs_d = tl.arange(0, BLOCK_D)
-    row = (t * NUM_HEADS + h) * NUM_SPLITS + s
-    m = tl.load(stats_ptr + 2 * row, mask=s_ok, other=-1.0e30)
-    l = tl.load(stats_ptr + 2 * row + 1, mask=s_ok, other=0.0)
+    row = (t * NUM_HEADS + h) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)
+    m = tl.load(stats_ptr + 2 * row)
+    l = tl.load(stats_ptr + 2 * row + 1)
     w = tl.exp2(m - tl.max(m, 0))
-    acc = tl.load(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    acc = tl.load(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(o_ptr + t * stride_o + h * HEAD_DIM + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
@@ -237,15 +236,36 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_size(programs: int, key_span: int, block_n: int, device: torch.device) -> int:
-    """Keys per split (a multiple of block_n; key_span when not splitting). Flash-decoding: when the
-    (query tile, KV head) programs cannot fill the GPU twice over (small decode batches), each also
-    splits its keys, in splits of at least MIN_SPLIT keys, and a second kernel combines the splits.
-    From shapes only: key_span is the block tables' width in tokens, fixed under a CUDA graph."""
-    splits = min(triton.cdiv(2 * _sm_count(device), programs), key_span // MIN_SPLIT)
+class PagedPlan(NamedTuple):
+    block_q: int         # query tokens per program (times the GQA group's heads: the tile's rows)
+    block_n: int         # keys per inner step
+    programs: int        # programs per KV head and split
+    split_size: int      # keys per split: a multiple of block_n, or the whole key span
+    splits: int          # a power of two: few compiled variants while eager steps' tables grow
+
+
+def paged_plan(T: int, num_seqs: int, num_heads: int, kv_heads: int, head_dim: int, key_span: int,
+               device: torch.device, split_size: int | None = None) -> PagedPlan:
+    """Tiles and key splits of paged_attention, from shapes only (key_span: the block tables' width
+    in tokens, fixed under a CUDA graph, which pads tables to max_blocks).
+
+    Flash-decoding: when the (query tile, KV head) programs cannot fill the GPU twice over (small
+    decode batches), each also splits its keys, into splits of at least MIN_SPLIT keys, and a second
+    kernel combines the splits. split_size forces keys per split (tests, sweeps)."""
+    group_pad = triton.next_power_of_2(num_heads // kv_heads)
+    rows = 16 if T == num_seqs else 64   # a decode-only step wants few query rows per tile; prefill 64
+    block_q = max(1, rows // group_pad)
+    block_n = 64 if head_dim <= 64 else 32
+    programs = T // block_q + num_seqs
+    if split_size is not None:
+        block_n = min(block_n, split_size)
+        return PagedPlan(block_q, block_n, programs, split_size,
+                         triton.next_power_of_2(max(1, triton.cdiv(key_span, split_size))))
+    splits = min(triton.cdiv(2 * _sm_count(device), programs * kv_heads), key_span // MIN_SPLIT)
     if splits <= 1:
-        return key_span
-    return triton.cdiv(key_span, splits * block_n) * block_n
+        return PagedPlan(block_q, block_n, programs, key_span, 1)
+    splits = 1 << (splits.bit_length() - 1)            # a power of two, each split still >= MIN_SPLIT
+    return PagedPlan(block_q, block_n, programs, triton.cdiv(key_span, splits * block_n) * block_n, splits)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -254,38 +274,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [T, num_heads * d] (rows may be strided, e.g. a view of the qkv projection); caches
     [num_blocks, kv_heads, block_size, d]; block_tables int32 [S, W]; cu_q int64 [S + 1]; ctx_len int64
     [S] (context length after this step's tokens); out [T, num_heads * d]. window > 0 keeps the keys
-    in (pos - window, pos]. split_size: keys per split (a power of two >= 16), None to choose from the
-    shapes (_split_size). The grids depend only on tensor shapes (graph capture safe)."""
+    in (pos - window, pos]. split_size: keys per split, None to choose (paged_plan). The grids depend
+    only on tensor shapes (graph capture safe)."""
     T = q.shape[0]
     _, kv_heads, page, d = k_cache.shape
     assert q.stride(1) == 1 and out.stride(1) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     group = num_heads // kv_heads
-    group_pad = triton.next_power_of_2(group)
     num_seqs = ctx_len.numel()
-    # a decode-only step (one token per sequence) wants few query rows per tile; prefill wants 64
-    rows = 16 if T == num_seqs else 64
-    block_q = max(1, rows // group_pad)
-    block_n = 64 if d <= 64 else 32
-    programs = T // block_q + num_seqs
-    key_span = block_tables.shape[1] * page
-    if split_size is None:
-        split_size = _split_size(programs * kv_heads, key_span, block_n, q.device)
-    else:
-        block_n = min(block_n, split_size)
-    splits = max(1, triton.cdiv(key_span, split_size))
+    plan = paged_plan(T, num_seqs, num_heads, kv_heads, d, block_tables.shape[1] * page, q.device, split_size)
     part = stats = out
-    if splits > 1:
-        part = torch.empty(T * num_heads * splits, d, dtype=torch.float32, device=q.device)
-        stats = torch.empty(T * num_heads * splits, 2, dtype=torch.float32, device=q.device)
-    _paged_attention_kernel[(programs, kv_heads, splits)](
+    if plan.splits > 1:
+        part = torch.empty(T * num_heads * plan.splits, d, dtype=torch.float32, device=q.device)
+        stats = torch.empty(T * num_heads * plan.splits, 2, dtype=torch.float32, device=q.device)
+    _paged_attention_kernel[(plan.programs, kv_heads, plan.splits)](
         q, k_cache, v_cache, out, part, stats, block_tables, cu_q, ctx_len, num_seqs, q.stride(0), out.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), scale * LOG2E, window, split_size,
-        GROUP=group, GROUP_PAD=group_pad, NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_Q=block_q, BLOCK_N=block_n, PAGE=page, NUM_SPLITS=splits, DOT=_dot_precision(q.dtype), num_warps=4)
-    if splits > 1:
-        _combine_splits_kernel[(T, num_heads)](
-            part, stats, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
-            NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), scale * LOG2E, window,
+        plan.split_size, GROUP=group, GROUP_PAD=triton.next_power_of_2(group), NUM_HEADS=num_heads, HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, PAGE=page,
+        NUM_SPLITS=plan.splits, DOT=_dot_precision(q.dtype), num_warps=4)
+    if plan.splits > 1:
+        _combine_splits_kernel[(T, num_heads)](part, stats, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=d,
+                                               BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=plan.splits,
+                                               num_warps=4)
     return out
 
 
