@@ -127,6 +127,16 @@ def test_heads_that_do_not_divide_give_a_clear_error_at_start_up(model_dirs, dec
     assert time.perf_counter() - t < 10          # refused before any rank starts
 
 
+def test_a_cuda_model_is_refused_tensor_parallelism_with_a_clear_error():
+    """The ranks are CPU processes over gloo: a model on a GPU gets an error, not a device mismatch
+    deep inside a collective (a stand-in model: no GPU here)."""
+    from turboserve import parallel
+    from turboserve.errors import TurboServeError
+    gpu_model = type("M", (), {"device": torch.device("cuda"), "num_heads": 4, "num_kv_heads": 4, "intermediate": 8})()
+    with pytest.raises(TurboServeError, match="CPU ranks only"):
+        parallel.start(gpu_model, 2)
+
+
 def test_killed_worker_fails_the_encoder_server_fast(model_dirs):
     """/health is 200, the worker is killed: the failure callback fires (serve() stops on it), the
     next request fails instead of hanging, and /health answers 503."""

@@ -242,7 +242,7 @@ def test_backend_has_every_op_the_models_call():
                  "kv_bytes_per_token"):
         assert callable(getattr(cuda, name)), name
     from turboserve.ops import backend_for
-    assert backend_for("cuda:0") is cuda
+    assert backend_for("cuda") is cuda      # "cuda:N" also sets the current GPU: needs one
 
 
 def test_linears_and_their_epilogue():
@@ -450,3 +450,25 @@ def test_a_failed_graph_capture_falls_back_to_eager(decoder_dirs, monkeypatch, c
     assert len(captures) == 1 and graphs._graphs == {cuda_graphs.bucket_for(3): None}
     assert "capture failed" in caplog.text
 
+
+def test_int8_decoder_on_the_cuda_backend_is_weight_only_with_bf16(decoder_dirs, monkeypatch):
+    """int8 on cuda is W8A16: bf16 activations into the W8 GEMM, and a bf16 KV cache by default (the
+    backend has no int8 cache kernel), whose 16-bit queries take 16-bit dots. Its logits for a
+    prefill step of mixed lengths stay within int8 + bf16 error of the fp32 CPU model's."""
+    from turboserve import decoder as decoder_mod
+    from turboserve.llm import LLM
+    from turboserve.sampling import SamplingParams
+    ref = LLM.load(decoder_dirs["llama"]).engine
+    monkeypatch.setattr(decoder_mod, "backend_for", lambda device: cuda_backend_on_cpu())
+    eng = LLM.load(decoder_dirs["llama"], dtype="int8").engine
+    model = eng.model
+    assert model.act_dtype == torch.bfloat16 and model.kv_dtype == "bf16"
+    assert eng.cache[0].k.dtype == torch.bfloat16
+    assert isinstance(model.layers[0].qkv, cuda.Int8WeightOnlyLinear) and model.layers[0].qkv.dtype == torch.bfloat16
+    logits = []
+    for e in (ref, eng):
+        for i, p in enumerate(random_sequences([1, 20, 37], seed=4)):
+            e.add_request(f"q{i}", p, SamplingParams(temperature=0.0, max_tokens=2))
+        step, _ = e._batch(e.schedule())
+        logits.append(e.model.forward(step, e.cache))
+    assert logits[1].shape == logits[0].shape and rel_err(logits[1], logits[0]) < 5e-2

@@ -23,7 +23,7 @@ from .loader import CheckpointView, read_config, read_state_dict, resolve_model_
 from .ops import backend_for
 from .packing import batch_to
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+DTYPES = ("fp32", "bf16", "int8")       # activation dtypes and default caches: the backend's decoder_precision
 KV_DTYPES = ("fp32", "bf16", "int8")
 
 
@@ -84,10 +84,14 @@ def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) ->
 class DecoderModel:
     def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu", kv_dtype: str | None = None):
         """kv_dtype: the KV cache's element type, "fp32", "bf16" or "int8" (one scale per token and KV
-        head); default: the model's dtype (fp32 keeps results equal to transformers')."""
+        head); default: the backend's for `dtype` (decoder_precision: the model's dtype, except bf16 for
+        int8 on cuda, which has no int8 cache). fp32 keeps results equal to transformers'."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-        kv_dtype = kv_dtype or dtype
+        self.ops = backend_for(device)
+        self.device = torch.device(device)
+        self.act_dtype, default_kv = self.ops.decoder_precision(dtype)
+        kv_dtype = kv_dtype or default_kv
         if kv_dtype not in KV_DTYPES:
             raise InvalidInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {kv_dtype!r}")
         self.kv_dtype = kv_dtype
@@ -96,9 +100,6 @@ class DecoderModel:
         spec = decoder_spec_for(config)
         view = CheckpointView(read_state_dict(self.model_dir), spec, self.model_dir)
         self.config, self.spec, self.dtype_name = config, spec, dtype
-        self.ops = backend_for(device)
-        self.device = torch.device(device)
-        self.act_dtype = DTYPES[dtype]
         try:
             self.hidden = spec.config_value(config, "hidden")
             self.num_heads = spec.config_value(config, "heads")
@@ -128,8 +129,8 @@ class DecoderModel:
         self.final_norm = self._norm(view, e["final_norm"])
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         head = None if spec.config_value(config, "tie") else view.get("lm_head.weight", required=False)
-        self.lm_head = (head if head is not None else self.word_emb).to(dev, self.act_dtype).contiguous()
-        self.word_emb = self.word_emb.to(dev, self.act_dtype)
+        self.word_emb = self.word_emb.to(dev, self.act_dtype).contiguous()
+        self.lm_head = self.word_emb if head is None else head.to(dev, self.act_dtype).contiguous()   # tied: one copy
         # int8: the LM head too (at 64 sampled rows it was 30% of GPT-2's decode FLOPs); fp32 / bf16
         # multiply by the (possibly tied) weight as stored, with no transposed copy
         self.lm_head_int8 = None

@@ -160,8 +160,12 @@ class Encoder:
         results: list = [None] * len(encoded)
         for batch, idx in self._batches(encoded):
             hidden = self.model.forward(batch)
-            for i, r in zip(idx, fn(hidden, batch)):
-                results[i] = r.cpu()           # off the model's device (a no-op on the CPU)
+            # off the model's device (a no-op on the CPU): every row's copy queued, then one wait
+            rows = [r.to("cpu", non_blocking=True) for r in fn(hidden, batch)]
+            if hidden.is_cuda:
+                torch.cuda.synchronize(hidden.device)
+            for i, r in zip(idx, rows):
+                results[i] = r
         return results
 
     def tokenize(self, inputs, pairs=None, truncate: bool = False) -> list[Encoded]:

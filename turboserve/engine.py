@@ -466,7 +466,9 @@ def measure_cost_table(encoder: Encoder, max_batch_tokens: int, use_cache: bool 
                 # what a batch costs the engine: packing, forward and pooling
                 s = time.perf_counter()
                 packed = pack_tokens(seqs, None, model.position_offset)
-                pool(model.forward(packed), packed, encoder.pooling.mode)
+                pooled = pool(model.forward(packed), packed, encoder.pooling.mode)
+                if pooled.is_cuda:
+                    torch.cuda.synchronize(pooled.device)      # time the work, not its launch
                 runs.append(time.perf_counter() - s)
             row.append(float(np.min(runs)))
         seconds.append(row)

@@ -155,12 +155,12 @@ class LLMEngine:
         self.max_num_seqs, self.max_batch_tokens, self.max_waiting = max_num_seqs, max_batch_tokens, max_waiting
         self.max_context = model.max_positions
         per_token = model.kv_bytes_per_token()
+        device = getattr(model, "device", torch.device("cpu"))
         if kv_cache_bytes is None:
-            kv_cache_bytes = default_kv_budget(per_token, max_num_seqs, self.max_context)
+            kv_cache_bytes = default_kv_budget(per_token, max_num_seqs, self.max_context, device)
         num_blocks = max(kv_cache_bytes // (per_token * block_size), -(-self.max_context // block_size))
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.kv_cache_bytes = num_blocks * block_size * per_token
-        device = getattr(model, "device", torch.device("cpu"))
         if device.type == "cuda" and cuda_graphs:
             # decode steps replay CUDA graphs (ops/cuda_graphs.py); their padding sequences write into
             # one block past the ones the block manager hands out
@@ -345,9 +345,14 @@ class LLMEngine:
             self._by_request.pop(seq.request_id, None)
 
 
-def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_context: int) -> int:
-    """Room for every running sequence at full context, capped at a quarter of available memory."""
+def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_context: int,
+                      device: torch.device = torch.device("cpu")) -> int:
+    """Room for every running sequence at full context, capped at a quarter of available memory
+    (on a GPU: 80% of its free memory, which the cache is there to use)."""
     want = bytes_per_token * max_num_seqs * max_context
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(min(want, int(free * 0.8)), bytes_per_token * max_context)
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
@@ -390,7 +395,8 @@ class LLM:
     @classmethod
     def load(cls, path, dtype: str = "fp32", threads: int | None = None, tensor_parallel: int = 1,
              kv_dtype: str | None = None, device: str = "cpu", **engine_kw) -> "LLM":
-        """kv_dtype: the KV cache's element type (fp32 | bf16 | int8; default: the model's dtype).
+        """kv_dtype: the KV cache's element type (fp32 | bf16 | int8; default: the model's dtype,
+        bf16 for int8 on cuda).
         device: "cpu", or "cuda" for the Triton backend (docs/gpu.md).
         tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
         the engine stays in this process. Call close() to stop the ranks."""

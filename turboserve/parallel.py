@@ -472,6 +472,9 @@ def start(model, world: int, threads: int | None = None, timeout: float = DEFAUL
     """Shard a built EncoderModel / DecoderModel over `world` ranks with this process as rank 0;
     returns rank 0's model. Spawns ranks 1..N-1 on this machine, or joins torchrun's group."""
     check_shardable(model, world)
+    if getattr(model, "device", torch.device("cpu")).type != "cpu":
+        raise TurboServeError("tensor parallelism runs CPU ranks only: a CUDA model is served on one GPU "
+                              "(docs/gpu.md)")
     if dist.is_initialized():
         raise TurboServeError("a tensor-parallel model already runs in this process; close() it first")
     kind = "decoder" if hasattr(model, "num_kv_heads") else "encoder"

@@ -63,6 +63,7 @@ def input_absmax(model: EncoderModel, batches) -> dict[tuple[int, str], torch.Te
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    act_absmax = act_absmax.to(weight.device)   # statistics from a GPU forward, weights from the checkpoint
     w_absmax = weight.abs().amax(dim=0).clamp(min=1e-5)
     s = act_absmax.clamp(min=1e-5).pow(alpha) / w_absmax.pow(1 - alpha)
     return s.clamp(min=1e-5)

@@ -1,8 +1,10 @@
 """The ops interface: one place that picks the kernels for a device.
 
-Model code asks `backend_for(device)` for its ops and never imports a backend module itself. A backend
-provides: `make_linear(weight, bias, dtype)`, `add_layer_norm`, `activation_`, `varlen_attention`,
-`embed`. The CPU backend is `cpu.py`; a Triton backend for GPUs registers under "cuda".
+Model code asks `backend_for(device)` for its ops and never imports a backend module itself. Both
+backends provide the same functions with the same signatures (tests/test_triton_kernels.py lists
+them): linears and their epilogues, norms, activations, attention (varlen and paged), RoPE, the KV
+cache. "cpu" is cpu.py; "cuda" (Triton, imported only when asked for) is cuda.py, and "cuda:N" also
+makes GPU N the current device, so the backend's tensors land there.
 """
 from __future__ import annotations
 
@@ -15,4 +17,8 @@ def backend_for(device: str):
     kind = device.split(":")[0]
     if kind not in _BACKENDS:
         raise ValueError(f"no ops backend for device {device!r}; available: {', '.join(_BACKENDS)}")
-    return importlib.import_module(_BACKENDS[kind])
+    backend = importlib.import_module(_BACKENDS[kind])
+    if kind == "cuda" and ":" in device:
+        import torch
+        torch.cuda.set_device(torch.device(device))
+    return backend

@@ -270,6 +270,12 @@ def _sdpa_varlen(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int, out: 
 
 
 # ---------------------------------------------------------------------- decoder ops
+def decoder_precision(dtype: str) -> tuple[torch.dtype, str]:
+    """A decoder of `dtype`: its activations' dtype and its KV cache's default element type. int8 is
+    W8A8 here (fp32 between the linears, an int8 cache)."""
+    return {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16"), "int8": (torch.float32, "int8")}[dtype]
+
+
 def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str):
     """Decoders: fp32, bf16 (weights and activations) or int8 W8A8 (per-channel weights, per-token
     dynamic activations, `_int_mm`). Not weight-only int8: torch's `_weight_int8pack_mm` measured

@@ -147,8 +147,18 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, smo
     return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32, device)
 
 
+def decoder_precision(dtype: str) -> tuple[torch.dtype, str]:
+    """A decoder of `dtype`: its activations' dtype and its KV cache's default element type. int8 is
+    weight-only here, so bf16 activations (the W8 GEMM's bf16 dot) and a bf16 cache (no int8 cache
+    kernel on this backend)."""
+    return {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16"),
+            "int8": (torch.bfloat16, "bf16")}[dtype]
+
+
 def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, device="cuda"):
-    """Decoders: fp32, bf16 or weight-only int8 (activations fp32, as decoder.py's DTYPES says)."""
+    """Decoders: fp32, bf16, or weight-only int8 with bf16 activations (decoder_precision)."""
+    if dtype == "int8":
+        return Int8WeightOnlyLinear(weight, bias, decoder_precision(dtype)[0], device)
     return make_linear(weight, bias, dtype, device=device)
 
 
@@ -230,4 +240,6 @@ def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor,
     as on the CPU. `max_ctx` is not needed: the kernel reads each context length on the device, so a
     decode step calling this can be captured as a CUDA graph."""
     out = torch.empty(q.shape[0], num_heads * cache.k.shape[-1], dtype=torch.float32, device=q.device)
+    if cache.k.dtype != torch.float32:
+        q = q.to(cache.k.dtype)   # a 16-bit cache: 16-bit dot products (tensor cores), not fp32 ones
     return tk.paged_attention(q, cache.k, cache.v, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
