@@ -64,10 +64,17 @@ def _random_model(name: str):
     if name == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=768, n_head=12, n_layer=12, n_positions=1024,
                                                  vocab_size=50257))
-    else:
+    elif name == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
                                                    num_hidden_layers=8, intermediate_size=2816, vocab_size=32000,
                                                    max_position_embeddings=1024))
+    elif name == "llama-1b":
+        # TinyLlama-1.1B's shape, for GPUs (benchmarks/gpu.py), where the small LLaMA is launch-bound
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                                                   num_hidden_layers=22, intermediate_size=5632, vocab_size=32000,
+                                                   max_position_embeddings=2048))
+    else:
+        raise ValueError(f"unknown model {name!r}: gpt2, llama, llama-1b")
     return model
 
 
