@@ -17,7 +17,8 @@ the script exits 1):
                       where torch has it, torch.nn.attention.varlen.varlen_attn
   paged attention     bf16 decode (one token per sequence) over 1024- and 8192-token contexts in 16-token
                       pages, GQA 32/8, d = 128, against SDPA over the same keys gathered contiguous
-                      (enable_gqa); each also with flash-decoding's key splits off (one split)
+                      (enable_gqa); each also with flash-decoding's key splits off (one split), and
+                      with an int8 cache (per-token scales; against SDPA on the dequantized keys)
   row/elementwise     bias+residual+LayerNorm, RMSNorm, bias+GELU, SiLU-and-mul, RoPE against eager torch
   int8 weight-only    the Triton W8 GEMM against bf16 cuBLAS for M = 1 ... 512 rows (error against the
                       dequantized weight's product); prints the row counts where bf16 cuBLAS starts to win
@@ -202,6 +203,7 @@ def bench_varlen(report: Report, tk) -> None:
 
 
 def bench_paged(report: Report, tk) -> None:
+    from turboserve.ops.cuda import _quantize_heads as cuda_quantize
     setup = report.setup
     nh, kvh, d = setup.paged_heads
     page = 16
@@ -232,7 +234,20 @@ def bench_paged(report: Report, tk) -> None:
             whole = report.time(tk.paged_attention, *args, split_size=blocks_per * page)
             report.line(f"{seqs} sequences x {ctx} keys, one split", whole, base, "SDPA contiguous",
                         err=rel_err(out, ref), nbytes=nbytes)
-            del k, v, k_cache, v_cache
+            del k, v
+            # int8 cache (per-token scales), against SDPA over the dequantized keys
+            (k8, ks), (v8, vs) = cuda_quantize(k_cache), cuda_quantize(v_cache)
+            del k_cache, v_cache
+            out.fill_(float("nan"))
+            t8 = report.time(tk.paged_attention, q, k8, v8, *args[3:], k_scale=ks, v_scale=vs)
+            k = (k8.float() * ks[..., None]).to(setup.dtype)[tables.long()].permute(0, 2, 1, 3, 4)
+            v = (v8.float() * vs[..., None]).to(setup.dtype)[tables.long()].permute(0, 2, 1, 3, 4)
+            ref8 = F.scaled_dot_product_attention(qs, k.reshape(seqs, kvh, -1, d)[:, :, :ctx],
+                                                  v.reshape(seqs, kvh, -1, d)[:, :, :ctx],
+                                                  enable_gqa=True).reshape(seqs, nh * d)
+            report.line(f"{seqs} sequences x {ctx} keys, int8 cache", t8, base, "SDPA contiguous",
+                        err=rel_err(out, ref8), nbytes=nbytes / 2 + 2 * ks.numel() * 4)
+            del k, v, k8, v8
 
 
 def bench_rows(report: Report, tk) -> None:

@@ -53,7 +53,8 @@ def _widen_bf16_in_interpreted_dot():
 
 _widen_bf16_in_interpreted_dot()
 
-BOUND = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+BOUND = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2,
+         torch.int8: 3e-2}      # int8 KV caches: bf16 queries against the dequantized cache
 ELEMENTWISE_BOUND = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -96,6 +97,8 @@ PAGED_CASES = [  # (query heads, kv heads, head dim, page size, window, dtype)
     (7, 1, 80, 16, 0, torch.bfloat16),     # GQA 7: a group padded to 8 rows
     (4, 4, 96, 4, 5, torch.float16),       # no GQA, sliding window
     (4, 2, 128, 8, 11, torch.float32),     # window across page boundaries
+    (8, 2, 64, 16, 0, torch.int8),         # int8 cache (per-token scales), bf16 queries
+    (4, 2, 128, 8, 11, torch.int8),        # int8 with a window across pages
 ]
 
 
@@ -103,19 +106,26 @@ def paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen):
     """Run the paged kernel on random caches with scattered blocks; its error against the CPU reference."""
     width = max(-(-n // page) for n in ctx)
     num_blocks = 2 + width * len(ctx)
-    k_cache = rand(num_blocks, kvh, page, d, dtype=dtype, gen=gen)
-    v_cache = rand(num_blocks, kvh, page, d, dtype=dtype, gen=gen)
+    q_dtype = torch.bfloat16 if dtype == torch.int8 else dtype
+    k_cache, v_cache = (rand(num_blocks, kvh, page, d, dtype=q_dtype, gen=gen) for _ in range(2))
+    scales = {}
+    if dtype == torch.int8:               # quantized as write_kv does; the reference reads them dequantized
+        (k_cache, ks), (v_cache, vs) = cuda._quantize_heads(k_cache), cuda._quantize_heads(v_cache)
+        scales = {"k_scale": ks, "v_scale": vs}
     perm = torch.randperm(num_blocks, generator=gen).int()           # blocks scattered over the cache
     tables = torch.stack([perm[i * width:(i + 1) * width] for i in range(len(ctx))])
     cu = cu_of(q_counts)
     T = int(cu[-1])
-    qkv = rand(T, (nh + 2 * kvh) * d, dtype=dtype, gen=gen)
+    qkv = rand(T, (nh + 2 * kvh) * d, dtype=q_dtype, gen=gen)
     q = qkv[:, :nh * d]                    # strided rows, as the decoder passes them
     args = (tables, cu, torch.tensor(ctx), nh, window, d ** -0.5)
     out = torch.full((T, nh * d), float("nan"), dtype=torch.float32)
-    tk.paged_attention(q, k_cache, v_cache, *args, out, split_size=split_size)
+    tk.paged_attention(q, k_cache, v_cache, *args, out, split_size=split_size, **scales)
+    k_ref, v_ref = k_cache.float(), v_cache.float()
+    if scales:
+        k_ref, v_ref = k_ref * scales["k_scale"][..., None], v_ref * scales["v_scale"][..., None]
     # the CPU reference takes its own layout: keys transposed inside a block
-    ref = cpu._paged_attention_torch(q.float(), cpu.PagedKV(k_cache.float().transpose(2, 3), v_cache.float()), *args,
+    ref = cpu._paged_attention_torch(q.float(), cpu.PagedKV(k_ref.transpose(2, 3), v_ref), *args,
                                      torch.empty(T, nh * d))
     return rel_err(out, ref)
 
@@ -328,6 +338,10 @@ tk.paged_attention(torch.empty(2, 14 * 128, dtype=bf), cache, cache, torch.empty
 cache32 = torch.empty(9, 2, 16, 64)   # an fp32 cache: fp32 queries and IEEE dots (prefill tile)
 tk.paged_attention(torch.empty(40, 8 * 64), cache32, cache32, torch.empty(2, 4, dtype=torch.int32),
                    torch.tensor([0, 1, 40]), torch.tensor([9, 50]), 8, 0, 0.1, torch.empty(40, 8 * 64))
+cache8, scale8 = torch.empty(9, 2, 16, 128, dtype=torch.int8), torch.empty(9, 2, 16)   # int8 cache, decode
+tk.paged_attention(torch.empty(2, 8 * 128, dtype=bf), cache8, cache8, torch.empty(2, 4, dtype=torch.int32),
+                   torch.tensor([0, 1, 2]), torch.tensor([9, 50]), 8, 0, 0.1, torch.empty(2, 8 * 128),
+                   k_scale=scale8, v_scale=scale8)
 x = torch.empty(8, 768, dtype=bf)
 tk.row_norm(x, x[0], None, 1e-5, "rms", x, bias=x[0], act="gelu_tanh", residual=x)
 tk.bias_act(x, x, bias=x[0], act="gelu")
@@ -363,7 +377,7 @@ def test_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 12, run.stdout
+    assert run.stdout.count("compiled") == 13, run.stdout
 
 
 # ---------------------------------------------------------------------- CUDA graphs: what runs without a GPU
@@ -451,19 +465,21 @@ def test_a_failed_graph_capture_falls_back_to_eager(decoder_dirs, monkeypatch, c
     assert "capture failed" in caplog.text
 
 
-def test_int8_decoder_on_the_cuda_backend_is_weight_only_with_bf16(decoder_dirs, monkeypatch):
-    """int8 on cuda is W8A16: bf16 activations into the W8 GEMM, and a bf16 KV cache by default (the
-    backend has no int8 cache kernel), whose 16-bit queries take 16-bit dots. Its logits for a
-    prefill step of mixed lengths stay within int8 + bf16 error of the fp32 CPU model's."""
+@pytest.mark.parametrize("kv_dtype", [None, "bf16"])
+def test_int8_decoder_on_the_cuda_backend_is_weight_only_with_bf16(decoder_dirs, monkeypatch, kv_dtype):
+    """int8 on cuda is W8A16: bf16 activations into the W8 GEMM, and an int8 KV cache by default (as
+    on the CPU; write_kv quantizes, the kernel dequantizes), or bf16; either way the queries are bf16
+    and take 16-bit dots. Its logits for a prefill step of mixed lengths stay within int8 + bf16 error
+    of the fp32 CPU model's."""
     from turboserve import decoder as decoder_mod
     from turboserve.llm import LLM
     from turboserve.sampling import SamplingParams
     ref = LLM.load(decoder_dirs["llama"]).engine
     monkeypatch.setattr(decoder_mod, "backend_for", lambda device: cuda_backend_on_cpu())
-    eng = LLM.load(decoder_dirs["llama"], dtype="int8").engine
+    eng = LLM.load(decoder_dirs["llama"], dtype="int8", kv_dtype=kv_dtype).engine
     model = eng.model
-    assert model.act_dtype == torch.bfloat16 and model.kv_dtype == "bf16"
-    assert eng.cache[0].k.dtype == torch.bfloat16
+    assert model.act_dtype == torch.bfloat16 and model.kv_dtype == (kv_dtype or "int8")
+    assert eng.cache[0].k.dtype == (torch.bfloat16 if kv_dtype else torch.int8)
     assert isinstance(model.layers[0].qkv, cuda.Int8WeightOnlyLinear) and model.layers[0].qkv.dtype == torch.bfloat16
     logits = []
     for e in (ref, eng):

@@ -149,10 +149,9 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, smo
 
 def decoder_precision(dtype: str) -> tuple[torch.dtype, str]:
     """A decoder of `dtype`: its activations' dtype and its KV cache's default element type. int8 is
-    weight-only here, so bf16 activations (the W8 GEMM's bf16 dot) and a bf16 cache (no int8 cache
-    kernel on this backend)."""
+    weight-only here, so bf16 activations (the W8 GEMM's bf16 dot), and an int8 cache as on the CPU."""
     return {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16"),
-            "int8": (torch.bfloat16, "bf16")}[dtype]
+            "int8": (torch.bfloat16, "int8")}[dtype]
 
 
 def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, device="cuda"):
@@ -202,34 +201,53 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
 
 class PagedKV(NamedTuple):
     """One layer's paged KV cache on the GPU: k, v [num_blocks, kv_heads, block_size, head_dim] (the
-    Triton kernel's layout), fp32 or bf16. The CPU backend's int8 cache has no kernel here yet."""
+    Triton kernel's layout) in fp32, bf16 or int8. int8 keeps one fp32 scale per token and KV head
+    (k_scale, v_scale [num_blocks, kv_heads, block_size]: symmetric, max |x| / 127 over the head's d
+    values, as the CPU backend's int8 cache; the kernel dequantizes each tile as it loads it)."""
     k: torch.Tensor
     v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
-_KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def _kv_dtype(kv_dtype: str) -> torch.dtype:
     if kv_dtype not in _KV_DTYPES:
-        raise ValueError(f"the cuda backend's KV cache is fp32 or bf16, not {kv_dtype!r}")
+        raise ValueError(f"the cuda backend's KV cache is fp32, bf16 or int8, not {kv_dtype!r}")
     return _KV_DTYPES[kv_dtype]
 
 
 def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> int:
-    return 2 * num_layers * kv_heads * head_dim * _kv_dtype(kv_dtype).itemsize
+    dt = _kv_dtype(kv_dtype)
+    return 2 * num_layers * kv_heads * (head_dim * dt.itemsize + (4 if dt == torch.int8 else 0))
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_size: int, head_dim: int,
                       kv_dtype: str, device="cuda") -> list[PagedKV]:
     shape, dt = (num_blocks, kv_heads, block_size, head_dim), _kv_dtype(kv_dtype)
-    return [PagedKV(torch.zeros(shape, dtype=dt, device=device), torch.zeros(shape, dtype=dt, device=device))
-            for _ in range(num_layers)]
+
+    def scales():
+        return torch.zeros(shape[:3], device=device) if dt == torch.int8 else None
+    return [PagedKV(torch.zeros(shape, dtype=dt, device=device), torch.zeros(shape, dtype=dt, device=device),
+                    scales(), scales()) for _ in range(num_layers)]
+
+
+def _quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, heads, d] -> int8 values and one fp32 scale per (token, head)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 
 def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
              slot_offsets: torch.Tensor) -> None:
     """Store each token's K and V ([n, kv_heads, d]) at its (block, offset) slot."""
+    if cache.k_scale is not None:
+        (k, ks), (v, vs) = _quantize_heads(k), _quantize_heads(v)
+        cache.k_scale[slot_blocks, :, slot_offsets] = ks
+        cache.v_scale[slot_blocks, :, slot_offsets] = vs
     cache.k[slot_blocks, :, slot_offsets] = k.to(cache.k.dtype)
     cache.v[slot_blocks, :, slot_offsets] = v.to(cache.v.dtype)
 
@@ -241,5 +259,6 @@ def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor,
     decode step calling this can be captured as a CUDA graph."""
     out = torch.empty(q.shape[0], num_heads * cache.k.shape[-1], dtype=torch.float32, device=q.device)
     if cache.k.dtype != torch.float32:
-        q = q.to(cache.k.dtype)   # a 16-bit cache: 16-bit dot products (tensor cores), not fp32 ones
-    return tk.paged_attention(q, cache.k, cache.v, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
+        q = q.to(torch.bfloat16)  # a bf16 or int8 cache: bf16 dot products (tensor cores), not fp32 ones
+    return tk.paged_attention(q, cache.k, cache.v, block_tables, cu_q, ctx_len, num_heads, window, scale, out,
+                              k_scale=cache.k_scale, v_scale=cache.v_scale)

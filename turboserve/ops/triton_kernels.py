@@ -10,7 +10,8 @@ Kernels
                       bidirectional (encoders) or causal; reads Q, K, V straight from the packed
                       [T, 3H] projection
   paged_attention     causal attention of each sequence's new tokens (prefill chunks and decode tokens
-                      in one launch) over its paged KV cache; GQA: the query heads that share a KV head
+                      in one launch) over its paged KV cache (fp32, bf16, or int8 with per-token scales,
+                      dequantized as loaded); GQA: the query heads that share a KV head
                       are rows of one tile, so each K/V block is loaded once per group; sliding window;
                       flash-decoding: when its programs cannot fill the GPU (small decode batches, long
                       contexts) each program's keys are split and _combine_splits_kernel merges them
@@ -134,12 +135,14 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.T
 
 # ---------------------------------------------------------------------------------- paged attention
 @triton.jit(do_not_specialize=["num_seqs", "window", "split_size"])
-def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, part_ptr, stats_ptr, tables_ptr, cu_q_ptr, ctx_ptr,
-                            num_seqs, stride_q, stride_o, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
-                            stride_vt, stride_table, qk_scale, window, split_size,
+def _paged_attention_kernel(q_ptr, k_cache, v_cache, ks_ptr, vs_ptr, o_ptr, part_ptr, stats_ptr, tables_ptr,
+                            cu_q_ptr, ctx_ptr, num_seqs, stride_q, stride_o, stride_kb, stride_kh, stride_kt,
+                            stride_vb, stride_vh, stride_vt, stride_sb, stride_sh, stride_table, qk_scale, window,
+                            split_size,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-                            BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT: tl.constexpr):
+                            BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                            KV_INT8: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,6 +196,10 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, o_ptr, part_ptr, stats_ptr,
                     mask=kv_mask, other=0.0)
         v = tl.load(v_cache + block[:, None] * stride_vb + kv_head * stride_vh + slot * stride_vt + offs_d[None, :],
                     mask=kv_mask, other=0.0)
+        if KV_INT8:                                     # one scale per (token, KV head), both caches
+            s_off = block * stride_sb + kv_head * stride_sh + offs_n % PAGE
+            k = k.to(tl.float32) * tl.load(ks_ptr + s_off, mask=n_ok, other=0.0)[:, None]
+            v = v.to(tl.float32) * tl.load(vs_ptr + s_off, mask=n_ok, other=0.0)[:, None]
         valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         valid = valid & ((window == 0) | (offs_n[None, :] > pos[:, None] - window))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), valid, qk_scale, DOT)
@@ -270,28 +277,35 @@ def paged_plan(T: int, num_seqs: int, num_heads: int, kv_heads: int, head_dim: i
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
-                    out: torch.Tensor, split_size: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor, split_size: int | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, num_heads * d] (rows may be strided, e.g. a view of the qkv projection); caches
     [num_blocks, kv_heads, block_size, d]; block_tables int32 [S, W]; cu_q int64 [S + 1]; ctx_len int64
     [S] (context length after this step's tokens); out [T, num_heads * d]. window > 0 keeps the keys
-    in (pos - window, pos]. split_size: keys per split, None to choose (paged_plan). The grids depend
-    only on tensor shapes (graph capture safe)."""
+    in (pos - window, pos]. split_size: keys per split, None to choose (paged_plan). int8 caches come
+    with k_scale, v_scale [num_blocks, kv_heads, block_size] (fp32, one per token and head). The grids
+    depend only on tensor shapes (graph capture safe)."""
     T = q.shape[0]
     _, kv_heads, page, d = k_cache.shape
     assert q.stride(1) == 1 and out.stride(1) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     group = num_heads // kv_heads
     num_seqs = ctx_len.numel()
     plan = paged_plan(T, num_seqs, num_heads, kv_heads, d, block_tables.shape[1] * page, q.device, split_size)
+    kv_int8 = k_cache.dtype == torch.int8
+    assert kv_int8 == (k_scale is not None) and (not kv_int8 or k_scale.stride(2) == 1 and
+                                                 v_scale.stride() == k_scale.stride())
     part = stats = out
     if plan.splits > 1:
         part = torch.empty(T * num_heads * plan.splits, d, dtype=torch.float32, device=q.device)
         stats = torch.empty(T * num_heads * plan.splits, 2, dtype=torch.float32, device=q.device)
+    scales = (k_scale, v_scale, *k_scale.stride()[:2]) if kv_int8 else (out, out, 0, 0)
     _paged_attention_kernel[(plan.programs, kv_heads, plan.splits)](
-        q, k_cache, v_cache, out, part, stats, block_tables, cu_q, ctx_len, num_seqs, q.stride(0), out.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), scale * LOG2E, window,
-        plan.split_size, GROUP=group, GROUP_PAD=triton.next_power_of_2(group), NUM_HEADS=num_heads, HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, PAGE=page,
-        NUM_SPLITS=plan.splits, DOT=_dot_precision(q.dtype), num_warps=4)
+        q, k_cache, v_cache, scales[0], scales[1], out, part, stats, block_tables, cu_q, ctx_len, num_seqs,
+        q.stride(0), out.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], *scales[2:],
+        block_tables.stride(0), scale * LOG2E, window, plan.split_size, GROUP=group,
+        GROUP_PAD=triton.next_power_of_2(group), NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, PAGE=page, NUM_SPLITS=plan.splits, KV_INT8=kv_int8,
+        DOT=_dot_precision(q.dtype), num_warps=4)
     if plan.splits > 1:
         _combine_splits_kernel[(T, num_heads)](part, stats, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=d,
                                                BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=plan.splits,
