@@ -19,7 +19,8 @@ the script exits 1):
                       pages, GQA 32/8, d = 128, against SDPA over the same keys gathered contiguous
                       (enable_gqa); each also with flash-decoding's key splits off (one split), and
                       with an int8 cache (per-token scales; against SDPA on the dequantized keys)
-  row/elementwise     bias+residual+LayerNorm, RMSNorm, bias+GELU, SiLU-and-mul, RoPE against eager torch
+  row/elementwise     bias+residual+LayerNorm, RMSNorm, bias+GELU, SiLU-and-mul, RoPE, KV cache writes
+                      (bf16, int8 quantizing) against eager torch
   int8 weight-only    the Triton W8 GEMM against bf16 cuBLAS for M = 1 ... 512 rows (error against the
                       dequantized weight's product); prints the row counts where bf16 cuBLAS starts to win
                       and where dequantize + cuBLAS does (the value for
@@ -291,6 +292,28 @@ def bench_rows(report: Report, tk) -> None:
         tk.rope_(y, cos, sin, heads)
         return y.view(M, heads, d)
     line(f"RoPE, fp32 {heads} heads x {d} (+ a copy)", rope_ours, rope_eager, 4 * qx.numel() * 4)
+    from turboserve.ops import cuda as cuda_ops
+    kvh, page = max(1, heads // 4), 16
+    kv = torch.randn(M, 2, kvh, d, device=setup.device)        # fp32, as the decoder hands them over
+    slots = torch.randperm(M, device=setup.device)
+    blocks, offsets = slots // page, slots % page
+    for kv_dtype in ("bf16", "int8"):
+        cache = cuda_ops.allocate_kv_cache(1, M // page + 1, kvh, page, d, kv_dtype, device=setup.device)[0]
+
+        def write_eager():              # index_put per tensor (and the quantize) in torch
+            k, v = kv[:, 0], kv[:, 1]
+            if cache.k_scale is not None:
+                (k, ks), (v, vs) = cuda_ops._quantize_heads(k), cuda_ops._quantize_heads(v)
+                cache.k_scale[blocks, :, offsets], cache.v_scale[blocks, :, offsets] = ks, vs
+            cache.k[blocks, :, offsets], cache.v[blocks, :, offsets] = k.to(cache.k.dtype), v.to(cache.v.dtype)
+            return cache.k[blocks, :, offsets].clone()
+
+        def write_ours():
+            cuda_ops.write_kv(cache, kv[:, 0], kv[:, 1], blocks, offsets)
+            return cache.k[blocks, :, offsets].clone()
+        elem = 1 if kv_dtype == "int8" else 2
+        line(f"KV write, {kv_dtype} cache, {kvh} heads x {d} (+ a gather)", write_ours, write_eager,
+             kv.numel() * (4 + elem))
 
 
 def bench_w8(report: Report, cuda_ops) -> None:

@@ -156,6 +156,44 @@ def test_paged_attention_splits_long_contexts_at_small_batch():
     assert paged_case(8, 2, 64, 16, 0, torch.bfloat16, [1], [1500], None, gen) < BOUND[torch.bfloat16]
 
 
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8"])
+def test_kv_write_stores_every_token_and_head_at_its_slot(kv_dtype):
+    """write_kv's kernel on strided K/V views (3 KV heads and d = 80: both padded in the tile), tokens
+    scattered over blocks: the stored values are the inputs (fp32), within one bf16 step (bf16), or
+    for int8 the reference's scales and values rounded to the nearest step (ties may go either way);
+    nothing else in the cache changes."""
+    gen = torch.Generator().manual_seed(len(kv_dtype))
+    n, kvh, d, page, nh = 7, 3, 80, 4, 6
+    cache = cuda.allocate_kv_cache(1, 6, kvh, page, d, kv_dtype, device="cpu")[0]
+    for t in cache:
+        if t is not None:
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype) if t.dtype != torch.int8 else
+                    torch.randint(-127, 128, t.shape, generator=gen, dtype=torch.int8))
+    before = [None if t is None else t.clone() for t in cache]
+    qkv = rand(n, (nh + 2 * kvh) * d, gen=gen) * 3
+    k, v = (qkv[:, a:b].view(n, kvh, d) for a, b in ((nh * d, (nh + kvh) * d), ((nh + kvh) * d, None)))
+    slots = torch.randperm(6 * page, generator=gen)[:n]
+    blocks, offsets = slots // page, slots % page
+    cuda.write_kv(cache, k, v, blocks, offsets)
+    written = torch.zeros(6, page, dtype=torch.bool)
+    written[blocks, offsets] = True
+    for got, old, src, scale_i in ((cache.k, before[0], k, 2), (cache.v, before[1], v, 3)):
+        assert torch.equal(got.transpose(1, 2)[~written], old.transpose(1, 2)[~written])   # untouched slots
+        stored = got[blocks, :, offsets]                                                   # [n, kvh, d]
+        if kv_dtype == "fp32":
+            assert torch.equal(stored, src)
+            continue
+        if kv_dtype == "bf16":          # within a bf16 step (the interpreter truncates; a GPU rounds to nearest)
+            assert ((stored.float() - src).abs() <= src.abs() * 2 ** -7).all()
+            continue
+        ref_q, ref_scale = cuda._quantize_heads(src)
+        scale = cache[scale_i][blocks, :, offsets]
+        assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+        assert ((stored.float() - src / scale[..., None]).abs() <= 0.5 + 1e-4).all()      # nearest step
+        assert (stored != ref_q).float().mean() < 0.01                                     # ties only
+        assert torch.equal(cache[scale_i].transpose(1, 2)[~written], before[scale_i].transpose(1, 2)[~written])
+
+
 # ---------------------------------------------------------------------- row and elementwise fusions
 ACTS = {"gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "relu": F.relu, "silu": F.silu,
         None: lambda v: v}
@@ -347,6 +385,8 @@ tk.row_norm(x, x[0], None, 1e-5, "rms", x, bias=x[0], act="gelu_tanh", residual=
 tk.bias_act(x, x, bias=x[0], act="gelu")
 tk.silu_and_mul(x)
 tk.rope_(torch.empty(8, 640), torch.empty(8, 40), torch.empty(8, 40), 8)
+tk.kv_write(torch.empty(5, 2, 128, dtype=bf), torch.empty(5, 2, 128, dtype=bf), cache8, cache8, scale8, scale8,
+            torch.zeros(5, dtype=torch.int64), torch.arange(5))
 tk.w8_matmul(torch.empty(2, 768, dtype=bf), torch.empty(768, 256, dtype=torch.int8), torch.empty(256),
              None, torch.empty(2, 256, dtype=bf))
 tk.w8_matmul(torch.empty(40, 768), torch.empty(768, 256, dtype=torch.int8), torch.empty(256),   # encoder: fp32
@@ -377,7 +417,7 @@ def test_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 13, run.stdout
+    assert run.stdout.count("compiled") == 14, run.stdout
 
 
 # ---------------------------------------------------------------------- CUDA graphs: what runs without a GPU

@@ -235,7 +235,8 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_siz
 
 
 def _quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, heads, d] -> int8 values and one fp32 scale per (token, head)."""
+    """[n, heads, d] -> int8 values and one fp32 scale per (token, head): the int8 cache's
+    quantization, which the kv_write kernel does in place (this is its reference)."""
     x = x.float()
     scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
     return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
@@ -243,13 +244,9 @@ def _quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
              slot_offsets: torch.Tensor) -> None:
-    """Store each token's K and V ([n, kv_heads, d]) at its (block, offset) slot."""
-    if cache.k_scale is not None:
-        (k, ks), (v, vs) = _quantize_heads(k), _quantize_heads(v)
-        cache.k_scale[slot_blocks, :, slot_offsets] = ks
-        cache.v_scale[slot_blocks, :, slot_offsets] = vs
-    cache.k[slot_blocks, :, slot_offsets] = k.to(cache.k.dtype)
-    cache.v[slot_blocks, :, slot_offsets] = v.to(cache.v.dtype)
+    """Store each token's K and V ([n, kv_heads, d]) at its (block, offset) slot (int8: quantized as
+    _quantize_heads does), in one Triton launch."""
+    tk.kv_write(k, v, cache.k, cache.v, cache.k_scale, cache.v_scale, slot_blocks, slot_offsets)
 
 
 def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_q: torch.Tensor,

@@ -15,6 +15,8 @@ Kernels
                       are rows of one tile, so each K/V block is loaded once per group; sliding window;
                       flash-decoding: when its programs cannot fill the GPU (small decode batches, long
                       contexts) each program's keys are split and _combine_splits_kernel merges them
+  kv_write            a step's K and V into their cache slots, all heads of a token per program;
+                      int8 caches quantized on the way (one scale per token and head)
   row_norm            one pass per row: act(x + bias) + residual, then LayerNorm or RMSNorm
   bias_act            elementwise act(x + bias) (+ residual): bias+GELU after a GEMM
   silu_and_mul        [T, 2I] (gate | up) -> silu(gate) * up
@@ -311,6 +313,56 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=plan.splits,
                                                num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------- KV cache writes
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, blocks_ptr, offsets_ptr, stride_k, stride_v,
+                     stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, KV_HEADS: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_INT8: tl.constexpr):
+    """One token's K and V, all KV heads, into its cache slot; int8: quantized per head on the way."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    j = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < KV_HEADS) & (j < HEAD_DIM)
+    block = tl.load(blocks_ptr + t)
+    slot = tl.load(offsets_ptr + t)
+    dst = block * stride_cb + h * stride_ch + slot * stride_ct + j
+    k = tl.load(k_ptr + t * stride_k + h * HEAD_DIM + j, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + t * stride_v + h * HEAD_DIM + j, mask=mask, other=0.0).to(tl.float32)
+    if KV_INT8:                                         # symmetric, max |x| / 127 per head (as the CPU cache)
+        k_scale = tl.maximum(tl.max(tl.abs(k), 1), 1e-8) / 127.0
+        v_scale = tl.maximum(tl.max(tl.abs(v), 1), 1e-8) / 127.0
+        s_dst = block * stride_sb + tl.arange(0, BLOCK_H) * stride_sh + slot
+        h_ok = tl.arange(0, BLOCK_H) < KV_HEADS
+        tl.store(ks_ptr + s_dst, k_scale, mask=h_ok)
+        tl.store(vs_ptr + s_dst, v_scale, mask=h_ok)
+        # round half away from zero, as torch.round's half-to-even differs only on exact ties
+        kq = k / k_scale[:, None]
+        vq = v / v_scale[:, None]
+        k = tl.minimum(tl.maximum(tl.where(kq >= 0, kq + 0.5, kq - 0.5).to(tl.int32), -127), 127)
+        v = tl.minimum(tl.maximum(tl.where(vq >= 0, vq + 0.5, vq - 0.5).to(tl.int32), -127), 127)
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_blocks: torch.Tensor,
+             slot_offsets: torch.Tensor) -> None:
+    """Each token's K and V [n, kv_heads, d] (rows may be strided: views of the qkv projection) into
+    caches [num_blocks, kv_heads, block_size, d] at (slot_blocks, slot_offsets) (int64 [n]); int8
+    caches take one fp32 scale per token and head into k_scale, v_scale [num_blocks, kv_heads,
+    block_size]. One launch for both (the torch version was two to ten)."""
+    n, kv_heads, d = k.shape
+    assert k.stride(1) == d and k.stride(2) == 1 and v.stride(1) == d and v.stride(2) == 1
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    kv_int8 = k_cache.dtype == torch.int8
+    scales = (k_scale, v_scale, *k_scale.stride()[:2]) if kv_int8 else (k_cache, k_cache, 0, 0)
+    assert not kv_int8 or (k_scale.stride(2) == 1 and v_scale.stride() == k_scale.stride())
+    _kv_write_kernel[(n,)](k, v, k_cache, v_cache, scales[0], scales[1], slot_blocks, slot_offsets, k.stride(0),
+                           v.stride(0), *k_cache.stride()[:3], *scales[2:], KV_HEADS=kv_heads, HEAD_DIM=d,
+                           BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(d),
+                           KV_INT8=kv_int8, num_warps=4 if kv_heads * d <= 2048 else 8)
 
 
 # ---------------------------------------------------------------------------------- row-wise fusions
