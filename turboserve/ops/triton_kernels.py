@@ -52,6 +52,7 @@ def _activate(v, ACT: tl.constexpr):
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     elif ACT == "gelu_tanh":
         inner = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        inner = tl.minimum(tl.maximum(inner, -15.0), 15.0)     # tanh is +-1 in fp32 there; exp stays finite
         # tanh(z) = 2 sigmoid(2z) - 1, without a libdevice call
         v = 0.5 * v * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
     elif ACT == "relu":
