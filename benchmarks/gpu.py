@@ -86,7 +86,7 @@ class Setup:
 GPU = Setup("cuda", torch.bfloat16, 8192, 1 << 30, 64, ((12, 64), (16, 128)), (32, 8, 128), (1024, 8192), (1, 8, 64),
             (8192, 4096, 11008, 32, 128), ((4096, 4096), (4096, 11008)), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             ((4096, 4096), (4096, 11008), (11008, 4096)),
-            tuple((n, k, st) for n in (32, 64, 128) for k in (64, 128, 256) for st in (2, 3, 4)),
+            tuple((n, k, st) for n in (32, 64, 128) for k in (64, 128, 256) for st in (3, 4)),
             ((1, 8192, (256, 512, 1024, 2048)), (8, 8192, (512, 1024, 2048)), (1, 32768, (512, 1024, 2048, 4096))),
             512, 64, None)
 DRY = Setup("cpu", torch.float32, 256, 1 << 24, 3, ((2, 64),), (4, 1, 64), (64, 600), (1, 2),
@@ -96,28 +96,52 @@ DRY = Setup("cpu", torch.float32, 256, 1 << 24, 3, ((2, 64),), (4, 1, 64), (64, 
 
 # ---------------------------------------------------------------------- timing and peaks
 class Timer:
+    """GPU: after warm-up calls (Triton compiles on the first), `calls` calls captured in one CUDA graph
+    and replayed 10 times: the median replay over the calls is one call's time without launch
+    overhead, as decode steps run their kernels from graphs. The H200's L2 holds 60 MB, so inputs
+    that fit would be timed from cache: `rotate` gives argument tuples over copies of the inputs
+    (Report.copies: over twice the L2 together) that the graph cycles through. Where capture fails,
+    CUDA events around single calls. Dry run: one call on the CPU."""
+
     def __init__(self, setup: Setup):
         self.cuda = setup.device == "cuda"
+        self.l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size if self.cuda else 0
 
-    def __call__(self, fn, *args, **kwargs) -> float:
-        """Median seconds of fn(*args, **kwargs) over 20 calls on the GPU (CUDA events around each
-        call) after 3 warm-up calls (Triton compiles on the first); on the dry run, one call."""
+    def __call__(self, fn, *args, rotate: list[tuple] | None = None, calls: int = 20, **kwargs) -> float:
+        sets = rotate or [args]
         if not self.cuda:
             t = time.perf_counter()
-            fn(*args, **kwargs)
-            return time.perf_counter() - t
-        for _ in range(3):
-            fn(*args, **kwargs)
+            for a in sets:
+                fn(*a, **kwargs)
+            return (time.perf_counter() - t) / len(sets)
+        for _ in range(2):
+            for a in sets:
+                fn(*a, **kwargs)
         torch.cuda.synchronize()
-        times = []
-        for _ in range(20):
+        reps = max(1, calls // len(sets))
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    for a in sets:
+                        fn(*a, **kwargs)
+            return self._events(graph.replay, 10) / (reps * len(sets))
+        except Exception as exc:        # noqa: BLE001 - not capturable: time single calls
+            print(f"    (not captured: {type(exc).__name__}: {str(exc)[:120]}; single calls with events)")
+            torch.cuda.synchronize()
+            return self._events(lambda: [fn(*a, **kwargs) for a in sets], 20) / len(sets)
+
+    @staticmethod
+    def _events(run, times: int) -> float:
+        out = []
+        for _ in range(times):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(*args, **kwargs)
+            run()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+            out.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(out)
 
     def sync(self) -> None:
         if self.cuda:
@@ -139,11 +163,19 @@ class Report:
         a, b = (torch.randn(n, n, device=setup.device, dtype=setup.dtype) for _ in range(2))
         src = torch.randn(setup.copy_bytes // 4, device=setup.device)
         dst = torch.empty_like(src)
-        self.flops = 2 * n ** 3 / timer(torch.mm, a, b)
-        self.bytes = 2 * setup.copy_bytes / timer(dst.copy_, src)
+        self.flops = 2 * n ** 3 / timer(torch.mm, a, b, calls=5)
+        self.bytes = 2 * setup.copy_bytes / timer(dst.copy_, src, calls=5)
         self.failed: list[str] = []
+        self.l2_bytes = timer.l2_bytes
         print(f"measured peaks: {_name(setup.dtype)} GEMM {self.flops / 1e12:.1f} TFLOP/s ({n}^3), "
               f"copy {self.bytes / 1e9:.0f} GB/s ({setup.copy_bytes / 2**20:.0f} MiB, read + write)")
+
+    def copies(self, nbytes: int) -> int:
+        """How many copies of inputs of `nbytes` a rotation needs to outgrow the L2 twice (at most 16;
+        the dry run takes 2, so that the rotation's code runs too)."""
+        if self.setup.device != "cuda":
+            return 2
+        return min(16, max(1, -(-2 * self.l2_bytes // max(nbytes, 1))))
 
     def line(self, name: str, ours: float, base: float | None, base_name: str, *, err: float | None = None,
              flops: float = 0.0, nbytes: float = 0.0) -> None:
@@ -199,8 +231,8 @@ def bench_varlen(report: Report, tk) -> None:
                 try:
                     t = report.time(varlen_attn, q, k, v, cu32, cu32, L, L)
                     report.line(f"{workload} d={d}", ours, t, "torch varlen_attn", flops=flops)
-                except (RuntimeError, TypeError) as exc:
-                    print(f"    torch varlen_attn unavailable here: {exc}")
+                except Exception as exc:    # noqa: BLE001 - the baseline, not ours, is missing
+                    print(f"    torch varlen_attn unavailable here: {type(exc).__name__}: {exc}")
 
 
 def bench_paged(report: Report, tk) -> None:
@@ -213,42 +245,46 @@ def bench_paged(report: Report, tk) -> None:
     for ctx in setup.paged_ctx:
         for seqs in setup.paged_seqs:
             blocks_per = -(-ctx // page)
-            k_cache = rand(setup, seqs * blocks_per + 1, kvh, page, d)
-            v_cache = rand(setup, seqs * blocks_per + 1, kvh, page, d)
+            shape = (seqs * blocks_per + 1, kvh, page, d)
+            n = report.copies(2 * torch.Size(shape).numel() * 2)    # cache copies the timing cycles through
+            caches = [(rand(setup, *shape), rand(setup, *shape))]
+            caches += [(k.clone(), v.clone()) for k, v in caches * (n - 1)]
             tables = torch.randperm(seqs * blocks_per, device=setup.device).int().view(seqs, blocks_per)
-            cu_q = torch.arange(seqs + 1, device=setup.device)
-            ctx_len = torch.full((seqs,), ctx, device=setup.device)
             q = rand(setup, seqs, nh * d)
             out = torch.full((seqs, nh * d), float("nan"), device=setup.device)
-            args = (q, k_cache, v_cache, tables, cu_q, ctx_len, nh, 0, d ** -0.5, out)
-            ours = report.time(tk.paged_attention, *args)
-            # the baseline's keys gathered contiguous outside the timing
-            k = k_cache[tables.long()].permute(0, 2, 1, 3, 4).reshape(seqs, kvh, -1, d)[:, :, :ctx]
-            v = v_cache[tables.long()].permute(0, 2, 1, 3, 4).reshape(seqs, kvh, -1, d)[:, :, :ctx]
+            rest = (tables, torch.arange(seqs + 1, device=setup.device), torch.full((seqs,), ctx, device=setup.device),
+                    nh, 0, d ** -0.5, out)
+            sets = [(q, k, v, *rest) for k, v in caches]
+            ours = report.time(tk.paged_attention, rotate=sets)
             qs = q.view(seqs, nh, 1, d)
-            base = report.time(F.scaled_dot_product_attention, qs, k, v, enable_gqa=True)
-            ref = F.scaled_dot_product_attention(qs, k, v, enable_gqa=True).reshape(seqs, nh * d)
-            nbytes = 2 * k.numel() * k.element_size()
+
+            def gathered(cache):         # the baseline's keys, contiguous (gathered outside the timing)
+                return cache[tables.long()].permute(0, 2, 1, 3, 4).reshape(seqs, kvh, -1, d)[:, :, :ctx]
+            base_sets = [(qs, gathered(k), gathered(v)) for k, v in caches]
+            base = report.time(F.scaled_dot_product_attention, rotate=base_sets, enable_gqa=True)
+            ref = F.scaled_dot_product_attention(*base_sets[0], enable_gqa=True).reshape(seqs, nh * d)
+            del base_sets
+            nbytes = 2 * seqs * kvh * ctx * d * 2
             report.line(f"{seqs} sequences x {ctx} keys", ours, base, "SDPA contiguous", err=rel_err(out, ref),
                         nbytes=nbytes)
             out.fill_(float("nan"))
-            whole = report.time(tk.paged_attention, *args, split_size=blocks_per * page)
+            whole = report.time(tk.paged_attention, rotate=sets, split_size=blocks_per * page)
             report.line(f"{seqs} sequences x {ctx} keys, one split", whole, base, "SDPA contiguous",
                         err=rel_err(out, ref), nbytes=nbytes)
-            del k, v
             # int8 cache (per-token scales), against SDPA over the dequantized keys
-            (k8, ks), (v8, vs) = cuda_quantize(k_cache), cuda_quantize(v_cache)
-            del k_cache, v_cache
+            sets = [(q, *(t for pair in (cuda_quantize(k), cuda_quantize(v)) for t in pair), *rest)
+                    for k, v in caches]
+            del caches
             out.fill_(float("nan"))
-            t8 = report.time(tk.paged_attention, q, k8, v8, *args[3:], k_scale=ks, v_scale=vs)
-            k = (k8.float() * ks[..., None]).to(setup.dtype)[tables.long()].permute(0, 2, 1, 3, 4)
-            v = (v8.float() * vs[..., None]).to(setup.dtype)[tables.long()].permute(0, 2, 1, 3, 4)
-            ref8 = F.scaled_dot_product_attention(qs, k.reshape(seqs, kvh, -1, d)[:, :, :ctx],
-                                                  v.reshape(seqs, kvh, -1, d)[:, :, :ctx],
+            t8 = report.time(lambda q, k8, ks, v8, vs, *r: tk.paged_attention(q, k8, v8, *r, k_scale=ks, v_scale=vs),
+                             rotate=sets)
+            _, k8, ks, v8, vs = sets[0][:5]
+            ref8 = F.scaled_dot_product_attention(qs, gathered((k8.float() * ks[..., None]).to(setup.dtype)),
+                                                  gathered((v8.float() * vs[..., None]).to(setup.dtype)),
                                                   enable_gqa=True).reshape(seqs, nh * d)
             report.line(f"{seqs} sequences x {ctx} keys, int8 cache", t8, base, "SDPA contiguous",
-                        err=rel_err(out, ref8), nbytes=nbytes / 2 + 2 * ks.numel() * 4)
-            del k, v, k8, v8
+                        err=rel_err(out, ref8), nbytes=nbytes / 2 + 2 * seqs * kvh * ctx * 4)
+            del sets
 
 
 def bench_rows(report: Report, tk) -> None:
@@ -300,25 +336,29 @@ def bench_rows(report: Report, tk) -> None:
     for kv_dtype in ("bf16", "int8"):
         cache = cuda_ops.allocate_kv_cache(1, M // page + 1, kvh, page, d, kv_dtype, device=setup.device)[0]
 
+        def stored():                   # what the slots hold: K, V and (int8) their scales
+            return torch.cat([t[blocks, :, offsets].float().flatten() for t in cache if t is not None])
+
         def write_eager():              # index_put per tensor (and the quantize) in torch
             k, v = kv[:, 0], kv[:, 1]
             if cache.k_scale is not None:
                 (k, ks), (v, vs) = cuda_ops._quantize_heads(k), cuda_ops._quantize_heads(v)
                 cache.k_scale[blocks, :, offsets], cache.v_scale[blocks, :, offsets] = ks, vs
             cache.k[blocks, :, offsets], cache.v[blocks, :, offsets] = k.to(cache.k.dtype), v.to(cache.v.dtype)
-            return cache.k[blocks, :, offsets].clone()
+            return stored()
 
         def write_ours():
             cuda_ops.write_kv(cache, kv[:, 0], kv[:, 1], blocks, offsets)
-            return cache.k[blocks, :, offsets].clone()
+            return stored()
         elem = 1 if kv_dtype == "int8" else 2
-        line(f"KV write, {kv_dtype} cache, {kvh} heads x {d} (+ a gather)", write_ours, write_eager,
+        line(f"KV write, {kv_dtype} cache, {kvh} heads x {d} (+ gathers)", write_ours, write_eager,
              kv.numel() * (4 + elem))
 
 
 def bench_w8(report: Report, cuda_ops) -> None:
     """Against the bf16 GEMM (does int8 pay at all) and against what Int8WeightOnlyLinear does above
-    triton_max_rows, dequantizing the weight and calling cuBLAS (where that should switch)."""
+    triton_max_rows, dequantizing the weight and calling cuBLAS (where that should switch). Weights
+    rotate over copies that outgrow the L2, as a model's layers do."""
     setup = report.setup
     name = _name(setup.dtype)
     print(f"int8 weight-only GEMM against {name} cuBLAS, and against dequantize + cuBLAS")
@@ -327,20 +367,22 @@ def bench_w8(report: Report, cuda_ops) -> None:
         lin8 = cuda_ops.Int8WeightOnlyLinear(w, None, setup.dtype, device=setup.device)
         w16 = w.to(setup.device, setup.dtype)
         dequant = lin8.weight_q.float() * lin8.weight_scale.float()[None, :]       # [K, N]
+        q8 = [lin8.weight_q] + [lin8.weight_q.clone() for _ in range(report.copies(K * N) - 1)]
+        w16s = [w16] + [w16.clone() for _ in range(report.copies(2 * K * N) - 1)]
 
-        def dequant_mm(x):
-            return torch.mm(x, lin8.weight_q.to(setup.dtype) * lin8.weight_scale.to(setup.dtype))
+        def dequant_mm(x, wq):
+            return torch.mm(x, wq.to(setup.dtype) * lin8.weight_scale.to(setup.dtype))
         beats_bf16, crossover = None, None
         for M in setup.w8_rows:
             x = rand(setup, M, K)
             out = torch.full((M, N), float("nan"), device=setup.device, dtype=setup.dtype)
-            ours = report.time(cuda_ops.tk.w8_matmul, x, lin8.weight_q, lin8.weight_scale, None, out)
-            base = report.time(torch.mm, x, w16.t())
+            ours = report.time(cuda_ops.tk.w8_matmul, rotate=[(x, wq, lin8.weight_scale, None, out) for wq in q8])
+            base = report.time(torch.mm, rotate=[(x, w_.t()) for w_ in w16s])
             report.line(f"K={K} N={N} M={M}", ours, base, f"{name} mm", err=rel_err(out, x.float() @ dequant),
                         nbytes=K * N)
             if beats_bf16 is None and base < ours:
                 beats_bf16 = M
-            if crossover is None and report.time(dequant_mm, x) < ours:
+            if crossover is None and report.time(dequant_mm, rotate=[(x, wq) for wq in q8[:4]]) < ours:
                 crossover = M
         print(f"    {name} cuBLAS first wins at M = {beats_bf16}; dequantize + cuBLAS first wins at M = {crossover} "
               f"(triton_max_rows is {cuda_ops.Int8WeightOnlyLinear.triton_max_rows}; None: never up to "
@@ -349,28 +391,34 @@ def bench_w8(report: Report, cuda_ops) -> None:
 
 # ---------------------------------------------------------------------- tile and split sweeps
 def sweep_w8(report: Report, tk) -> None:
-    """Decode-sized W8 GEMMs (1 and 16 rows) over tile candidates: the best go into
-    triton_kernels.W8_DECODE_TILES."""
+    """Decode-sized W8 GEMMs (1 and 16 rows) over tile candidates, weights rotating out of the L2:
+    the best go into triton_kernels.W8_DECODE_TILES."""
     setup = report.setup
     print("sweep: W8 GEMM tiles at 1 and 16 rows (BLOCK_M 16, 4 warps): us per (shape, rows), best first")
     totals: dict[tuple, float] = {}
     for K, N in setup.sweep_w8_shapes:
-        w_q = torch.randint(-127, 128, (K, N), device=setup.device, dtype=torch.int8)
+        w_q = [torch.randint(-127, 128, (K, N), device=setup.device, dtype=torch.int8)
+               for _ in range(report.copies(K * N))]
         scale = torch.rand(N, device=setup.device) / 64
         for M in (1, 16):
             x = rand(setup, M, K)
             out = torch.empty(M, N, device=setup.device, dtype=setup.dtype)
+            ref = (x.float() @ (w_q[0].float() * scale)).to(setup.dtype)
+            sets = [(x, w, scale, None, out) for w in w_q]
             times = {}
             for n, k, stages in setup.sweep_w8_tiles:
                 tiles = (16, n, k, 4, stages)
                 try:
-                    times[tiles] = report.time(tk.w8_matmul, x, w_q, scale, None, out, tiles=tiles)
+                    times[tiles] = report.time(tk.w8_matmul, rotate=sets, tiles=tiles)
+                    tk.w8_matmul(*sets[0], tiles=tiles)
+                    if not rel_err(out, ref) < BOUND:
+                        raise AssertionError(f"error {rel_err(out, ref):.1e}")
                 except Exception as exc:    # noqa: BLE001 - e.g. out of shared memory: not a candidate
                     print(f"    tiles {tiles}: {type(exc).__name__}: {str(exc)[:200]}")
                     times[tiles] = float("inf")
                 totals[tiles] = totals.get(tiles, 0.0) + times[tiles]
             best = sorted(times, key=times.get)[:3]
-            default = report.time(tk.w8_matmul, x, w_q, scale, None, out)
+            default = report.time(tk.w8_matmul, rotate=sets)
             print(f"  K={K} N={N} M={M}: default {default * 1e6:.1f} us ({K * N / default / 1e9:.0f} GB/s); "
                   + ", ".join(f"{t} {times[t] * 1e6:.1f}" for t in best))
     best = min(totals, key=totals.get)
@@ -379,28 +427,35 @@ def sweep_w8(report: Report, tk) -> None:
 
 
 def sweep_split(report: Report, tk) -> None:
-    """Flash-decoding's split size for few sequences over long contexts (GQA 32/8, d 128 on the GPU)."""
+    """Flash-decoding's split size for few sequences over long contexts (GQA 32/8, d 128 on the GPU),
+    caches rotating out of the L2; each split size's output checked against one split's."""
     setup = report.setup
     nh, kvh, d = setup.paged_heads
     page = 16
     print("sweep: paged attention split sizes (keys per split): us; 'auto' is the launcher's choice")
     for seqs, ctx, sizes in setup.sweep_split:
         blocks = -(-ctx // page)
-        k_cache = rand(setup, seqs * blocks + 1, kvh, page, d)
-        v_cache = rand(setup, seqs * blocks + 1, kvh, page, d)
+        shape = (seqs * blocks + 1, kvh, page, d)
+        caches = [(rand(setup, *shape), rand(setup, *shape))
+                  for _ in range(report.copies(2 * torch.Size(shape).numel() * 2))]
         tables = torch.randperm(seqs * blocks, device=setup.device).int().view(seqs, blocks)
         q = rand(setup, seqs, nh * d)
         out = torch.empty(seqs, nh * d, device=setup.device)
-        args = (q, k_cache, v_cache, tables, torch.arange(seqs + 1, device=setup.device),
-                torch.full((seqs,), ctx, device=setup.device), nh, 0, d ** -0.5, out)
+        rest = (tables, torch.arange(seqs + 1, device=setup.device), torch.full((seqs,), ctx, device=setup.device),
+                nh, 0, d ** -0.5, out)
+        sets = [(q, k, v, *rest) for k, v in caches]
+        ref = tk.paged_attention(*sets[0], split_size=blocks * page).clone()
         plan = tk.paged_plan(seqs, seqs, nh, kvh, d, blocks * page, q.device)
-        auto = f"{plan.splits} x {plan.split_size}"
-        times = {"auto": report.time(tk.paged_attention, *args)}
-        for size in sizes:
-            times[size] = report.time(tk.paged_attention, *args, split_size=size)
-        print(f"  {seqs} x {ctx} keys (auto = {auto}): "
+        times = {}
+        for size in (None, *sizes):
+            times[size or "auto"] = report.time(tk.paged_attention, rotate=sets, split_size=size)
+            err = rel_err(tk.paged_attention(*sets[0], split_size=size), ref)
+            if not err < BOUND:
+                print(f"    split size {size or 'auto'}: error {err:.1e} WRONG")
+                report.failed.append(f"split size {size or 'auto'} at {seqs} x {ctx}")
+        print(f"  {seqs} x {ctx} keys (auto = {plan.splits} x {plan.split_size}): "
               + ", ".join(f"{size} {t * 1e6:.1f}" for size, t in times.items()))
-        del k_cache, v_cache
+        del caches, sets
 
 
 # ---------------------------------------------------------------------- end to end
@@ -529,14 +584,15 @@ def main() -> int:
     sections = [("varlen attention", lambda: bench_varlen(report, tk)),
                 ("paged attention", lambda: bench_paged(report, tk)),
                 ("row fusions", lambda: bench_rows(report, tk)),
-                ("int8 GEMM", lambda: bench_w8(report, cuda_ops)),
-                ("W8 tile sweep", lambda: sweep_w8(report, tk)),
-                ("split sweep", lambda: sweep_split(report, tk))]
+                ("int8 GEMM", lambda: bench_w8(report, cuda_ops))]
     if not args.skip_e2e:
         models, gen_models = [m for m in args.models.split(",") if m], [m for m in args.gen_models.split(",") if m]
         sections += [("encoder end to end", lambda: e2e_encoder(report, models, args.vocab_from)),
                      ("generation end to end", lambda: e2e_generation(report, gen_models))]
+    sections += [("W8 tile sweep", lambda: sweep_w8(report, tk)),     # tuning last: a timeout cuts only it
+                 ("split sweep", lambda: sweep_split(report, tk))]
     for name, run in sections:           # a GPU's minutes are few: one section's failure spares the rest
+        t0 = time.perf_counter()
         try:
             run()
         except Exception as exc:        # noqa: BLE001
@@ -545,6 +601,7 @@ def main() -> int:
             report.failed.append(name)
             if setup.device == "cuda":
                 torch.cuda.synchronize()
+        print(f"  [{name}: {time.perf_counter() - t0:.0f} s]")
     if report.failed:
         print(f"WRONG results (error over {BOUND}) or failed sections: {', '.join(report.failed)}")
         return 1

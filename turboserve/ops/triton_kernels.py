@@ -137,7 +137,7 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.T
 
 
 # ---------------------------------------------------------------------------------- paged attention
-@triton.jit(do_not_specialize=["num_seqs", "window", "split_size"])
+@triton.jit(do_not_specialize=["num_seqs", "window", "split_size", "stride_table"])   # eager tables grow
 def _paged_attention_kernel(q_ptr, k_cache, v_cache, ks_ptr, vs_ptr, o_ptr, part_ptr, stats_ptr, tables_ptr,
                             cu_q_ptr, ctx_ptr, num_seqs, stride_q, stride_o, stride_kb, stride_kh, stride_kt,
                             stride_vb, stride_vh, stride_vt, stride_sb, stride_sh, stride_table, qk_scale, window,
@@ -185,7 +185,7 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, ks_ptr, vs_ptr, o_ptr, part
     first_pos = ctx - n_q + qblk * BLOCK_Q
     key_end = tl.minimum(ctx, first_pos + BLOCK_Q)      # keys past the block's last query are masked
     key_start = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
-    if NUM_SPLITS > 1:                                  # this program's share of the keys (split_size % BLOCK_N == 0)
+    if NUM_SPLITS > 1:                                  # this program's share of the keys
         key_start = tl.maximum(key_start, split * split_size)
         key_end = tl.minimum(key_end, (split + 1) * split_size)
     table = tables_ptr + seq * stride_table
@@ -250,7 +250,7 @@ class PagedPlan(NamedTuple):
     block_q: int         # query tokens per program (times the GQA group's heads: the tile's rows)
     block_n: int         # keys per inner step
     programs: int        # programs per KV head and split
-    split_size: int      # keys per split: a multiple of block_n, or the whole key span
+    split_size: int      # keys per split: a multiple of block_n when chosen here, or the whole key span
     splits: int          # a power of two: few compiled variants while eager steps' tables grow
 
 
@@ -267,8 +267,8 @@ def paged_plan(T: int, num_seqs: int, num_heads: int, kv_heads: int, head_dim: i
     block_q = max(1, rows // group_pad)
     block_n = 64 if head_dim <= 64 else 32
     programs = T // block_q + num_seqs
-    if split_size is not None:
-        block_n = min(block_n, split_size)
+    if split_size is not None:          # a power of two >= 16 (tl.arange, tl.dot), at most the split
+        block_n = max(16, min(block_n, 1 << (max(split_size, 1).bit_length() - 1)))
         return PagedPlan(block_q, block_n, programs, split_size,
                          triton.next_power_of_2(max(1, triton.cdiv(key_span, split_size))))
     splits = min(triton.cdiv(2 * _sm_count(device), programs * kv_heads), key_span // MIN_SPLIT)
@@ -326,8 +326,8 @@ def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, blocks_ptr, o
     h = tl.arange(0, BLOCK_H)[:, None]
     j = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < KV_HEADS) & (j < HEAD_DIM)
-    block = tl.load(blocks_ptr + t)
-    slot = tl.load(offsets_ptr + t)
+    block = tl.load(blocks_ptr + t).to(tl.int64)        # caches of many GB: 64-bit offsets
+    slot = tl.load(offsets_ptr + t).to(tl.int64)
     dst = block * stride_cb + h * stride_ch + slot * stride_ct + j
     k = tl.load(k_ptr + t * stride_k + h * HEAD_DIM + j, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + t * stride_v + h * HEAD_DIM + j, mask=mask, other=0.0).to(tl.float32)
