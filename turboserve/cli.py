@@ -56,7 +56,8 @@ def cmd_serve(args) -> int:
         max_client_batch_size=args.max_client_batch_size, policy=args.batch_policy,
         lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
         served_name=args.served_model_name, access_log=args.access_log, pipeline=args.pipeline,
-        tensor_parallel=args.tensor_parallel, kv_dtype=args.kv_dtype, device=args.device))
+        tensor_parallel=args.tensor_parallel, kv_dtype=args.kv_dtype, device=args.device,
+        cuda_graphs=args.cuda_graphs))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name reported by the API (default: the model directory's name)")
     s.add_argument("--access-log", action="store_true", default=_env("ACCESS_LOG", "0") == "1",
                    help="log one line per request (off by default: it costs event-loop time under load)")
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   default=_env("CUDA_GRAPHS", "1") != "0",
+                   help="decoders on --device cuda: run every decode step eagerly (debugging; what graphs save)")
     s.add_argument("--no-pipeline", dest="pipeline", action="store_false", default=_env("PIPELINE", "1") != "0",
                    help="run packing, the model and answering on one thread (the pipeline's baseline)")
     s.set_defaults(func=cmd_serve)

@@ -156,7 +156,7 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 parallel.on_failure(model, lambda exc: state.on_rank_failure and state.on_rank_failure(exc))
             tok = DecoderTokenizer(model.model_dir)
             engine = LLMEngine(model, tok, max_batch_tokens=config.max_batch_tokens,
-                               max_waiting=config.max_queued_requests)
+                               max_waiting=config.max_queued_requests, cuda_graphs=config.cuda_graphs)
             state.llm, state.tokenizer = AsyncLLM(engine, metrics), tok
             state.name = config.served_name or model.model_dir.name
             log.info("ready: decoder %s (%s), dtype %s, threads %d, memory budget: weights %.0f MiB + %s KV cache "

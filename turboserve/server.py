@@ -66,6 +66,7 @@ class ServerConfig:
     tensor_parallel: int = 1                  # ranks the model is sharded over (parallel.py)
     kv_dtype: str | None = None               # decoders: KV cache element type (None: the model's dtype)
     device: str = "cpu"                       # "cuda": the Triton backend (ops/cuda.py)
+    cuda_graphs: bool = True                  # decoders on cuda: decode steps replay CUDA graphs
     pipeline: bool = True                     # engine stages on their own threads (engine.py)
 
 
