@@ -28,7 +28,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1   # keeps a
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
     $PY -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
-            "transformers", transformers.__version__, torch.cuda.get_device_name())'
+            "transformers", transformers.__version__,
+            torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")'
 } 2>&1 | tee "$OUT/env.log"
 vocab=()
 [[ -d .gpu/vocab ]] && vocab=(--vocab-from .gpu/vocab)

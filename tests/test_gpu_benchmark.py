@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +40,16 @@ def test_gpu_benchmark_end_to_end_dry_run():
     for line in ("minilm short: turboserve", "minilm longtail: transformers", "llama: turboserve (CUDA graphs)",
                  "llama: turboserve (eager)", "llama: transformers static/16"):
         assert line in out, out
+
+
+def test_gpu_device_script_logs_the_run(tmp_path):
+    """benchmarks/gpu_device.sh, the command for a lent GPU machine, with this checkout's python and
+    the dry run passed through: the environment and the benchmark land in $OUT's logs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable)
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_device.sh"), "--dry-run", "--skip-e2e"], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"torch {torch.__version__} triton" in (tmp_path / "env.log").read_text()
+    log = (tmp_path / "gpu.log").read_text()
+    assert "dry run on the CPU" in log and "paged decode attention" in log and "WRONG" not in log
