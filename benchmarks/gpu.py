@@ -166,7 +166,6 @@ class Report:
         self.flops = 2 * n ** 3 / timer(torch.mm, a, b, calls=5)
         self.bytes = 2 * setup.copy_bytes / timer(dst.copy_, src, calls=5)
         self.failed: list[str] = []
-        self.l2_bytes = timer.l2_bytes
         print(f"measured peaks: {_name(setup.dtype)} GEMM {self.flops / 1e12:.1f} TFLOP/s ({n}^3), "
               f"copy {self.bytes / 1e9:.0f} GB/s ({setup.copy_bytes / 2**20:.0f} MiB, read + write)")
 
@@ -175,7 +174,7 @@ class Report:
         the dry run takes 2, so that the rotation's code runs too)."""
         if self.setup.device != "cuda":
             return 2
-        return min(16, max(1, -(-2 * self.l2_bytes // max(nbytes, 1))))
+        return min(16, max(1, -(-2 * self.time.l2_bytes // max(nbytes, 1))))
 
     def line(self, name: str, ours: float, base: float | None, base_name: str, *, err: float | None = None,
              flops: float = 0.0, nbytes: float = 0.0) -> None:
@@ -236,7 +235,7 @@ def bench_varlen(report: Report, tk) -> None:
 
 
 def bench_paged(report: Report, tk) -> None:
-    from turboserve.ops.cuda import _quantize_heads as cuda_quantize
+    from turboserve.ops.cpu import quantize_heads
     setup = report.setup
     nh, kvh, d = setup.paged_heads
     page = 16
@@ -272,7 +271,7 @@ def bench_paged(report: Report, tk) -> None:
             report.line(f"{seqs} sequences x {ctx} keys, one split", whole, base, "SDPA contiguous",
                         err=rel_err(out, ref), nbytes=nbytes)
             # int8 cache (per-token scales), against SDPA over the dequantized keys
-            sets = [(q, *(t for pair in (cuda_quantize(k), cuda_quantize(v)) for t in pair), *rest)
+            sets = [(q, *(t for pair in (quantize_heads(k), quantize_heads(v)) for t in pair), *rest)
                     for k, v in caches]
             del caches
             out.fill_(float("nan"))
@@ -329,6 +328,7 @@ def bench_rows(report: Report, tk) -> None:
         return y.view(M, heads, d)
     line(f"RoPE, fp32 {heads} heads x {d} (+ a copy)", rope_ours, rope_eager, 4 * qx.numel() * 4)
     from turboserve.ops import cuda as cuda_ops
+    from turboserve.ops.cpu import quantize_heads
     kvh, page = max(1, heads // 4), 16
     kv = torch.randn(M, 2, kvh, d, device=setup.device)        # fp32, as the decoder hands them over
     slots = torch.randperm(M, device=setup.device)
@@ -342,7 +342,7 @@ def bench_rows(report: Report, tk) -> None:
         def write_eager():              # index_put per tensor (and the quantize) in torch
             k, v = kv[:, 0], kv[:, 1]
             if cache.k_scale is not None:
-                (k, ks), (v, vs) = cuda_ops._quantize_heads(k), cuda_ops._quantize_heads(v)
+                (k, ks), (v, vs) = quantize_heads(k), quantize_heads(v)
                 cache.k_scale[blocks, :, offsets], cache.v_scale[blocks, :, offsets] = ks, vs
             cache.k[blocks, :, offsets], cache.v[blocks, :, offsets] = k.to(cache.k.dtype), v.to(cache.v.dtype)
             return stored()

@@ -110,7 +110,7 @@ def paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen):
     k_cache, v_cache = (rand(num_blocks, kvh, page, d, dtype=q_dtype, gen=gen) for _ in range(2))
     scales = {}
     if dtype == torch.int8:               # quantized as write_kv does; the reference reads them dequantized
-        (k_cache, ks), (v_cache, vs) = cuda._quantize_heads(k_cache), cuda._quantize_heads(v_cache)
+        (k_cache, ks), (v_cache, vs) = cpu.quantize_heads(k_cache), cpu.quantize_heads(v_cache)
         scales = {"k_scale": ks, "v_scale": vs}
     perm = torch.randperm(num_blocks, generator=gen).int()           # blocks scattered over the cache
     tables = torch.stack([perm[i * width:(i + 1) * width] for i in range(len(ctx))])
@@ -186,7 +186,7 @@ def test_kv_write_stores_every_token_and_head_at_its_slot(kv_dtype):
         if kv_dtype == "bf16":          # within a bf16 step (the interpreter truncates; a GPU rounds to nearest)
             assert ((stored.float() - src).abs() <= src.abs() * 2 ** -7).all()
             continue
-        ref_q, ref_scale = cuda._quantize_heads(src)
+        ref_q, ref_scale = cpu.quantize_heads(src)
         scale = cache[scale_i][blocks, :, offsets]
         assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
         assert ((stored.float() - src / scale[..., None]).abs() <= 0.5 + 1e-4).all()      # nearest step
@@ -286,7 +286,7 @@ def cuda_backend_on_cpu():
 
 def test_backend_has_every_op_the_models_call():
     for name in ("make_linear", "make_decoder_linear", "epilogue", "activation_", "layer_norm", "varlen_attention",
-                 "linear", "norm", "silu_and_mul", "rope_", "paged_attention", "allocate_kv_cache", "write_kv",
+                 "linear", "norm", "silu_and_mul", "rope_", "paged_attention", "allocate_kv_cache", "write_kv", "decoder_act_dtype",
                  "kv_bytes_per_token"):
         assert callable(getattr(cuda, name)), name
     from turboserve.ops import backend_for

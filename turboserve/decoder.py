@@ -23,7 +23,7 @@ from .loader import CheckpointView, read_config, read_state_dict, resolve_model_
 from .ops import backend_for
 from .packing import batch_to
 
-DTYPES = ("fp32", "bf16", "int8")       # activation dtypes and default caches: the backend's decoder_precision
+DTYPES = ("fp32", "bf16", "int8")       # the activations' dtype of each: the backend's decoder_act_dtype
 KV_DTYPES = ("fp32", "bf16", "int8")
 
 
@@ -84,14 +84,13 @@ def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) ->
 class DecoderModel:
     def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu", kv_dtype: str | None = None):
         """kv_dtype: the KV cache's element type, "fp32", "bf16" or "int8" (one scale per token and KV
-        head); default: the backend's for `dtype` (decoder_precision: the model's dtype, except bf16 for
-        int8 on cuda, which has no int8 cache). fp32 keeps results equal to transformers'."""
+        head); default: the model's dtype (fp32 keeps results equal to transformers')."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.ops = backend_for(device)
         self.device = torch.device(device)
-        self.act_dtype, default_kv = self.ops.decoder_precision(dtype)
-        kv_dtype = kv_dtype or default_kv
+        self.act_dtype = self.ops.decoder_act_dtype(dtype)
+        kv_dtype = kv_dtype or dtype
         if kv_dtype not in KV_DTYPES:
             raise InvalidInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {kv_dtype!r}")
         self.kv_dtype = kv_dtype

@@ -90,7 +90,7 @@ class Encoder:
         elif dtype == "auto":
             enc._plan_precision(view, quality_bound, calibration, int8_alpha, replan)
         if tensor_parallel != 1:
-            enc.model = parallel.start(enc.model, tensor_parallel, threads, device=device)
+            enc.model = parallel.start(enc.model, tensor_parallel, threads)
         return enc
 
     def close(self) -> None:

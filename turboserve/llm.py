@@ -395,8 +395,7 @@ class LLM:
     @classmethod
     def load(cls, path, dtype: str = "fp32", threads: int | None = None, tensor_parallel: int = 1,
              kv_dtype: str | None = None, device: str = "cpu", **engine_kw) -> "LLM":
-        """kv_dtype: the KV cache's element type (fp32 | bf16 | int8; default: the model's dtype,
-        bf16 for int8 on cuda).
+        """kv_dtype: the KV cache's element type (fp32 | bf16 | int8; default: the model's dtype).
         device: "cpu", or "cuda" for the Triton backend (docs/gpu.md).
         tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
         the engine stays in this process. Call close() to stop the ranks."""

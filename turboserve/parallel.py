@@ -27,8 +27,8 @@ stops) and never a hang. Workers leave on a stop message, a failed collective, o
 Ranks start either from `start` (this process is rank 0; ranks 1..N-1 are spawned with
 torch.multiprocessing on this machine, rendezvous on a free local port) or under torchrun (env://
 rendezvous, any number of machines): rank 0 runs the server and the others call `run_worker_from_env`.
-Backend: gloo on CPU, NCCL for CUDA devices. One tensor-parallel model per process at a time (it owns
-the default process group).
+Backend: gloo; the ranks are CPU processes (`start` refuses a CUDA model). One tensor-parallel model
+per process at a time (it owns the default process group).
 """
 from __future__ import annotations
 
@@ -444,10 +444,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _backend(device: str) -> str:
-    return "nccl" if device.startswith("cuda") else "gloo"
-
-
 def torchrun_rank() -> int | None:
     """This process's rank when torchrun started it, else None."""
     return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
@@ -467,8 +463,7 @@ def _model_state(shard) -> dict:
     return state
 
 
-def start(model, world: int, threads: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-          device: str = "cpu") -> ParallelModel:
+def start(model, world: int, threads: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> ParallelModel:
     """Shard a built EncoderModel / DecoderModel over `world` ranks with this process as rank 0;
     returns rank 0's model. Spawns ranks 1..N-1 on this machine, or joins torchrun's group."""
     check_shardable(model, world)
@@ -485,17 +480,17 @@ def start(model, world: int, threads: int | None = None, timeout: float = DEFAUL
         if int(os.environ["WORLD_SIZE"]) != world or torchrun_rank() != 0:
             raise TurboServeError(f"torchrun started {os.environ['WORLD_SIZE']} ranks (this is rank "
                                   f"{torchrun_rank()}); --tensor-parallel is {world}")
-        dist.init_process_group(_backend(device), init_method="env://", rank=0, world_size=world, timeout=td)
+        dist.init_process_group("gloo", init_method="env://", rank=0, world_size=world, timeout=td)
     else:
         init = f"tcp://127.0.0.1:{_free_port()}"
         ctx = torch.multiprocessing.get_context("spawn")
         processes = [ctx.Process(target=_spawned_worker, name=f"turboserve-tp-rank{r}", daemon=True,
-                                 args=(r, world, init, per_rank, timeout, device, os.getpid()))
+                                 args=(r, world, init, per_rank, timeout, os.getpid()))
                      for r in range(1, world)]
         for p in processes:
             p.start()
         try:
-            dist.init_process_group(_backend(device), init_method=init, rank=0, world_size=world, timeout=td)
+            dist.init_process_group("gloo", init_method=init, rank=0, world_size=world, timeout=td)
         except Exception as exc:
             for p in processes:
                 p.kill()
@@ -516,8 +511,8 @@ def start(model, world: int, threads: int | None = None, timeout: float = DEFAUL
         _leave_group()
         raise RankFailure(f"sending the shards failed: {exc}") from exc
     torch.set_num_threads(per_rank)
-    log.info("tensor parallel: %d ranks (%s, %d threads each), shards sent in %.1f s", world, _backend(device),
-             per_rank, time.perf_counter() - t)
+    log.info("tensor parallel: %d ranks (gloo, %d threads each), shards sent in %.1f s", world, per_rank,
+             time.perf_counter() - t)
     return ParallelModel(shard, Leader(shard.tp, processes, timeout), kind)
 
 
@@ -526,7 +521,7 @@ def _shard(model, kind: str, tp: TPGroup):
 
 
 # ---------------------------------------------------------------------- ranks > 0
-def run_worker(rank: int, world: int, device: str = "cpu") -> None:
+def run_worker(rank: int, world: int) -> None:
     """A worker rank's life, inside an initialized process group: receive the shard, then run every
     step rank 0 broadcasts until it says stop. A failed collective (rank 0 gone, or past the
     timeout) raises and ends the process."""
@@ -539,7 +534,7 @@ def run_worker(rank: int, world: int, device: str = "cpu") -> None:
     cls = EncoderModel if kind == "encoder" else DecoderModel
     model = cls.__new__(cls)
     vars(model).update(state)
-    model.ops = backend_for(device)
+    model.ops = backend_for("cpu")
     model.tp = TPGroup(rank, world, vocab)
     if kind == "encoder":
         model._build_workspace()
@@ -557,8 +552,7 @@ def run_worker(rank: int, world: int, device: str = "cpu") -> None:
             model.forward(_step_from_wire(tensors, scalars), cache)
 
 
-def _spawned_worker(rank: int, world: int, init: str, threads: int, timeout: float, device: str,
-                    parent: int) -> None:
+def _spawned_worker(rank: int, world: int, init: str, threads: int, timeout: float, parent: int) -> None:
     torch.set_num_threads(threads)
 
     def orphan_watch():                  # rank 0's process is gone: nobody will stop this one
@@ -566,23 +560,23 @@ def _spawned_worker(rank: int, world: int, init: str, threads: int, timeout: flo
             time.sleep(1.0)
         os._exit(1)
     threading.Thread(target=orphan_watch, daemon=True).start()
-    dist.init_process_group(_backend(device), init_method=init, rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
     try:
-        run_worker(rank, world, device)
+        run_worker(rank, world)
     finally:
         _leave_group()
 
 
-def run_worker_from_env(threads: int | None = None, timeout: float = DEFAULT_TIMEOUT, device: str = "cpu") -> int:
+def run_worker_from_env(threads: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> int:
     """Entry point of a torchrun-started rank > 0 (`turboserve serve` under torchrun): join the group,
     serve rank 0's steps, exit 0 on stop."""
     rank, world = torchrun_rank(), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(rank_threads(threads, world))
-    dist.init_process_group(_backend(device), init_method="env://", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
     try:
-        run_worker(rank, world, device)
+        run_worker(rank, world)
     finally:
         _leave_group()
     return 0

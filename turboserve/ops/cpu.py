@@ -270,10 +270,9 @@ def _sdpa_varlen(qkv: torch.Tensor, cu_seqlens: list[int], num_heads: int, out: 
 
 
 # ---------------------------------------------------------------------- decoder ops
-def decoder_precision(dtype: str) -> tuple[torch.dtype, str]:
-    """A decoder of `dtype`: its activations' dtype and its KV cache's default element type. int8 is
-    W8A8 here (fp32 between the linears, an int8 cache)."""
-    return {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16"), "int8": (torch.float32, "int8")}[dtype]
+def decoder_act_dtype(dtype: str) -> torch.dtype:
+    """The activations' dtype of a decoder of `dtype`: int8 is W8A8 here, fp32 between the linears."""
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
 def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str):
@@ -385,8 +384,11 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_siz
     return [layer() for _ in range(num_layers)]
 
 
-def _quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, heads, d] fp32 -> int8 values and one scale per (token, head)."""
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, heads, d] -> int8 values and one fp32 scale per (token, head): the int8 KV cache's
+    quantization on both backends (the native and Triton KV writes do it in their pass; this is
+    their reference)."""
+    x = x.float()
     scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
     return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
@@ -404,7 +406,7 @@ def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torc
 def _write_kv_torch(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
                     slot_offsets: torch.Tensor) -> None:
     if cache.k.dtype == torch.int8:
-        (k, ks), (v, vs) = _quantize_heads(k.float()), _quantize_heads(v.float())
+        (k, ks), (v, vs) = quantize_heads(k), quantize_heads(v)
         cache.k_scale[slot_blocks, :, slot_offsets] = ks
         cache.v_scale[slot_blocks, :, slot_offsets] = vs
         kq, vq = int8_views(cache)

@@ -147,17 +147,16 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, smo
     return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32, device)
 
 
-def decoder_precision(dtype: str) -> tuple[torch.dtype, str]:
-    """A decoder of `dtype`: its activations' dtype and its KV cache's default element type. int8 is
-    weight-only here, so bf16 activations (the W8 GEMM's bf16 dot), and an int8 cache as on the CPU."""
-    return {"fp32": (torch.float32, "fp32"), "bf16": (torch.bfloat16, "bf16"),
-            "int8": (torch.bfloat16, "int8")}[dtype]
+def decoder_act_dtype(dtype: str) -> torch.dtype:
+    """The activations' dtype of a decoder of `dtype`: int8 is weight-only here, so bf16 (the W8
+    GEMM's bf16 dot)."""
+    return torch.float32 if dtype == "fp32" else torch.bfloat16
 
 
 def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, device="cuda"):
-    """Decoders: fp32, bf16, or weight-only int8 with bf16 activations (decoder_precision)."""
+    """Decoders: fp32, bf16, or weight-only int8 with bf16 activations (decoder_act_dtype)."""
     if dtype == "int8":
-        return Int8WeightOnlyLinear(weight, bias, decoder_precision(dtype)[0], device)
+        return Int8WeightOnlyLinear(weight, bias, decoder_act_dtype(dtype), device)
     return make_linear(weight, bias, dtype, device=device)
 
 
@@ -234,18 +233,10 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_siz
                     scales(), scales()) for _ in range(num_layers)]
 
 
-def _quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, heads, d] -> int8 values and one fp32 scale per (token, head): the int8 cache's
-    quantization, which the kv_write kernel does in place (this is its reference)."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
-    return torch.round(x / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
-
-
 def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
              slot_offsets: torch.Tensor) -> None:
     """Store each token's K and V ([n, kv_heads, d]) at its (block, offset) slot (int8: quantized as
-    _quantize_heads does), in one Triton launch."""
+    cpu.quantize_heads does), in one Triton launch."""
     tk.kv_write(k, v, cache.k, cache.v, cache.k_scale, cache.v_scale, slot_blocks, slot_offsets)
 
 

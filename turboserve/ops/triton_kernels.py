@@ -239,6 +239,15 @@ def _combine_splits_kernel(part_ptr, stats_ptr, o_ptr, stride_o, NUM_HEADS: tl.c
 MIN_SPLIT = 256
 
 
+def _scale_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple:
+    """(is the cache int8, the kernel's k/v scale pointers and their block and head strides): for
+    fp32 / bf16 caches the cache itself stands in for the unused pointers."""
+    kv_int8 = k_cache.dtype == torch.int8
+    assert kv_int8 == (k_scale is not None) and (not kv_int8 or k_scale.stride(2) == 1 and
+                                                 v_scale.stride() == k_scale.stride())
+    return kv_int8, ((k_scale, v_scale, *k_scale.stride()[:2]) if kv_int8 else (k_cache, k_cache, 0, 0))
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -294,14 +303,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = num_heads // kv_heads
     num_seqs = ctx_len.numel()
     plan = paged_plan(T, num_seqs, num_heads, kv_heads, d, block_tables.shape[1] * page, q.device, split_size)
-    kv_int8 = k_cache.dtype == torch.int8
-    assert kv_int8 == (k_scale is not None) and (not kv_int8 or k_scale.stride(2) == 1 and
-                                                 v_scale.stride() == k_scale.stride())
+    kv_int8, scales = _scale_args(k_cache, k_scale, v_scale)
     part = stats = out
     if plan.splits > 1:
         part = torch.empty(T * num_heads * plan.splits, d, dtype=torch.float32, device=q.device)
         stats = torch.empty(T * num_heads * plan.splits, 2, dtype=torch.float32, device=q.device)
-    scales = (k_scale, v_scale, *k_scale.stride()[:2]) if kv_int8 else (out, out, 0, 0)
     _paged_attention_kernel[(plan.programs, kv_heads, plan.splits)](
         q, k_cache, v_cache, scales[0], scales[1], out, part, stats, block_tables, cu_q, ctx_len, num_seqs,
         q.stride(0), out.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], *scales[2:],
@@ -357,9 +363,7 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     n, kv_heads, d = k.shape
     assert k.stride(1) == d and k.stride(2) == 1 and v.stride(1) == d and v.stride(2) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
-    kv_int8 = k_cache.dtype == torch.int8
-    scales = (k_scale, v_scale, *k_scale.stride()[:2]) if kv_int8 else (k_cache, k_cache, 0, 0)
-    assert not kv_int8 or (k_scale.stride(2) == 1 and v_scale.stride() == k_scale.stride())
+    kv_int8, scales = _scale_args(k_cache, k_scale, v_scale)
     _kv_write_kernel[(n,)](k, v, k_cache, v_cache, scales[0], scales[1], slot_blocks, slot_offsets, k.stride(0),
                            v.stride(0), *k_cache.stride()[:3], *scales[2:], KV_HEADS=kv_heads, HEAD_DIM=d,
                            BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(d),
