@@ -25,8 +25,8 @@ the script exits 1):
                       dequantized weight's product); prints the row counts where bf16 cuBLAS starts to win
                       and where dequantize + cuBLAS does (the value for
                       cuda.Int8WeightOnlyLinear.triton_max_rows)
-  sweeps              W8 GEMM tiles at decode row counts (for triton_kernels.W8_DECODE_TILES) and
-                      flash-decoding split sizes for few sequences over 8k and 32k keys (MIN_SPLIT)
+  sweeps              W8 GEMM tiles and split-K counts at decode row counts (for
+                      triton_kernels.W8_DECODE_TILES, W8_MIN_SPLIT_K) and flash-decoding split sizes for few sequences over 8k and 32k keys (MIN_SPLIT)
 
 End to end (unless --skip-e2e): encoder throughput (real tokens/s) of turboserve on device="cuda"
 against transformers (SDPA, length-sorted padded batches of 32) on the same GPU, and generation
@@ -391,11 +391,25 @@ def bench_w8(report: Report, cuda_ops) -> None:
 
 # ---------------------------------------------------------------------- tile and split sweeps
 def sweep_w8(report: Report, tk) -> None:
-    """Decode-sized W8 GEMMs (1 and 16 rows) over tile candidates, weights rotating out of the L2:
-    the best go into triton_kernels.W8_DECODE_TILES."""
+    """Decode-sized W8 GEMMs (1 and 16 rows) over tile candidates (each with w8_plan's split-K), then
+    the best tiles over split counts, weights rotating out of the L2: the best go into
+    triton_kernels.W8_DECODE_TILES and W8_MIN_SPLIT_K. Every candidate's output is checked."""
     setup = report.setup
-    print("sweep: W8 GEMM tiles at 1 and 16 rows (BLOCK_M 16, 4 warps): us per (shape, rows), best first")
+    print("sweep: W8 GEMM tiles at 1 and 16 rows (BLOCK_M 16, 4 warps), then split-K counts at the best "
+          "tiles: us per (shape, rows), best first")
     totals: dict[tuple, float] = {}
+
+    def timed(sets, ref, out, label, **kw) -> float:
+        try:
+            t = report.time(tk.w8_matmul, rotate=sets, **kw)
+            tk.w8_matmul(*sets[0], **kw)
+            if not rel_err(out, ref) < BOUND:
+                raise AssertionError(f"error {rel_err(out, ref):.1e}")
+            return t
+        except Exception as exc:    # noqa: BLE001 - e.g. out of shared memory: not a candidate
+            print(f"    {label}: {type(exc).__name__}: {str(exc)[:200]}")
+            return float("inf")
+
     for K, N in setup.sweep_w8_shapes:
         w_q = [torch.randint(-127, 128, (K, N), device=setup.device, dtype=torch.int8)
                for _ in range(report.copies(K * N))]
@@ -408,22 +422,21 @@ def sweep_w8(report: Report, tk) -> None:
             times = {}
             for n, k, stages in setup.sweep_w8_tiles:
                 tiles = (16, n, k, 4, stages)
-                try:
-                    times[tiles] = report.time(tk.w8_matmul, rotate=sets, tiles=tiles)
-                    tk.w8_matmul(*sets[0], tiles=tiles)
-                    if not rel_err(out, ref) < BOUND:
-                        raise AssertionError(f"error {rel_err(out, ref):.1e}")
-                except Exception as exc:    # noqa: BLE001 - e.g. out of shared memory: not a candidate
-                    print(f"    tiles {tiles}: {type(exc).__name__}: {str(exc)[:200]}")
-                    times[tiles] = float("inf")
+                times[tiles] = timed(sets, ref, out, f"tiles {tiles}", tiles=tiles)
                 totals[tiles] = totals.get(tiles, 0.0) + times[tiles]
             best = sorted(times, key=times.get)[:3]
             default = report.time(tk.w8_matmul, rotate=sets)
-            print(f"  K={K} N={N} M={M}: default {default * 1e6:.1f} us ({K * N / default / 1e9:.0f} GB/s); "
-                  + ", ".join(f"{t} {times[t] * 1e6:.1f}" for t in best))
+            auto = tk.w8_plan(M, N, K, x.device).splits
+            print(f"  K={K} N={N} M={M}: default {default * 1e6:.1f} us ({K * N / default / 1e9:.0f} GB/s, "
+                  f"{auto} splits); " + ", ".join(f"{t} {times[t] * 1e6:.1f}" for t in best))
+            by_split = {sp: timed(sets, ref, out, f"{sp} splits", tiles=best[0], splits=sp)
+                        for sp in (1, 2, 4, 8, 16) if K // sp >= best[0][2]}
+            print(f"    at {best[0]}, split-K: " + ", ".join(
+                f"{sp} x {tk.w8_plan(M, N, K, x.device, best[0], sp).k_per_split} keys {t * 1e6:.1f}"
+                for sp, t in by_split.items()))
     best = min(totals, key=totals.get)
     print(f"    best over all shapes: tiles {best} (summed {totals[best] * 1e6:.1f} us); "
-          f"now W8_DECODE_TILES = {tk.W8_DECODE_TILES}")
+          f"now W8_DECODE_TILES = {tk.W8_DECODE_TILES}, W8_MIN_SPLIT_K = {tk.W8_MIN_SPLIT_K}")
 
 
 def sweep_split(report: Report, tk) -> None:

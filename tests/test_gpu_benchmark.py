@@ -26,7 +26,8 @@ def dry_run(*extra: str) -> str:
 def test_gpu_benchmark_kernels_dry_run():
     out = dry_run("--skip-e2e")
     for section in ("measured peaks", "varlen attention", "paged decode attention", "row and elementwise fusions",
-                    "int8 weight-only GEMM", "dequantize + cuBLAS first wins", "sweep: W8 GEMM tiles", "best over all shapes",
+                    "int8 weight-only GEMM", "dequantize + cuBLAS first wins", "sweep: W8 GEMM tiles",
+                    "split-K: 1 x 256 keys", "best over all shapes",
                     "sweep: paged attention split sizes"):
         assert section in out, out
     kernels = out.split("sweep:")[0]

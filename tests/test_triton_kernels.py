@@ -256,22 +256,43 @@ def test_rope_in_place_on_strided_views(heads, d):
     assert torch.equal(qkv[:, (heads + kvh) * d:], ref[:, (heads + kvh) * d:])      # V untouched
 
 
-@pytest.mark.parametrize("rows", [1, 5, 33])
-def test_int8_weight_only_matmul(rows):
+@pytest.mark.parametrize("rows,tiles,splits", [(1, None, None), (5, None, None), (33, None, None),
+                                               (5, (16, 64, 32, 4, 3), 3), (33, (32, 32, 32, 4, 2), 2)])
+def test_int8_weight_only_matmul(rows, tiles, splits):
+    """Forced split-K: 3 splits of 96 keys (the last one 8 keys, inside a partial K tile), 2 of 128."""
     gen = torch.Generator().manual_seed(rows)
     K, N = 200, 100                                       # K: a partial last K tile
     w, bias = rand(N, K, gen=gen), rand(N, gen=gen)
     lin = cuda.Int8WeightOnlyLinear(w, bias, device="cpu")
     dequant = lin.weight_q.float() * lin.weight_scale
+    if splits:
+        assert tk.w8_plan(rows, N, K, torch.device("cpu"), tiles, splits).splits == splits
     for dtype in DTYPES:
         x = rand(rows, K, dtype=dtype, gen=gen)
         out = torch.empty(rows, N, dtype=dtype)
-        tk.w8_matmul(x, lin.weight_q, lin.weight_scale, bias.to(dtype), out)
+        tk.w8_matmul(x, lin.weight_q, lin.weight_scale, bias.to(dtype), out, tiles=tiles, splits=splits)
         assert rel_err(out, x.float() @ dequant + bias.to(dtype).float()) < BOUND[dtype], dtype
     # and against the fp32 weight: what int8 weights cost (per-channel rounding, K = 200)
     x = rand(rows, K, gen=gen)
-    assert rel_err(tk.w8_matmul(x, lin.weight_q, lin.weight_scale, bias, torch.empty(rows, N)),
-                   F.linear(x, w, bias)) < 2e-2
+    assert rel_err(tk.w8_matmul(x, lin.weight_q, lin.weight_scale, None, torch.empty(rows, N), tiles=tiles,
+                                splits=splits), F.linear(x, w)) < 2e-2
+
+
+def test_int8_weight_only_matmul_splits_k_when_tiles_cannot_fill_the_gpu():
+    cpu_dev = torch.device("cpu")        # the interpreter plans for 132 SMs (an H100 / H200)
+    assert tk.w8_plan(1, 4096, 4096, cpu_dev) == (tk.W8_DECODE_TILES, 4, 1024)     # 64 tiles
+    assert tk.w8_plan(16, 11008, 4096, cpu_dev).splits == 2                        # 172 tiles < 264
+    assert tk.w8_plan(1, 32000, 4096, cpu_dev).splits == 1                         # an LM head: 500 tiles
+    assert tk.w8_plan(1, 4096, 11008, cpu_dev) == (tk.W8_DECODE_TILES, 4, 2816)    # 4 x 22 K tiles
+    assert tk.w8_plan(1, 4096, 256, cpu_dev).splits == 1                           # too shallow to split
+    assert tk.w8_plan(64, 4096, 4096, cpu_dev).tiles == tk.W8_TILES
+    gen = torch.Generator().manual_seed(7)
+    K, N = 1100, 96                      # 2 tiles: split in 2 (2 x 640 keys), the last K tile partial
+    lin = cuda.Int8WeightOnlyLinear(rand(N, K, gen=gen), None, device="cpu")
+    assert tk.w8_plan(2, N, K, cpu_dev).splits == 2
+    x = rand(2, K, dtype=torch.bfloat16, gen=gen)
+    out = tk.w8_matmul(x, lin.weight_q, lin.weight_scale, None, torch.empty(2, N, dtype=torch.bfloat16))
+    assert rel_err(out, x.float() @ (lin.weight_q.float() * lin.weight_scale)) < BOUND[torch.bfloat16]
 
 
 # ---------------------------------------------------------------------- the backend's functions
@@ -392,6 +413,8 @@ tk.kv_write(torch.empty(5, 2, 128, dtype=bf), torch.empty(5, 2, 128, dtype=bf), 
             torch.zeros(5, dtype=torch.int64), torch.arange(5))
 tk.w8_matmul(torch.empty(2, 768, dtype=bf), torch.empty(768, 256, dtype=torch.int8), torch.empty(256),
              None, torch.empty(2, 256, dtype=bf))
+tk.w8_matmul(torch.empty(1, 4096, dtype=bf), torch.empty(4096, 512, dtype=torch.int8), torch.empty(256),  # split-K
+             torch.empty(512, dtype=bf), torch.empty(1, 512, dtype=bf))
 tk.w8_matmul(torch.empty(40, 768), torch.empty(768, 256, dtype=torch.int8), torch.empty(256),   # encoder: fp32
              torch.empty(256), torch.empty(40, 256))
 for fn, args, kw in calls:
@@ -420,7 +443,7 @@ def test_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 14, run.stdout
+    assert run.stdout.count("compiled") == 16, run.stdout
 
 
 # ---------------------------------------------------------------------- CUDA graphs: what runs without a GPU

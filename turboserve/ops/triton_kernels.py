@@ -491,16 +491,20 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
 
 # ---------------------------------------------------------------------------------- int8 weight-only GEMM
 @triton.jit
-def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, o_ptr, M, N, K, stride_x, stride_w, stride_o,
-                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT: tl.constexpr):
+def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, o_ptr, part_ptr, M, N, K, k_per_split, stride_x, stride_w,
+                      stride_o, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) output tile over keys [pid 2 * k_per_split, + k_per_split). SPLIT: the
+    unscaled fp32 partial sum goes to part_ptr [splits, M, N] for _w8_reduce_kernel; else the tile is
+    scaled, biased and stored."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
+    k_start = tl.program_id(2) * k_per_split
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):   # k_per_split: BLOCK_K multiple
         k = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_x + k[None, :], mask=m_ok & (k[None, :] < K),
                     other=0.0)
@@ -510,29 +514,81 @@ def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, o_ptr, M, N, K, stride_
         # int8 -> fp32 -> x's type is exact (|w| <= 127) and is how int8 -> bf16 lowers on GPUs anyway;
         # it also avoids Triton 3.9's interpreter, which converts int8 -> bf16 wrongly.
         acc = tl.dot(x, w.to(tl.float32).to(x.dtype), acc, input_precision=DOT)
-    acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if SPLIT:
+        dst = part_ptr + (tl.program_id(2) * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(dst, acc, mask=m_ok & n_ok)
+    else:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
+                 mask=m_ok & n_ok)
+
+
+@triton.jit
+def _w8_reduce_kernel(part_ptr, scale_ptr, bias_ptr, o_ptr, M, N, stride_o, HAS_BIAS: tl.constexpr,
+                      SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K's second pass: one row's partial sums added in split order (deterministic, unlike
+    atomics, so a request's output does not depend on timing), scaled, biased, stored."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs_n < N
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=ok, other=0.0)
+    acc = acc * tl.load(scale_ptr + offs_n, mask=ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(o_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=m_ok & n_ok)
+        acc += tl.load(bias_ptr + offs_n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr + m * stride_o + offs_n, acc.to(o_ptr.dtype.element_ty), mask=ok)
 
 
 W8_DECODE_TILES = (16, 64, 128, 4, 3)     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) up to 16 rows
 W8_TILES = (64, 64, 64, 4, 3)             # above: first guesses; benchmarks/gpu.py sweeps them on a GPU
+W8_MIN_SPLIT_K = 512                      # keys per split at least: a few pipelined K steps each
+
+
+class W8Plan(NamedTuple):
+    tiles: tuple[int, int, int, int, int]
+    splits: int          # a power of two; 1: no split, no second pass
+    k_per_split: int     # a multiple of BLOCK_K
+
+
+def w8_plan(M: int, N: int, K: int, device: torch.device, tiles: tuple | None = None,
+            splits: int | None = None) -> W8Plan:
+    """Tiles and split-K of w8_matmul, from shapes only (graph capture safe). Decode GEMMs have one
+    row tile, so a 4096-wide output is 64 programs for the H200's 132 SMs, each streaming a 4096-deep
+    weight panel: when the tiles cannot fill the GPU twice over, K splits too (into at least
+    W8_MIN_SPLIT_K each) and a second pass adds the partial sums. splits forces the count (sweeps)."""
+    tiles = tiles or (W8_DECODE_TILES if M <= 16 else W8_TILES)
+    block_m, block_n, block_k = tiles[:3]
+    if splits is None:
+        programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        splits = max(1, min(triton.cdiv(2 * _sm_count(device), programs), K // W8_MIN_SPLIT_K))
+        splits = 1 << (splits.bit_length() - 1)
+    k_per_split = triton.cdiv(K, splits * block_k) * block_k
+    return W8Plan(tiles, triton.cdiv(K, k_per_split), k_per_split)
 
 
 def w8_matmul(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-              out: torch.Tensor, tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+              out: torch.Tensor, tiles: tuple[int, int, int, int, int] | None = None,
+              splits: int | None = None) -> torch.Tensor:
     """out = (x @ weight_q) * scale + bias. x [M, K] float; weight_q int8 [K, N] (row-major, so a tile's
     rows are contiguous along N); scale fp32 [N]. tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages),
-    default W8_DECODE_TILES / W8_TILES by row count."""
+    default W8_DECODE_TILES / W8_TILES by row count; splits: split-K's count, None to choose (w8_plan)."""
     M, K = x.shape
     N = weight_q.shape[1]
     assert x.stride(1) == 1 and weight_q.stride(1) == 1 and out.stride(1) == 1
-    block_m, block_n, block_k, warps, stages = tiles or (W8_DECODE_TILES if M <= 16 else W8_TILES)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _w8_matmul_kernel[grid](x, weight_q, scale, scale if bias is None else bias, out, M, N, K, x.stride(0),
-                            weight_q.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=block_k, DOT=_dot_precision(x.dtype), num_warps=warps,
-                            num_stages=stages)
+    plan = w8_plan(M, N, K, x.device, tiles, splits)
+    block_m, block_n, block_k, warps, stages = plan.tiles
+    split = plan.splits > 1
+    part = torch.empty(plan.splits, M, N, dtype=torch.float32, device=x.device) if split else out
+    bias_arg = scale if bias is None else bias
+    _w8_matmul_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), plan.splits)](
+        x, weight_q, scale, bias_arg, out, part, M, N, K, plan.k_per_split, x.stride(0), weight_q.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT=_dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+    if split:
+        _w8_reduce_kernel[(M, triton.cdiv(N, 256))](part, scale, bias_arg, out, M, N, out.stride(0),
+                                                   HAS_BIAS=bias is not None, SPLITS=plan.splits, BLOCK_N=256,
+                                                   num_warps=4)
     return out
