@@ -19,8 +19,8 @@ the script exits 1):
                       pages, GQA 32/8, d = 128, against SDPA over the same keys gathered contiguous
                       (enable_gqa); each also with flash-decoding's key splits off (one split), and
                       with an int8 cache (per-token scales; against SDPA on the dequantized keys)
-  row/elementwise     bias+residual+LayerNorm, RMSNorm, bias+GELU, SiLU-and-mul, RoPE, KV cache writes
-                      (bf16, int8 quantizing) against eager torch
+  row/elementwise     bias+residual+LayerNorm, RMSNorm, bias+GELU, SiLU-and-mul, KV cache writes
+                      (bf16, int8 quantizing, with RoPE fused) against eager torch
   int8 weight-only    the Triton W8 GEMM against bf16 cuBLAS for M = 1 ... 512 rows (error against the
                       dequantized weight's product); prints the row counts where bf16 cuBLAS starts to win
                       and where dequantize + cuBLAS does (the value for
@@ -313,46 +313,46 @@ def bench_rows(report: Report, tk) -> None:
     gu = rand(setup, M, 2 * inter)
     line("SiLU-and-mul", lambda: tk.silu_and_mul(gu), lambda: F.silu(gu[:, :inter]) * gu[:, inter:],
          1.5 * gu.numel() * size)
-    qx = torch.randn(M, heads * d, device=setup.device)
-    angles = torch.rand(M, d // 2, device=setup.device)
-    cos, sin = angles.cos(), angles.sin()
-
-    def rope_eager():
-        xh = qx.view(M, heads, d)
-        x1, x2 = xh[..., :d // 2], xh[..., d // 2:]
-        return torch.cat([x1 * cos[:, None] - x2 * sin[:, None], x2 * cos[:, None] + x1 * sin[:, None]], -1)
-
-    def rope_ours():                     # in place: on a fresh copy each call (the copy is timed too)
-        y = qx.clone()
-        tk.rope_(y, cos, sin, heads)
-        return y.view(M, heads, d)
-    line(f"RoPE, fp32 {heads} heads x {d} (+ a copy)", rope_ours, rope_eager, 4 * qx.numel() * 4)
     from turboserve.ops import cuda as cuda_ops
     from turboserve.ops.cpu import quantize_heads
     kvh, page = max(1, heads // 4), 16
-    kv = torch.randn(M, 2, kvh, d, device=setup.device)        # fp32, as the decoder hands them over
+    qkv = torch.randn(M, (heads + 2 * kvh) * d, device=setup.device)     # fp32, as the decoder hands it over
+    q, k, v = (qkv[:, a:b] for a, b in ((0, heads * d), (heads * d, (heads + kvh) * d), ((heads + kvh) * d, None)))
+    k, v = k.view(M, kvh, d), v.view(M, kvh, d)
+    angles = torch.rand(M, d // 2, device=setup.device)
+    cos, sin = angles.cos(), angles.sin()
     slots = torch.randperm(M, device=setup.device)
     blocks, offsets = slots // page, slots % page
-    for kv_dtype in ("bf16", "int8"):
+
+    def rope_eager(x, n):
+        xh = x.reshape(M, n, d)
+        x1, x2 = xh[..., :d // 2], xh[..., d // 2:]
+        return torch.cat([x1 * cos[:, None] - x2 * sin[:, None], x2 * cos[:, None] + x1 * sin[:, None]], -1)
+    for kv_dtype, rope in (("bf16", False), ("int8", False), ("bf16", True)):
         cache = cuda_ops.allocate_kv_cache(1, M // page + 1, kvh, page, d, kv_dtype, device=setup.device)[0]
 
-        def stored():                   # what the slots hold: K, V and (int8) their scales
-            return torch.cat([t[blocks, :, offsets].float().flatten() for t in cache if t is not None])
+        def stored(q_out=None):         # what the slots hold: K, V, (int8) their scales, (RoPE) q
+            got = [t[blocks, :, offsets].float().flatten() for t in cache if t is not None]
+            return torch.cat(got + ([] if q_out is None else [q_out.flatten()]))
 
-        def write_eager():              # index_put per tensor (and the quantize) in torch
-            k, v = kv[:, 0], kv[:, 1]
+        def write_eager():              # RoPE in torch, index_put per tensor (and the quantize)
+            k_, v_, q_out = k, v, None
+            if rope:
+                q_out, k_ = rope_eager(q, heads), rope_eager(k, kvh)
             if cache.k_scale is not None:
-                (k, ks), (v, vs) = quantize_heads(k), quantize_heads(v)
+                (k_, ks), (v_, vs) = quantize_heads(k_), quantize_heads(v_)
                 cache.k_scale[blocks, :, offsets], cache.v_scale[blocks, :, offsets] = ks, vs
-            cache.k[blocks, :, offsets], cache.v[blocks, :, offsets] = k.to(cache.k.dtype), v.to(cache.v.dtype)
-            return stored()
+            cache.k[blocks, :, offsets], cache.v[blocks, :, offsets] = k_.to(cache.k.dtype), v_.to(cache.v.dtype)
+            return stored(q_out)
 
-        def write_ours():
-            cuda_ops.write_kv(cache, kv[:, 0], kv[:, 1], blocks, offsets)
-            return stored()
+        def write_ours():               # RoPE in place: on a fresh q each call (the copy is timed too)
+            q_in = q.clone() if rope else None
+            cuda_ops.write_kv(cache, k, v, blocks, offsets, rope=(q_in, cos, sin) if rope else None)
+            return stored(q_in)
         elem = 1 if kv_dtype == "int8" else 2
-        line(f"KV write, {kv_dtype} cache, {kvh} heads x {d} (+ gathers)", write_ours, write_eager,
-             kv.numel() * (4 + elem))
+        what = f"RoPE + KV write, {kv_dtype}, {heads}/{kvh} heads" if rope else f"KV write, {kv_dtype}, {kvh} heads"
+        line(f"{what} x {d} (+ gathers)", write_ours, write_eager,
+             k.numel() * 2 * (4 + elem) + (4 * 4 * q.numel() if rope else 0))
 
 
 def bench_w8(report: Report, cuda_ops) -> None:

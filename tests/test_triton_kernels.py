@@ -241,19 +241,36 @@ def test_silu_and_mul(dtype):
     assert rel_err(tk.silu_and_mul(gate_up), cpu.silu_and_mul(gate_up.float())) < ELEMENTWISE_BOUND[dtype]
 
 
-@pytest.mark.parametrize("heads,d", [(7, 80), (4, 64), (2, 128)])
-def test_rope_in_place_on_strided_views(heads, d):
-    gen = torch.Generator().manual_seed(d)
-    T, kvh = 21, 1
+@pytest.mark.parametrize("heads,kvh,d,kv_dtype", [(7, 1, 80, "fp32"), (4, 2, 64, "int8"), (6, 3, 128, "fp32")])
+def test_kv_write_with_rope_rotates_q_in_place_and_k_into_the_cache(heads, kvh, d, kv_dtype):
+    """RoPE fused into the KV write, on strided views of the qkv rows (head counts and half dims that
+    pad the tile): q rotated in place as cpu.rope_ rotates it, the cache holds the rotated K (int8:
+    its quantization) and V as given, and the qkv rows' K and V are left alone."""
+    gen = torch.Generator().manual_seed(d + kvh)
+    T, page = 21, 8
     qkv = rand(T, (heads + 2 * kvh) * d, gen=gen)
     angles = torch.rand(T, d // 2, generator=gen) * 6.28
     cos, sin = angles.cos(), angles.sin()
     ref = qkv.clone()
-    for a, n in ((0, heads), (heads * d, kvh)):
-        cpu.rope_(ref[:, a:a + n * d], cos, sin, n)
-        tk.rope_(qkv[:, a:a + n * d], cos, sin, n)
-    assert rel_err(qkv, ref) < ELEMENTWISE_BOUND[torch.float32]
-    assert torch.equal(qkv[:, (heads + kvh) * d:], ref[:, (heads + kvh) * d:])      # V untouched
+    cpu.rope_(ref[:, :heads * d], cos, sin, heads)
+    cpu.rope_(ref[:, heads * d:(heads + kvh) * d], cos, sin, kvh)
+    q, k, v = qkv[:, :heads * d], qkv[:, heads * d:(heads + kvh) * d], qkv[:, (heads + kvh) * d:]
+    cache = cuda.allocate_kv_cache(1, 4, kvh, page, d, kv_dtype, device="cpu")[0]
+    slots = torch.randperm(4 * page, generator=gen)[:T]
+    blocks, offsets = slots // page, slots % page
+    before = qkv[:, heads * d:].clone()
+    cuda.write_kv(cache, k.view(T, kvh, d), v.view(T, kvh, d), blocks, offsets, rope=(q, cos, sin))
+    assert rel_err(q, ref[:, :heads * d]) < ELEMENTWISE_BOUND[torch.float32]
+    assert torch.equal(qkv[:, heads * d:], before)
+    k_rot = ref[:, heads * d:(heads + kvh) * d].view(T, kvh, d)
+    stored_k, stored_v = cache.k[blocks, :, offsets], cache.v[blocks, :, offsets]
+    if kv_dtype == "fp32":
+        assert rel_err(stored_k, k_rot) < ELEMENTWISE_BOUND[torch.float32]
+        assert torch.equal(stored_v, v.view(T, kvh, d))
+    else:
+        scale = cache.k_scale[blocks, :, offsets]
+        assert torch.allclose(scale, cpu.quantize_heads(k_rot)[1], rtol=1e-5, atol=0)
+        assert ((stored_k.float() - k_rot / scale[..., None]).abs() <= 0.5 + 1e-3).all()
 
 
 @pytest.mark.parametrize("rows,tiles,splits", [(1, None, None), (5, None, None), (33, None, None),
@@ -307,7 +324,7 @@ def cuda_backend_on_cpu():
 
 def test_backend_has_every_op_the_models_call():
     for name in ("make_linear", "make_decoder_linear", "epilogue", "activation_", "layer_norm", "varlen_attention",
-                 "linear", "norm", "silu_and_mul", "rope_", "paged_attention", "allocate_kv_cache", "write_kv", "decoder_act_dtype",
+                 "linear", "norm", "silu_and_mul", "paged_attention", "allocate_kv_cache", "write_kv", "decoder_act_dtype",
                  "kv_bytes_per_token"):
         assert callable(getattr(cuda, name)), name
     from turboserve.ops import backend_for
@@ -408,7 +425,10 @@ x = torch.empty(8, 768, dtype=bf)
 tk.row_norm(x, x[0], None, 1e-5, "rms", x, bias=x[0], act="gelu_tanh", residual=x)
 tk.bias_act(x, x, bias=x[0], act="gelu")
 tk.silu_and_mul(x)
-tk.rope_(torch.empty(8, 640), torch.empty(8, 40), torch.empty(8, 40), 8)
+cache80 = torch.empty(9, 2, 16, 80)     # RoPE fused, fp32 (the decoder's q and K), d = 80
+tk.kv_write(torch.empty(5, 2, 80), torch.empty(5, 2, 80), cache80, cache80, None, None,
+            torch.zeros(5, dtype=torch.int64), torch.arange(5), (torch.empty(5, 640), torch.empty(5, 40),
+                                                                  torch.empty(5, 40)))
 tk.kv_write(torch.empty(5, 2, 128, dtype=bf), torch.empty(5, 2, 128, dtype=bf), cache8, cache8, scale8, scale8,
             torch.zeros(5, dtype=torch.int64), torch.arange(5))
 tk.w8_matmul(torch.empty(2, 768, dtype=bf), torch.empty(768, 256, dtype=torch.int8), torch.empty(256),

@@ -222,10 +222,8 @@ class DecoderModel:
             h = ops.norm(x.to(adt), *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv))
             qkv = ops.linear(layer.qkv, h).float()
             q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
-            if self.spec.rope:
-                ops.rope_(q, cos, sin, nh)
-                ops.rope_(k, cos, sin, kvh)
-            ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets)
+            ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
+                         rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
             a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, self.window,
                                     scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))

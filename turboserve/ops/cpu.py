@@ -394,8 +394,17 @@ def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
-             slot_offsets: torch.Tensor) -> None:
-    """Store each token's K and V ([n, kv_heads, d] fp32) at its (block, offset) slot."""
+             slot_offsets: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Store each token's K and V ([n, kv_heads, d] fp32) at its (block, offset) slot. rope = (q
+    [n, q_heads * d], cos, sin [n, d / 2]): the rotary embedding applied to q in place and to K before
+    it is stored (afterwards k itself may or may not be rotated: the GPU backend rotates it only on
+    the way into its cache)."""
+    if rope is not None:
+        q, cos, sin = rope
+        rope_(q, cos, sin, q.shape[1] // k.shape[2])
+        if k.stride(2) != 1 or k.stride(1) != k.shape[2]:     # heads not adjacent: rotate a copy
+            k = k.contiguous()
+        rope_(k.view(k.shape[0], -1), cos, sin, k.shape[1])
     if (native.lib() is not None and k.dtype == v.dtype == torch.float32 and k.stride(2) == v.stride(2) == 1
             and k.stride(1) == v.stride(1) == k.shape[2] and all(t.is_contiguous() for t in cache if t is not None)):
         native.kv_write(cache, k, v, slot_blocks, slot_offsets)

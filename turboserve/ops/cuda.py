@@ -192,12 +192,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return tk.silu_and_mul(gate_up)
 
 
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
-    """Rotary embedding in place, HF's rotate-half layout. x: [T, num_heads * d] (a view);
-    cos, sin: [T, d / 2] for each token's position."""
-    tk.rope_(x, cos.contiguous(), sin.contiguous(), num_heads)
-
-
 class PagedKV(NamedTuple):
     """One layer's paged KV cache on the GPU: k, v [num_blocks, kv_heads, block_size, head_dim] (the
     Triton kernel's layout) in fp32, bf16 or int8. int8 keeps one fp32 scale per token and KV head
@@ -234,10 +228,12 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, kv_heads: int, block_siz
 
 
 def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
-             slot_offsets: torch.Tensor) -> None:
+             slot_offsets: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Store each token's K and V ([n, kv_heads, d]) at its (block, offset) slot (int8: quantized as
-    cpu.quantize_heads does), in one Triton launch."""
-    tk.kv_write(k, v, cache.k, cache.v, cache.k_scale, cache.v_scale, slot_blocks, slot_offsets)
+    cpu.quantize_heads does); rope = (q, cos, sin): q rotated in place and K rotated as stored (cpu's
+    contract). One Triton launch for all of it."""
+    tk.kv_write(k, v, cache.k, cache.v, cache.k_scale, cache.v_scale, slot_blocks, slot_offsets,
+                None if rope is None else (rope[0], rope[1].contiguous(), rope[2].contiguous()))
 
 
 def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_q: torch.Tensor,

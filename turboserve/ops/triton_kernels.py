@@ -16,13 +16,14 @@ Kernels
                       flash-decoding: when its programs cannot fill the GPU (small decode batches, long
                       contexts) each program's keys are split and _combine_splits_kernel merges them
   kv_write            a step's K and V into their cache slots, all heads of a token per program;
-                      int8 caches quantized on the way (one scale per token and head)
+                      int8 caches quantized on the way (one scale per token and head); RoPE fused:
+                      the token's queries rotated in place, its keys on the way into the cache
   row_norm            one pass per row: act(x + bias) + residual, then LayerNorm or RMSNorm
   bias_act            elementwise act(x + bias) (+ residual): bias+GELU after a GEMM
   silu_and_mul        [T, 2I] (gate | up) -> silu(gate) * up
-  rope_               rotary embedding in place (rotate-half layout), all heads of a token per program
   w8_matmul           x @ dequant(W_int8): per-output-channel scales, the int8 -> float conversion
-                      inside the K loop, fp32 accumulation
+                      inside the K loop, fp32 accumulation; split-K (_w8_reduce_kernel adds the
+                      partial sums) when decode's few output tiles cannot fill the GPU
 
 Numerics: accumulation and softmax statistics in fp32. fp32 inputs take IEEE fp32 dot products (not
 TF32) so the fp32 path keeps the reference contract of the CPU backend; bf16/fp16 are the fast path.
@@ -324,53 +325,93 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 # ---------------------------------------------------------------------------------- KV cache writes
 @triton.jit
-def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, blocks_ptr, offsets_ptr, stride_k, stride_v,
-                     stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, KV_HEADS: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, KV_INT8: tl.constexpr):
-    """One token's K and V, all KV heads, into its cache slot; int8: quantized per head on the way."""
+def _quantize_halves(x1, x2):
+    """int8 steps of a head's two halves [H, HALF] and its scale [H]: symmetric, max |x| / 127 over
+    the head (as the CPU cache), rounded half away from zero (torch.round's half-to-even differs only
+    on exact ties)."""
+    scale = tl.maximum(tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1)), 1e-8) / 127.0
+    y1 = x1 / scale[:, None]
+    y2 = x2 / scale[:, None]
+    y1 = tl.minimum(tl.maximum(tl.where(y1 >= 0, y1 + 0.5, y1 - 0.5).to(tl.int32), -127), 127)
+    y2 = tl.minimum(tl.maximum(tl.where(y2 >= 0, y2 + 0.5, y2 - 0.5).to(tl.int32), -127), 127)
+    return y1, y2, scale
+
+
+@triton.jit
+def _rotate(x1, x2, c, s):
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, blocks_ptr, offsets_ptr, q_ptr, cos_ptr, sin_ptr,
+                     stride_k, stride_v, stride_q, stride_c, stride_cb, stride_ch, stride_ct, stride_sb, stride_sh,
+                     KV_HEADS: tl.constexpr, Q_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_QH: tl.constexpr, BLOCK_HALF: tl.constexpr, KV_INT8: tl.constexpr, ROPE: tl.constexpr):
+    """One token's K and V, all KV heads, into its cache slot, each head as its two halves (RoPE's
+    rotate-half pairs); ROPE: the token's query heads rotated in place and its keys rotated on the
+    way; int8: quantized per head."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)[:, None]
-    j = tl.arange(0, BLOCK_D)[None, :]
-    mask = (h < KV_HEADS) & (j < HEAD_DIM)
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (h < KV_HEADS) & (j < HALF)
     block = tl.load(blocks_ptr + t).to(tl.int64)        # caches of many GB: 64-bit offsets
     slot = tl.load(offsets_ptr + t).to(tl.int64)
-    dst = block * stride_cb + h * stride_ch + slot * stride_ct + j
-    k = tl.load(k_ptr + t * stride_k + h * HEAD_DIM + j, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + t * stride_v + h * HEAD_DIM + j, mask=mask, other=0.0).to(tl.float32)
-    if KV_INT8:                                         # symmetric, max |x| / 127 per head (as the CPU cache)
-        k_scale = tl.maximum(tl.max(tl.abs(k), 1), 1e-8) / 127.0
-        v_scale = tl.maximum(tl.max(tl.abs(v), 1), 1e-8) / 127.0
+    src_k = k_ptr + t * stride_k + h * (2 * HALF) + j
+    src_v = v_ptr + t * stride_v + h * (2 * HALF) + j
+    k1 = tl.load(src_k, mask=mask, other=0.0).to(tl.float32)
+    k2 = tl.load(src_k + HALF, mask=mask, other=0.0).to(tl.float32)
+    v1 = tl.load(src_v, mask=mask, other=0.0).to(tl.float32)
+    v2 = tl.load(src_v + HALF, mask=mask, other=0.0).to(tl.float32)
+    if ROPE:
+        c = tl.load(cos_ptr + t * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
+        k1, k2 = _rotate(k1, k2, c, s)
+        qh = tl.arange(0, BLOCK_QH)[:, None]
+        q_mask = (qh < Q_HEADS) & (j < HALF)
+        q_at = q_ptr + t * stride_q + qh * (2 * HALF) + j
+        q1, q2 = _rotate(tl.load(q_at, mask=q_mask, other=0.0).to(tl.float32),
+                         tl.load(q_at + HALF, mask=q_mask, other=0.0).to(tl.float32), c, s)
+        tl.store(q_at, q1.to(q_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(q_at + HALF, q2.to(q_ptr.dtype.element_ty), mask=q_mask)
+    if KV_INT8:
+        k1, k2, k_scale = _quantize_halves(k1, k2)
+        v1, v2, v_scale = _quantize_halves(v1, v2)
         s_dst = block * stride_sb + tl.arange(0, BLOCK_H) * stride_sh + slot
         h_ok = tl.arange(0, BLOCK_H) < KV_HEADS
         tl.store(ks_ptr + s_dst, k_scale, mask=h_ok)
         tl.store(vs_ptr + s_dst, v_scale, mask=h_ok)
-        # round half away from zero, as torch.round's half-to-even differs only on exact ties
-        kq = k / k_scale[:, None]
-        vq = v / v_scale[:, None]
-        k = tl.minimum(tl.maximum(tl.where(kq >= 0, kq + 0.5, kq - 0.5).to(tl.int32), -127), 127)
-        v = tl.minimum(tl.maximum(tl.where(vq >= 0, vq + 0.5, vq - 0.5).to(tl.int32), -127), 127)
-    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    dst = block * stride_cb + h * stride_ch + slot * stride_ct + j
+    tl.store(kc_ptr + dst, k1.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc_ptr + dst + HALF, k2.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v1.to(vc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst + HALF, v2.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_blocks: torch.Tensor,
-             slot_offsets: torch.Tensor) -> None:
+             slot_offsets: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     """Each token's K and V [n, kv_heads, d] (rows may be strided: views of the qkv projection) into
     caches [num_blocks, kv_heads, block_size, d] at (slot_blocks, slot_offsets) (int64 [n]); int8
     caches take one fp32 scale per token and head into k_scale, v_scale [num_blocks, kv_heads,
-    block_size]. One launch for both (the torch version was two to ten)."""
+    block_size]. rope = (q [n, q_heads * d], cos, sin [n, d / 2]): rotary embedding (rotate-half) on q
+    in place and on K as it is stored (k itself is left as it was). One launch for all of it, where
+    torch's RoPE and index_put took four to twelve kernels."""
     n, kv_heads, d = k.shape
-    assert k.stride(1) == d and k.stride(2) == 1 and v.stride(1) == d and v.stride(2) == 1
+    assert d % 2 == 0 and k.stride(1) == d and k.stride(2) == 1 and v.stride(1) == d and v.stride(2) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     kv_int8, scales = _scale_args(k_cache, k_scale, v_scale)
-    _kv_write_kernel[(n,)](k, v, k_cache, v_cache, scales[0], scales[1], slot_blocks, slot_offsets, k.stride(0),
-                           v.stride(0), *k_cache.stride()[:3], *scales[2:], KV_HEADS=kv_heads, HEAD_DIM=d,
-                           BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(d),
-                           KV_INT8=kv_int8, num_warps=4 if kv_heads * d <= 2048 else 8)
+    q, cos, sin = rope if rope is not None else (k, k, k)
+    q_heads = q.shape[1] // d if rope is not None else 1
+    assert q.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
+    _kv_write_kernel[(n,)](k, v, k_cache, v_cache, scales[0], scales[1], slot_blocks, slot_offsets, q, cos, sin,
+                           k.stride(0), v.stride(0), q.stride(0), cos.stride(0), *k_cache.stride()[:3], *scales[2:],
+                           KV_HEADS=kv_heads, Q_HEADS=q_heads, HALF=d // 2, BLOCK_H=triton.next_power_of_2(kv_heads),
+                           BLOCK_QH=triton.next_power_of_2(q_heads), BLOCK_HALF=triton.next_power_of_2(d // 2),
+                           KV_INT8=kv_int8, ROPE=rope is not None,
+                           num_warps=4 if (q_heads + kv_heads) * d <= 4096 else 8)
 
 
-# ---------------------------------------------------------------------------------- row-wise fusions
+# ---------------------------------------------------------------------------------- row and elementwise fusions
 @triton.jit
 def _row_norm_kernel(x_ptr, bias_ptr, res_ptr, w_ptr, b_ptr, o_ptr, N, stride_x, stride_r, stride_o, eps,
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
@@ -461,32 +502,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_and_mul_kernel[grid](gate_up, out, M, two_n // 2, gate_up.stride(0), out.stride(0),
                                BLOCK_M=16, BLOCK_N=128, num_warps=4)
     return out
-
-
-@triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, stride_x, stride_c, num_heads, HALF: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    j = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < num_heads) & (j < HALF)
-    c = tl.load(cos_ptr + tok * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + tok * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
-    p1 = x_ptr + tok * stride_x + heads * (2 * HALF) + j
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * c - x2 * s).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * c + x1 * s).to(x_ptr.dtype.element_ty), mask=mask)
-
-
-def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
-    """In place on x [T, num_heads * d] (rows may be strided); cos, sin [T, d / 2]."""
-    T = x.shape[0]
-    half = x.shape[1] // num_heads // 2
-    assert x.stride(1) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
-    _rope_kernel[(T,)](x, cos, sin, x.stride(0), cos.stride(0), num_heads, HALF=half,
-                       BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HALF=triton.next_power_of_2(half),
-                       num_warps=4)
 
 
 # ---------------------------------------------------------------------------------- int8 weight-only GEMM
