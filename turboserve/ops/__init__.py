@@ -3,8 +3,8 @@
 Model code asks `backend_for(device)` for its ops and never imports a backend module itself. Both
 backends provide the same functions with the same signatures (tests/test_triton_kernels.py lists
 them): linears and their epilogues, norms, activations, attention (varlen and paged), the KV
-cache (its writes apply RoPE). "cpu" is cpu.py; "cuda" (Triton, imported only when asked for) is cuda.py, and "cuda:N" also
-makes GPU N the current device, so the backend's tensors land there.
+cache (its writes apply RoPE). "cpu" is cpu.py; "cuda" (Triton, imported only when asked for) is
+cuda.py, and "cuda:N" also makes GPU N the current device, so the backend's tensors land there.
 """
 from __future__ import annotations
 
