@@ -90,6 +90,7 @@ class DecoderModel:
         self.ops = backend_for(device)
         self.device = torch.device(device)
         self.act_dtype = self.ops.decoder_act_dtype(dtype)
+        self.attn_dtype = self.ops.attention_dtype(self.act_dtype)
         kv_dtype = kv_dtype or dtype
         if kv_dtype not in KV_DTYPES:
             raise InvalidInputError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, not {kv_dtype!r}")
@@ -219,15 +220,15 @@ class DecoderModel:
         # straight from their pass (the floats between are never written)
         qf = lambda lin: lin if getattr(lin, "takes_int8", False) else None        # noqa: E731
         for layer, layer_cache in zip(self.layers, cache):
-            h = ops.norm(x.to(adt), *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv))
-            qkv = ops.linear(layer.qkv, h).float()
+            h = ops.norm(x, *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv), out_dtype=adt)
+            qkv = ops.linear(layer.qkv, h).to(self.attn_dtype)
             q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
             ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
                          rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
             a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, self.window,
                                     scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))
-            h = ops.norm(x.to(adt), *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up))
+            h = ops.norm(x, *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up), out_dtype=adt)
             if self.spec.gated_mlp and qf(layer.down) is not None:
                 u = ops.linear(layer.up, h, act="silu_mul", quant_for=layer.down)
             elif self.spec.gated_mlp:
@@ -235,8 +236,8 @@ class DecoderModel:
             else:
                 u = ops.linear(layer.up, h, act=self.activation, quant_for=qf(layer.down))
             x += reduce(ops.linear(layer.down, u))
-        h = ops.norm(x[step.logit_rows].to(adt), *self.final_norm, self.eps, self.spec.norm,
-                     quant_for=qf(self.lm_head_int8))
+        h = ops.norm(x[step.logit_rows], *self.final_norm, self.eps, self.spec.norm,
+                     quant_for=qf(self.lm_head_int8), out_dtype=adt)
         if self.lm_head_int8 is not None:
             logits = ops.linear(self.lm_head_int8, h)
         else:

@@ -275,6 +275,12 @@ def decoder_act_dtype(dtype: str) -> torch.dtype:
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
+def attention_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the q, k, v a decoder hands to write_kv and paged_attention: fp32, what the
+    native RoPE, KV-write and attention kernels take, whatever the activations' dtype."""
+    return torch.float32
+
+
 def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str):
     """Decoders: fp32, bf16 (weights and activations) or int8 W8A8 (per-channel weights, per-token
     dynamic activations, `_int_mm`). Not weight-only int8: torch's `_weight_int8pack_mm` measured
@@ -301,9 +307,12 @@ def linear(lin, x, act: str | None = None, quant_for=None):
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str,
-         quant_for=None):
+         quant_for=None, out_dtype: torch.dtype | None = None):
     """RMSNorm / LayerNorm of each row. quant_for: the int8 linear that takes the result; the norm
-    then runs in that linear's quantizing pass and returns its Quantized input."""
+    then runs in that linear's quantizing pass and returns its Quantized input. out_dtype: the
+    result's (default x's; here x is converted first, so bf16 models normalize bf16 rows)."""
+    if out_dtype is not None:
+        x = x.to(out_dtype)
     if quant_for is not None and x.dtype == torch.float32:
         return epilogue(x.contiguous(), ln=(weight, bias, eps), rms=kind == "rmsnorm", quant_for=quant_for)[1]
     if kind == "rmsnorm":

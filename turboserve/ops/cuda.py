@@ -153,6 +153,12 @@ def decoder_act_dtype(dtype: str) -> torch.dtype:
     return torch.float32 if dtype == "fp32" else torch.bfloat16
 
 
+def attention_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the q, k, v a decoder hands to write_kv and paged_attention: the activations'
+    own (the Triton kernels take any; a bf16 decoder's qkv is not widened to fp32 and back)."""
+    return act_dtype
+
+
 def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, device="cuda"):
     """Decoders: fp32, bf16, or weight-only int8 with bf16 activations (decoder_act_dtype)."""
     if dtype == "int8":
@@ -182,9 +188,12 @@ def linear(lin, x: torch.Tensor, act: str | None = None, quant_for=None) -> torc
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, kind: str,
-         quant_for=None) -> torch.Tensor:
+         quant_for=None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm / LayerNorm of each row in one pass, written in out_dtype (default x's): a bf16
+    decoder's fp32 residual stream is normalized as it is, with no conversion pass before."""
     _no_int8_consumer(quant_for)
-    return tk.row_norm(x, weight, bias, eps, "rms" if kind == "rmsnorm" else "layer", torch.empty_like(x))
+    return tk.row_norm(x, weight, bias, eps, "rms" if kind == "rmsnorm" else "layer",
+                       torch.empty_like(x, dtype=out_dtype or x.dtype))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -238,11 +247,11 @@ def write_kv(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_blocks: torc
 
 def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_q: torch.Tensor,
                     ctx_len: torch.Tensor, num_heads: int, window: int, scale: float, max_ctx: int) -> torch.Tensor:
-    """Causal attention of each sequence's new query tokens over its cached context, fp32 [T, nh * d]
-    as on the CPU. `max_ctx` is not needed: the kernel reads each context length on the device, so a
+    """Causal attention of each sequence's new query tokens over its cached context, [T, nh * d] in
+    q's dtype. `max_ctx` is not needed: the kernel reads each context length on the device, so a
     decode step calling this can be captured as a CUDA graph."""
-    out = torch.empty(q.shape[0], num_heads * cache.k.shape[-1], dtype=torch.float32, device=q.device)
-    if cache.k.dtype != torch.float32:
-        q = q.to(torch.bfloat16)  # a bf16 or int8 cache: bf16 dot products (tensor cores), not fp32 ones
+    out = torch.empty(q.shape[0], num_heads * cache.k.shape[-1], dtype=q.dtype, device=q.device)
+    # a bf16 or int8 cache: bf16 dot products (tensor cores); an fp32 cache: fp32 ones
+    q = q.to(torch.float32 if cache.k.dtype == torch.float32 else torch.bfloat16)
     return tk.paged_attention(q, cache.k, cache.v, block_tables, cu_q, ctx_len, num_heads, window, scale, out,
                               k_scale=cache.k_scale, v_scale=cache.v_scale)
