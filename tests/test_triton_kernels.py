@@ -317,17 +317,22 @@ def test_int8_weight_only_matmul_splits_k_when_tiles_cannot_fill_the_gpu():
     cpu_dev = torch.device("cpu")        # the interpreter plans for 132 SMs (an H100 / H200)
     assert tk.w8_plan(1, 4096, 4096, cpu_dev) == (tk.W8_DECODE_TILES, 4, 1024)     # 64 tiles
     assert tk.w8_plan(16, 11008, 4096, cpu_dev).splits == 2                        # 172 tiles < 264
+    assert tk.w8_plan(16, 4096, 4096, cpu_dev).splits == 4                         # partials: 1/16 more bytes
+    assert tk.w8_plan(64, 4096, 4096, cpu_dev).splits == 1                         # 1/4 more: not worth it
     assert tk.w8_plan(1, 32000, 4096, cpu_dev).splits == 1                         # an LM head: 500 tiles
     assert tk.w8_plan(1, 4096, 11008, cpu_dev) == (tk.W8_DECODE_TILES, 4, 2816)    # 4 x 22 K tiles
     assert tk.w8_plan(1, 4096, 256, cpu_dev).splits == 1                           # too shallow to split
     assert tk.w8_plan(64, 4096, 4096, cpu_dev).tiles == tk.W8_TILES
     gen = torch.Generator().manual_seed(7)
-    K, N = 1100, 96                      # 2 tiles: split in 2 (2 x 640 keys), the last K tile partial
+    K, N = 1100, 96                      # 2 tiles: split in 2 (640 + 460 keys), the last K tile partial
     lin = cuda.Int8WeightOnlyLinear(rand(N, K, gen=gen), None, device="cpu")
     assert tk.w8_plan(2, N, K, cpu_dev).splits == 2
     x = rand(2, K, dtype=torch.bfloat16, gen=gen)
     out = tk.w8_matmul(x, lin.weight_q, lin.weight_scale, None, torch.empty(2, N, dtype=torch.bfloat16))
     assert rel_err(out, x.float() @ (lin.weight_q.float() * lin.weight_scale)) < BOUND[torch.bfloat16]
+    # no rows (the LM head of a step that carries only a prompt's middle chunk): nothing to launch
+    empty = cuda.linear(lin, torch.empty(0, K, dtype=torch.bfloat16))
+    assert empty.shape == (0, N)
 
 
 # ---------------------------------------------------------------------- the backend's functions

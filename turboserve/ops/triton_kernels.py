@@ -509,7 +509,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def _w8_matmul_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, o_ptr, part_ptr, M, N, K, k_per_split, stride_x, stride_w,
                       stride_o, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) output tile over keys [pid 2 * k_per_split, + k_per_split). SPLIT: the
+    """One (BLOCK_M, BLOCK_N) output tile over keys [program_id(2) * k_per_split, + k_per_split). SPLIT: the
     unscaled fp32 partial sum goes to part_ptr [splits, M, N] for _w8_reduce_kernel; else the tile is
     scaled, biased and stored."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -559,7 +559,7 @@ def _w8_reduce_kernel(part_ptr, scale_ptr, bias_ptr, o_ptr, M, N, stride_o, HAS_
 
 W8_DECODE_TILES = (16, 64, 128, 4, 3)     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) up to 16 rows
 W8_TILES = (64, 64, 64, 4, 3)             # above: first guesses; benchmarks/gpu.py sweeps them on a GPU
-W8_MIN_SPLIT_K = 512                      # keys per split at least: a few pipelined K steps each
+W8_MIN_SPLIT_K = 512                      # keys per split (but the last) at least: a few pipelined K steps
 
 
 class W8Plan(NamedTuple):
@@ -572,13 +572,17 @@ def w8_plan(M: int, N: int, K: int, device: torch.device, tiles: tuple | None = 
             splits: int | None = None) -> W8Plan:
     """Tiles and split-K of w8_matmul, from shapes only (graph capture safe). Decode GEMMs have one
     row tile, so a 4096-wide output is 64 programs for the H200's 132 SMs, each streaming a 4096-deep
-    weight panel: when the tiles cannot fill the GPU twice over, K splits too (into at least
-    W8_MIN_SPLIT_K each) and a second pass adds the partial sums. splits forces the count (sweeps)."""
+    weight panel: when the tiles cannot fill the GPU twice over, K splits too (into W8_MIN_SPLIT_K
+    keys or more each, the last split what is left) and a second pass adds the partial sums. The
+    partials cost 8 bytes per split, row and column (written, read back) against the weight's K
+    bytes per column, so splits stay under K / (64 M): at most an eighth more traffic (4096 deep:
+    4 splits at 16 rows, none at 64). splits forces the count (sweeps; fewer if K runs out)."""
     tiles = tiles or (W8_DECODE_TILES if M <= 16 else W8_TILES)
     block_m, block_n, block_k = tiles[:3]
     if splits is None:
-        programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        splits = max(1, min(triton.cdiv(2 * _sm_count(device), programs), K // W8_MIN_SPLIT_K))
+        programs = max(1, triton.cdiv(M, block_m) * triton.cdiv(N, block_n))
+        splits = max(1, min(triton.cdiv(2 * _sm_count(device), programs), K // W8_MIN_SPLIT_K,
+                            K // (64 * max(M, 1))))
         splits = 1 << (splits.bit_length() - 1)
     k_per_split = triton.cdiv(K, splits * block_k) * block_k
     return W8Plan(tiles, triton.cdiv(K, k_per_split), k_per_split)
@@ -592,6 +596,8 @@ def w8_matmul(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bias
     default W8_DECODE_TILES / W8_TILES by row count; splits: split-K's count, None to choose (w8_plan)."""
     M, K = x.shape
     N = weight_q.shape[1]
+    if M == 0 or N == 0:            # e.g. the LM head on a step that only carries a prompt's middle chunk
+        return out
     assert x.stride(1) == 1 and weight_q.stride(1) == 1 and out.stride(1) == 1
     plan = w8_plan(M, N, K, x.device, tiles, splits)
     block_m, block_n, block_k, warps, stages = plan.tiles
