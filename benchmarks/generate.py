@@ -201,7 +201,7 @@ async def online(path, prompts, outs, rate, dtype="fp32"):
                 first = time.perf_counter()
                 ttft.append(first - t0)
             if ev.finished:
-                tpot.append((time.perf_counter() - first) / max(1, len(ev.token_ids) - 1))
+                tpot.append((time.perf_counter() - first) / max(1, ev.num_tokens - 1))
                 return
     await asyncio.gather(*(one(i) for i in range(len(prompts))))
     wall = time.perf_counter() - start

@@ -89,6 +89,14 @@ def test_sse_wire_format_ends_with_done(gen_server):
     ({"prompt": [1, 2], "max_tokens": "lots"}, 400, "max_tokens"),
     ({"messages": "hi"}, 400, "messages"),
     ({"prompt": [1, 2], "n": 2.5}, 400, "n"),
+    ({"prompt": [1, 2], "seed": "abc"}, 400, "seed"),       # each of these once killed the engine
+    ({"prompt": [1, 2], "seed": 2**70}, 400, "seed"),
+    ({"prompt": [1, 2], "seed": 1.5}, 400, "seed"),
+    ({"prompt": [1, 2], "stop_token_ids": 5}, 400, "stop_token_ids"),
+    ({"prompt": [1, 2], "stream_options": "x", "stream": True}, 400, "stream_options"),
+    ({"prompt": [1, 2], "stream": "false"}, 400, "stream"),
+    ({"prompt": [1, 2], "n": 9}, 400, "bound of 8"),           # more than may ever wait: not a 429
+    ({"prompt": [[1, 2], "hi", 3]}, 400, "prompt"),
 ])
 def test_errors_in_openai_shape_and_server_keeps_serving(gen_server, body, status, needle):
     base, _ = gen_server
@@ -99,6 +107,105 @@ def test_errors_in_openai_shape_and_server_keeps_serving(gen_server, body, statu
     assert needle in err["message"] and err["type"] == "invalid_request_error"
     ok = httpx.post(base + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_several_prompts_are_choice_groups_in_order(gen_server, offline):
+    """A completions prompt list: choice k * n + i is prompt k's continuation i, streaming or not."""
+    base, _ = gen_server
+    prompts = random_sequences([5, 9], seed=8)
+    refs = [r.outputs[0].text for r in offline.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5))]
+    body = {"prompt": prompts, "max_tokens": 5, "temperature": 0}
+    out = httpx.post(base + "/v1/completions", json=body).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1] and [c["text"] for c in out["choices"]] == refs
+    assert out["usage"]["prompt_tokens"] == 14
+    texts = ["", ""]
+    with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                c = json.loads(line[6:])["choices"][0]
+                texts[c["index"]] += c["text"]
+    assert texts == refs
+
+
+def test_streamed_logprobs_are_each_tokens_once(gen_server):
+    """One logprob per generated token, in order, streamed or not, also while a long stop string
+    holds text back (the held-back tokens' logprobs arrive with the next chunk)."""
+    base, _ = gen_server
+    body = {"prompt": [5, 6, 7], "max_tokens": 12, "temperature": 0, "logprobs": 1, "ignore_eos": True,
+            "stop": ["a stop string this model will not produce"]}
+    whole = httpx.post(base + "/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert len(whole["tokens"]) == 12 and whole["text_offset"][0] == 0
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                for k in streamed:
+                    streamed[k] += lp[k]
+    assert streamed["tokens"] == whole["tokens"] and streamed["text_offset"] == whole["text_offset"]
+    assert streamed["token_logprobs"] == pytest.approx(whole["token_logprobs"], abs=1e-5)
+    # chat: logprobs true with top_logprobs null is logprobs of the chosen tokens only
+    chat = httpx.post(base + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                     {"role": "user", "content": "again"}],
+        "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": None}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == chat["usage"]["completion_tokens"] and content[0]["top_logprobs"] == []
+
+
+def test_request_timeout_bounds_the_wait_for_the_first_token_only():
+    import asyncio
+    from turboserve.gen_server import _Job
+    from turboserve.server import ApiError
+    aborted = []
+    llm = type("L", (), {"abort": lambda self, rid: aborted.append(rid)})()
+
+    async def scenario(started):
+        job = _Job(llm, ["r"], asyncio.Queue(), SamplingParams(), 1, 3, time.perf_counter() - 1, started)
+        asyncio.get_running_loop().call_later(0.05, job.queue.put_nowait, "event")
+        return await job.next()
+    assert asyncio.run(scenario(True)) == "event"            # generating: the deadline is over
+    with pytest.raises(ApiError) as err:
+        asyncio.run(scenario(False))                          # still queued past the deadline: 504
+    assert err.value.status == 504 and aborted == ["r"]
+
+
+def test_non_streaming_client_that_leaves_frees_its_kv_blocks(gen_server):
+    base, state = gen_server
+    engine = state.llm.engine
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json={"prompt": [5] * 40, "max_tokens": 200, "ignore_eos": True,
+                                                   "temperature": 0}, timeout=0.3)
+    deadline = time.time() + 10
+    while engine.running or engine.waiting:
+        assert time.time() < deadline, "the abandoned request still holds the engine"
+        time.sleep(0.05)
+    engine.blocks.check()
+
+
+def test_a_closed_event_loop_aborts_its_request_not_the_engine(decoder_dirs):
+    import asyncio
+    from turboserve.llm import AsyncLLM
+    llm = AsyncLLM(LLM.load(decoder_dirs["llama"]).engine)
+
+    async def leave_early():
+        queue = llm.submit("r", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+        await queue.get()
+    try:
+        asyncio.run(leave_early())
+        deadline = time.time() + 10
+        while llm.engine.running or llm.engine.waiting:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert llm.alive()
+
+        async def again():
+            queue = llm.submit("s", [5, 6], SamplingParams(temperature=0.0, max_tokens=2))
+            while not (await queue.get()).finished:
+                pass
+        asyncio.run(again())
+    finally:
+        llm.stop()
 
 
 def test_malformed_json_and_oversized_body(gen_server):

@@ -147,6 +147,27 @@ def test_stop_strings_cut_where_they_start(decoder_dirs):
     assert cut.finish_reason == "stop" and cut.text == full[:full.find(stop)]
 
 
+def test_stop_string_start_is_held_back_before_half_a_character():
+    """The hold-back counts real characters: "xy a" followed by half of "é" must not show the "a" that
+    may start the stop string "aé" (a trailing U+FFFD once used up the hold-back)."""
+    texts = {1: "xy ", 2: "xy a", 3: "xy a\ufffd", 4: "xy aé"}     # the third token is half of "é"
+    tok = type("Tok", (), {"decode": lambda self, ids, skip_special_tokens=True: texts[len(ids)]})()
+    checker = StopChecker(tok, ["aé"])
+    shown = [checker.update(list(range(i))) for i in range(1, 5)]
+    assert shown == ["xy", "xy ", "xy ", "xy "] and checker.stopped and checker.text == "xy "
+
+
+def test_tiny_temperatures_sample_like_greedy(decoder_dirs):
+    """logits / 1e-40 overflow to inf (a NaN softmax raised in multinomial and killed the engine):
+    temperatures under 1e-5 are greedy, and small ones above that subtract the max first."""
+    llm = LLM.load(decoder_dirs["gpt2"])
+    prompt = random_sequences([7], seed=2)[0]
+    ref = llm.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    for t in (1e-40, 1e-4):
+        out = llm.generate([prompt], SamplingParams(temperature=t, max_tokens=GREEDY.max_tokens, seed=1))
+        assert out[0].outputs[0].token_ids == ref, t
+
+
 def test_bad_requests_raise_clear_errors(decoder_dirs):
     llm = LLM.load(decoder_dirs["gpt2"])
     with pytest.raises(InputTooLongError, match="context length of 256"):
@@ -155,7 +176,9 @@ def test_bad_requests_raise_clear_errors(decoder_dirs):
         llm.generate([[]], GREEDY)
     with pytest.raises(InvalidInputError, match="token ids"):
         llm.generate([[5, 10**9]], GREEDY)
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(n=0), dict(logprobs=9), dict(max_tokens=0)):
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(n=0), dict(logprobs=9), dict(max_tokens=0),
+                dict(seed="abc"), dict(seed=2**70), dict(seed=1.5), dict(seed=True), dict(logprobs=True),
+                dict(stop_token_ids=5), dict(stop_token_ids=[True]), dict(stop=5)):
         with pytest.raises(InvalidInputError):
             SamplingParams(**bad)
     assert not llm.engine.has_work()

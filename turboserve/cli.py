@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-client-batch-size", type=int, default=int(_env("MAX_CLIENT_BATCH_SIZE", 1024)),
                    help="inputs accepted in one request (split across batches by the scheduler)")
     s.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 60)),
-                   help="seconds before a queued request is answered 504")
+                   help="seconds before a queued request is answered 504 (decoders: until its first token)")
     s.add_argument("--batch-policy", choices=["dp", "fifo"], default=_env("BATCH_POLICY", "fifo"),
                    help="fifo (default): token-budget batches in arrival order; dp: TurboTransformers' DP over a "
                         "cost table measured at start-up (measured no better here: docs/benchmarks.md)")

@@ -1,11 +1,14 @@
 """OpenAI completions and chat completions for decoder models, streaming or not.
 
 `turboserve serve` builds this app instead of the encoder one when the model directory holds a
-decoder (arch.is_decoder). One handler serves both routes: parse (completions: prompt text or token
-ids; chat: messages rendered with the model's chat template) -> AsyncLLM.submit -> either collect
-the events into one JSON answer or forward them as server-sent events in OpenAI's chunk format,
-ending with `data: [DONE]`. A client that disconnects has its request aborted, which frees its KV
-blocks before the next engine step. Errors use the OpenAI error shape and the encoder server's codes.
+decoder (arch.is_decoder). One handler serves both routes: check every field (nothing is queued
+for a request that will be refused), parse (completions: prompt text or token ids, or a list of
+them; chat: messages rendered with the model's chat template; both off the event loop) ->
+AsyncLLM.submit (one engine request per prompt, one shared queue) -> either collect the events into
+one JSON answer or forward them as server-sent events in OpenAI's chunk format, ending with
+`data: [DONE]`. A client that disconnects, streaming or not, has its requests aborted, which frees
+their KV blocks before the next engine step. Errors use the OpenAI error shape and the encoder
+server's codes; an error mid-stream is one error event, then `[DONE]`.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import orjson
@@ -30,7 +34,7 @@ from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .llm import AsyncLLM, DecoderTokenizer, EngineDead, LLMEngine, QueueFull, StreamEvent
 from .metrics import LATENCY_BUCKETS
 from .sampling import SamplingParams
-from .server import ApiError, JSONResponse, ServerConfig, _read_json, error_response, log
+from .server import ApiError, JSONResponse, ServerConfig, _read_json, _until_disconnect, error_body, error_response, log
 
 
 class GenMetrics:
@@ -74,13 +78,24 @@ def _num(body: dict, key: str, default, kind=float):
     return kind(v)
 
 
+def _flag(body: dict, key: str, default: bool = False) -> bool:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"`{key}` must be a boolean")
+    return v
+
+
 def sampling_from(body: dict, chat: bool) -> SamplingParams:
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
         raise ApiError(400, "`stop` must be a string or a list of strings")
     if chat:
-        logprobs = body.get("top_logprobs", 0) if body.get("logprobs") else None
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        top = body.get("top_logprobs")
+        logprobs = (0 if top is None else top) if _flag(body, "logprobs") else None
+        max_tokens = body.get("max_completion_tokens")
+        max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     else:
         logprobs = body.get("logprobs")
         max_tokens = body.get("max_tokens", 16)
@@ -92,19 +107,30 @@ def sampling_from(body: dict, chat: bool) -> SamplingParams:
             presence_penalty=_num(body, "presence_penalty", 0.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0),
             seed=body.get("seed"), stop=stop or [], stop_token_ids=body.get("stop_token_ids") or [],
-            ignore_eos=bool(body.get("ignore_eos", False)), logprobs=logprobs)
+            ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs)
     except InvalidInputError as exc:
         raise ApiError(400, str(exc)) from None
 
 
-def _prompt_ids(tokenizer: DecoderTokenizer, prompt) -> list[int]:
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in prompt)
+
+
+MAX_PROMPTS = 64
+
+
+def _prompts(tokenizer: DecoderTokenizer, prompt) -> list[list[int]]:
+    """A completions `prompt`: a string, token ids, or a list of either (one choice group each)."""
     if isinstance(prompt, str) and prompt:
-        return tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) == 1:
-        return _prompt_ids(tokenizer, prompt[0])
-    raise ApiError(400, "`prompt` must be a non-empty string or a list of token ids (one prompt per request)")
+        return [tokenizer.encode(prompt)]
+    if _is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and 0 < len(prompt) <= MAX_PROMPTS and all(
+            (isinstance(p, str) and p) or _is_ids(p) for p in prompt):
+        return [tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
+    raise ApiError(400, "`prompt` must be a non-empty string, a list of token ids, or a list of up to "
+                        f"{MAX_PROMPTS} of either")
 
 
 def _messages(body) -> list[dict]:
@@ -120,24 +146,67 @@ def _messages(body) -> list[dict]:
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise ApiError(400, "only text content parts are supported")
             content = "".join(p.get("text", "") for p in content)
+        if content is None and m["role"] == "assistant":     # e.g. an earlier turn that only called tools
+            content = ""
         if not isinstance(content, str):
             raise ApiError(400, "message `content` must be a string or text parts")
         out.append({"role": m["role"], "content": content})
     return out
 
 
-def _logprobs_payload(events_logprobs, token_ids, tokenizer, chat: bool, start: int = 0):
-    if events_logprobs is None:
+def _logprobs_payload(draws, tokenizer, chat: bool, offset: int = 0):
+    """OpenAI's logprobs of `draws` (None: not asked for). Completions' text_offset counts each
+    token's own text from `offset` (the characters of the choice's earlier tokens)."""
+    if draws is None:
         return None
-    draws = events_logprobs[start:]
+    tokens = [tokenizer.decode([d.token], False) for d in draws]
     if chat:
-        return {"content": [{"token": tokenizer.decode([d.token], False), "logprob": d.logprob, "bytes": None,
-                             "top_logprobs": [{"token": tokenizer.decode([t], False), "logprob": lp, "bytes": None}
-                                              for t, lp in (d.top or [])]} for d in draws]}
-    return {"tokens": [tokenizer.decode([d.token], False) for d in draws],
-            "token_logprobs": [d.logprob for d in draws],
-            "top_logprobs": [{tokenizer.decode([t], False): lp for t, lp in (d.top or [])} for d in draws],
-            "text_offset": []}
+        return {"content": [{"token": t, "logprob": d.logprob, "bytes": list(t.encode()),
+                             "top_logprobs": [{"token": (a := tokenizer.decode([i], False)), "logprob": lp,
+                                               "bytes": list(a.encode())} for i, lp in (d.top or [])]}
+                            for t, d in zip(tokens, draws)]}
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [d.logprob for d in draws],
+            "top_logprobs": [{tokenizer.decode([i], False): lp for i, lp in (d.top or [])} for d in draws],
+            "text_offset": offsets}
+
+
+@dataclass
+class _Job:
+    """One HTTP request's generation: its engine requests (one per prompt) feeding one queue."""
+    llm: AsyncLLM
+    request_ids: list[str]
+    queue: asyncio.Queue
+    params: SamplingParams
+    choices: int
+    prompt_tokens: int
+    deadline: float          # for the first event only: a request still queued then is answered 504
+    started: bool = False
+
+    def abort(self) -> None:
+        for rid in self.request_ids:
+            self.llm.abort(rid)
+
+    async def next(self) -> StreamEvent:
+        timeout = None if self.started else max(0.0, self.deadline - time.perf_counter())
+        try:
+            ev = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            self.abort()
+            raise ApiError(504, "the request's deadline passed before its first token", "Timeout") from None
+        self.started = True
+        if isinstance(ev, QueueFull):
+            raise ApiError(429, str(ev), "Overloaded")
+        if isinstance(ev, EngineDead):
+            raise ApiError(503, str(ev), "Unhealthy")
+        if isinstance(ev, TurboServeError):
+            raise ApiError(400, str(ev))
+        if isinstance(ev, BaseException):
+            raise ApiError(500, f"generation failed: {ev}", "Backend")
+        return ev
 
 
 def make_gen_app(config: ServerConfig) -> Starlette:
@@ -187,29 +256,44 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                     raise ApiError(400, "the request body must be a JSON object")
                 llm = require_ready()
                 tok: DecoderTokenizer = state.tokenizer
-                params = sampling_from(body, chat)
-                try:
-                    ids = tok.apply_chat_template(_messages(body)) if chat else _prompt_ids(tok, body.get("prompt"))
+                params = sampling_from(body, chat)          # every field checked before anything starts
+                stream = _flag(body, "stream")
+                options = body.get("stream_options")
+                if options is not None and not isinstance(options, dict):
+                    raise ApiError(400, "`stream_options` must be an object")
+                include_usage = _flag(options or {}, "include_usage")
+                loop = asyncio.get_running_loop()
+                try:                  # tokenizing a large prompt must not stall the other streams
+                    if chat:
+                        messages = _messages(body)
+                        prompts = [await loop.run_in_executor(None, tok.apply_chat_template, messages)]
+                    else:
+                        prompts = await loop.run_in_executor(None, _prompts, tok, body.get("prompt"))
                 except InvalidInputError as exc:
                     raise ApiError(400, str(exc)) from None
+                if len(prompts) * params.n > llm.engine.max_waiting:
+                    raise ApiError(400, f"{len(prompts)} prompts x n = {params.n} is over this server's bound of "
+                                        f"{llm.engine.max_waiting} waiting sequences")
                 rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+                job = _Job(llm, [rid] if len(prompts) == 1 else [f"{rid}-{k}" for k in range(len(prompts))],
+                           asyncio.Queue(), params, len(prompts) * params.n, sum(map(len, prompts)),
+                           time.perf_counter() + config.request_timeout)
                 try:
-                    queue = llm.submit(rid, ids, params)
-                except (InputTooLongError, InvalidInputError) as exc:
-                    raise ApiError(400, str(exc)) from None
-                except QueueFull as exc:
-                    raise ApiError(429, str(exc), "Overloaded") from None
-                except EngineDead as exc:
-                    raise ApiError(503, str(exc), "Unhealthy") from None
-                stream = bool(body.get("stream", False))
-                include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
-                deadline = time.perf_counter() + config.request_timeout
+                    for k, (r, ids) in enumerate(zip(job.request_ids, prompts)):
+                        llm.submit(r, ids, params, queue=job.queue, index_base=k * params.n)
+                except (InputTooLongError, InvalidInputError, QueueFull, EngineDead) as exc:
+                    job.abort()       # the prompts already submitted
+                    kind = {QueueFull: (429, "Overloaded"), EngineDead: (503, "Unhealthy")}.get(type(exc),
+                                                                                             (400, "Validation"))
+                    raise ApiError(kind[0], str(exc), kind[1]) from None
                 meta = {"id": rid, "created": int(time.time()), "model": state.name}
                 if stream:
-                    return StreamingResponse(_sse(llm, rid, queue, params, ids, chat, include_usage, meta, deadline,
-                                                  request, tok),
-                                             media_type="text/event-stream")
-                return JSONResponse(await _collect(llm, rid, queue, params, ids, chat, meta, deadline, request, tok))
+                    return StreamingResponse(_sse(job, chat, include_usage, meta, tok), media_type="text/event-stream")
+                payload = await _collect(job, chat, meta, request, tok)
+                if payload is None:
+                    status = 499                      # client closed the request; nobody reads this
+                    return Response(status_code=499)
+                return JSONResponse(payload)
             except ApiError as err:
                 status = err.status
                 return error_response("openai", err)
@@ -217,55 +301,52 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 metrics.requests.labels(route, str(status)).inc()
         return handler
 
-    async def _next(llm, rid, queue, deadline, request):
-        """The next event; aborts the request if the client left or the deadline passed."""
-        while True:
-            try:
-                ev = await asyncio.wait_for(queue.get(), timeout=max(0.0, min(0.5, deadline - time.perf_counter())))
-            except TimeoutError:
-                if time.perf_counter() >= deadline:
-                    llm.abort(rid)
-                    raise ApiError(504, "the request's deadline passed", "Timeout") from None
-                if await request.is_disconnected():
-                    llm.abort(rid)
-                    raise asyncio.CancelledError
-                continue
-            if isinstance(ev, QueueFull):
-                raise ApiError(429, str(ev), "Overloaded")
-            if isinstance(ev, EngineDead) or not isinstance(ev, TurboServeError) and isinstance(ev, BaseException):
-                raise ApiError(503, str(ev), "Unhealthy")
-            if isinstance(ev, BaseException):
-                raise ApiError(400, str(ev))
-            return ev
-
-    async def _collect(llm, rid, queue, params, ids, chat, meta, deadline, request, tok):
-        final: dict[int, StreamEvent] = {}
+    async def _collect(job: _Job, chat, meta, request, tok):
+        """The whole answer, or None if the client went away first (its requests aborted at once)."""
+        n = job.choices
+        text, lps, count, reasons = [""] * n, [[] for _ in range(n)], [0] * n, [None] * n
+        watcher = asyncio.ensure_future(_until_disconnect(request))
         try:
-            while len(final) < params.n:
-                ev = await _next(llm, rid, queue, deadline, request)
+            finished = 0
+            while finished < n:
+                get = asyncio.ensure_future(job.next())
+                done, _ = await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    job.abort()
+                    return None
+                ev = get.result()
+                text[ev.index] += ev.text
+                count[ev.index] = ev.num_tokens
+                lps[ev.index].extend(ev.logprobs or [])
                 if ev.finished:
-                    final[ev.index] = ev
+                    reasons[ev.index] = ev.finish_reason
+                    finished += 1
         except BaseException:
-            llm.abort(rid)
+            job.abort()
             raise
+        finally:
+            watcher.cancel()
         choices = []
-        for i in range(params.n):
-            ev = final[i]
-            lp = _logprobs_payload(ev.logprobs, ev.token_ids, tok, chat)
+        for i in range(n):
+            lp = _logprobs_payload(lps[i] if job.params.logprobs is not None else None, tok, chat)
             if chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": ev.text},
-                                "logprobs": lp, "finish_reason": ev.finish_reason})
+                choices.append({"index": i, "message": {"role": "assistant", "content": text[i]},
+                                "logprobs": lp, "finish_reason": reasons[i]})
             else:
-                choices.append({"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason})
-        completion = sum(len(ev.token_ids) for ev in final.values())
+                choices.append({"index": i, "text": text[i], "logprobs": lp, "finish_reason": reasons[i]})
+        completion = sum(count)
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
-                          "total_tokens": len(ids) + completion}}
+                "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
+                          "total_tokens": job.prompt_tokens + completion}}
 
-    async def _sse(llm, rid, queue, params, ids, chat, include_usage, meta, deadline, request, tok):
+    async def _sse(job: _Job, chat, include_usage, meta, tok):
+        """Server-sent events. Starlette cancels this generator when the client disconnects; the
+        `finally` then aborts the unfinished requests, freeing their KV blocks before the next step."""
         obj = "chat.completion.chunk" if chat else "text_completion"
-        sent_text = [""] * params.n
-        sent_tokens = [0] * params.n
+        n = job.choices
+        count, offsets = [0] * n, [0] * n
+        pending = [[] for _ in range(n)]       # draws of tokens whose text is still held back
         done = 0
 
         def chunk(choice) -> bytes:
@@ -275,43 +356,50 @@ def make_gen_app(config: ServerConfig) -> Starlette:
             return b"data: " + orjson.dumps(payload) + b"\n\n"
         try:
             if chat:
-                for i in range(params.n):
+                for i in range(n):
                     yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None})
-            while done < params.n:
+            while done < n:
                 try:
-                    ev = await _next(llm, rid, queue, deadline, request)
+                    ev = await job.next()
                 except ApiError as err:
-                    yield b"data: " + orjson.dumps({"error": {"message": err.message, "type": err.kind,
-                                                                          "code": err.status}}) + b"\n\n"
-                    return
-                delta = ev.text[len(sent_text[ev.index]):]
-                lp = _logprobs_payload(ev.logprobs, ev.token_ids, tok, chat, sent_tokens[ev.index])
-                sent_text[ev.index] = ev.text
-                sent_tokens[ev.index] = len(ev.token_ids)
-                if not delta and not ev.finished:
+                    yield b"data: " + orjson.dumps(error_body("openai", err)) + b"\n\n"
+                    break
+                i = ev.index
+                count[i] = ev.num_tokens
+                pending[i].extend(ev.logprobs or [])
+                if not ev.text and not ev.finished:
                     continue
+                lp = None
+                if job.params.logprobs is not None:
+                    lp = _logprobs_payload(pending[i], tok, chat, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp.get("tokens", []))
+                pending[i] = []
                 reason = ev.finish_reason if ev.finished else None
                 if chat:
-                    yield chunk({"index": ev.index, "delta": {"content": delta} if delta else {}, "logprobs": lp,
+                    yield chunk({"index": i, "delta": {"content": ev.text} if ev.text else {}, "logprobs": lp,
                                  "finish_reason": reason})
                 else:
-                    yield chunk({"index": ev.index, "text": delta, "logprobs": lp, "finish_reason": reason})
+                    yield chunk({"index": i, "text": ev.text, "logprobs": lp, "finish_reason": reason})
                 done += ev.finished
-            if include_usage:
-                completion = sum(sent_tokens)
-                yield b"data: " + orjson.dumps({**meta, "object": obj, "choices": [], "usage": {
-                    "prompt_tokens": len(ids), "completion_tokens": completion,
-                    "total_tokens": len(ids) + completion}}) + b"\n\n"
+            else:
+                if include_usage:
+                    completion = sum(count)
+                    yield b"data: " + orjson.dumps({**meta, "object": obj, "choices": [], "usage": {
+                        "prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
+                        "total_tokens": job.prompt_tokens + completion}}) + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
-            if done < params.n:
-                llm.abort(rid)            # the client went away mid-stream: free its KV blocks now
+            if done < n:
+                job.abort()
 
     async def health(request):
-        """200 only when the engine produces a token for a one-token probe (which skips the queue bound)."""
+        """200 when the engine is making progress: while sequences run, a step ended in the last 10 s;
+        when idle, it answers a one-token probe (ahead of the queue, past its bound) within 10 s."""
         try:
             llm = require_ready()
+            if llm.engine.running and time.monotonic() - llm.last_step < 10.0:
+                return Response(status_code=200)
             rid = "health-" + uuid.uuid4().hex
             queue = llm.submit(rid, [0], SamplingParams(temperature=0.0, max_tokens=1), admit=False)
             try:

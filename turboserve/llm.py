@@ -117,6 +117,8 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
+    streamed_chars: int = 0          # AsyncLLM: how much text and how many tokens it has sent on
+    streamed_tokens: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -437,27 +439,32 @@ class LLM:
 # ---------------------------------------------------------------------- async API (the server's)
 @dataclass
 class StreamEvent:
+    """What one engine step added to a continuation (deltas: a slow reader's queue holds each token
+    once, not the whole output again per step)."""
     index: int
-    text: str            # text so far of this continuation
-    token_ids: list[int]
+    text: str            # text new since this continuation's previous event ("" while held back)
+    token_ids: list[int]  # tokens new since the previous event
+    num_tokens: int      # tokens generated so far
     finished: bool
     finish_reason: str | None
-    logprobs: list | None
+    logprobs: list | None  # the new tokens' draws (None: not asked for)
 
 
 class AsyncLLM:
     """A thread steps the engine while there is work; each request gets an asyncio.Queue of
     StreamEvents. Requests are added and aborted through a lock-guarded inbox, applied between steps,
-    so an abort frees the request's KV blocks before the next step."""
+    so an abort frees the request's KV blocks before the next step. `last_step` (monotonic) is when
+    the last step ended: while sequences run, that the engine keeps stepping is its health."""
 
     def __init__(self, engine: LLMEngine, metrics=None):
         self.engine, self.metrics = engine, metrics
         engine.stream_text = True
         self._lock = threading.Condition()
         self._inbox: list = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self._stopping = False
         self.dead: BaseException | None = None
+        self.last_step = time.monotonic()
         native.release_thread_pool()       # the model was built on this thread; the engine thread runs it
         self._thread = threading.Thread(target=self._run, name="turboserve-llm", daemon=True)
         self._thread.start()
@@ -466,18 +473,23 @@ class AsyncLLM:
         return self._thread.is_alive() and self.dead is None and not self._stopping
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               admit: bool = True) -> asyncio.Queue:
-        """admit=False (health probes) skips the bound on waiting sequences."""
+               admit: bool = True, queue: asyncio.Queue | None = None, index_base: int = 0) -> asyncio.Queue:
+        """The request's queue of StreamEvents. admit=False (health probes) skips the bound on waiting
+        sequences and goes to the front. Several requests may share one `queue` (an OpenAI request
+        with several prompts), their events' indices offset by `index_base`."""
         if not self.alive():
             raise EngineDead("the generation engine is not running")
         e = self.engine
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = queue if queue is not None else asyncio.Queue()
         loop = asyncio.get_running_loop()
+        if admit and params.n > e.max_waiting:
+            raise InvalidInputError(f"n = {params.n} is over this server's bound of {e.max_waiting} waiting sequences")
         with self._lock:
-            if admit and len(e.waiting) + sum(1 for x in self._inbox if x[0] == "add") >= e.max_waiting:
-                raise QueueFull(f"{len(e.waiting)} sequences are waiting (bound {e.max_waiting})")
+            incoming = sum(x[3].n for x in self._inbox if x[0] == "add")
+            if admit and len(e.waiting) + incoming + params.n > e.max_waiting:
+                raise QueueFull(f"{len(e.waiting) + incoming} sequences are waiting (bound {e.max_waiting})")
             self._check(prompt_ids, params)       # on the caller's side: errors become HTTP answers
-            self._streams[request_id] = (loop, queue)
+            self._streams[request_id] = (loop, queue, index_base)
             self._inbox.append(("add", request_id, prompt_ids, params, admit))
             self._lock.notify()
         return queue
@@ -510,8 +522,23 @@ class AsyncLLM:
     def _emit(self, request_id: str, event) -> None:
         target = self._streams.get(request_id)
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            loop, queue, base = target
+            if base and isinstance(event, StreamEvent):
+                event.index += base
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:            # the caller's event loop is closed: nobody will read this
+                self._streams.pop(request_id, None)
+                self.engine.abort(request_id)
+
+    @staticmethod
+    def _event(out: StepOutput) -> StreamEvent:
+        """The step's delta of one continuation (on the engine thread, which owns the sequence)."""
+        s = out.seq
+        text, new = out.text[s.streamed_chars:], s.output_ids[s.streamed_tokens:]
+        lps = s.logprobs[s.streamed_tokens:] if s.params.logprobs is not None else None
+        s.streamed_chars, s.streamed_tokens = max(s.streamed_chars, len(out.text)), len(s.output_ids)
+        return StreamEvent(s.index, text, new, len(s.output_ids), out.finished, s.finish_reason, lps)
 
     def _run(self) -> None:
         e = self.engine
@@ -526,20 +553,23 @@ class AsyncLLM:
                 for item in inbox:
                     if item[0] == "add":
                         try:
-                            e.add_request(item[1], item[2], item[3], item[4])
-                        except TurboServeError as exc:
-                            self._emit(item[1], exc)
+                            seqs = e.add_request(item[1], item[2], item[3], item[4])
+                            if not item[4]:      # a health probe: ahead of the queue
+                                for s in seqs:
+                                    e.waiting.remove(s)
+                                e.waiting.extendleft(reversed(seqs))
+                        except Exception as exc:   # noqa: BLE001 - this request's error, not the engine's
+                            self._emit(item[1], exc if isinstance(exc, TurboServeError) else
+                                       InvalidInputError(f"the request could not be added: {exc}"))
                     else:
                         e.abort(item[1])
                 t = time.perf_counter()
                 outputs = e.step()
+                self.last_step = time.monotonic()
                 if self.metrics is not None:
                     self.metrics.step(self, time.perf_counter() - t, outputs)
                 for out in outputs:
-                    s = out.seq
-                    self._emit(s.request_id, StreamEvent(s.index, out.text, list(s.output_ids), out.finished,
-                                                         s.finish_reason,
-                                                         s.logprobs if s.params.logprobs is not None else None))
+                    self._emit(out.seq.request_id, self._event(out))
                 # after all of the step's events: sibling continuations may finish in the same step
                 done = {out.seq.request_id for out in outputs if out.finished and e.request_done(out.seq.request_id)}
                 if done:
@@ -551,5 +581,5 @@ class AsyncLLM:
             self.dead = exc
             with self._lock:
                 streams, self._streams = self._streams, {}
-            for loop, queue in streams.values():
+            for loop, queue, _ in streams.values():
                 loop.call_soon_threadsafe(queue.put_nowait, EngineDead("the generation engine failed"))

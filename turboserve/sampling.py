@@ -38,6 +38,10 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop or [], (list, tuple)):
+            raise InvalidInputError("stop must be a string or a list of strings")
+        if not isinstance(self.stop_token_ids or [], (list, tuple)):
+            raise InvalidInputError("stop_token_ids must be a list of token ids")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -53,11 +57,17 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                       and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be an integer from 0 to {MAX_LOGPROBS}"),
             (all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
              "stop must be up to 16 non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids"),
+            (all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be token ids"),
+            # continuation i (n <= 16) draws from seed + i: all within torch.Generator's 64-bit range
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and -2**63 <= self.seed <= 2**63 - 17),
+             "seed must be an integer in [-2^63, 2^63 - 17]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -65,7 +75,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Temperatures under 1e-5 are greedy too (as vLLM's): logits / 1e-40 overflow to inf."""
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 # ---------------------------------------------------------------------- masks (on [R, V] logits)
@@ -144,7 +155,8 @@ def sample(logits: torch.Tensor, requests: list) -> list[Draw]:
         elif p.greedy:
             token = int(apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p).argmax())
         else:
-            row = apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p) / p.temperature
+            row = apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p)
+            row = (row - row.max()) / p.temperature         # the max first: no overflow at small T
             row = apply_min_p(apply_top_p(apply_top_k(row[None], p.top_k), p.top_p), p.min_p)[0]
             token = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
         draw = Draw(token)
@@ -180,7 +192,9 @@ class StopChecker:
         self.text = text
         if final:
             return text
-        safe = len(text) - self.holdback if self.stops else len(text)
-        while safe > 0 and text[safe - 1] == "\ufffd":      # an incomplete multi-byte character
-            safe -= 1
-        return text[:max(safe, 0)]
+        end = len(text)
+        while end > 0 and text[end - 1] == "\ufffd":        # an incomplete multi-byte character
+            end -= 1
+        # the hold-back counts real characters: a stop string's start followed by half a character
+        # is still held back
+        return text[:max(end - self.holdback if self.stops else end, 0)]

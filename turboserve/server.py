@@ -82,13 +82,15 @@ _OPENAI_TYPES = {"Validation": "invalid_request_error", "Empty": "invalid_reques
                  "Timeout": "timeout", "PayloadTooLarge": "invalid_request_error"}
 
 
-def error_response(api: str, err: ApiError) -> JSONResponse:
+def error_body(api: str, err: ApiError) -> dict:
     if api == "openai":
-        body = {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.kind, "server_error"),
+        return {"error": {"message": err.message, "type": _OPENAI_TYPES.get(err.kind, "server_error"),
                           "param": None, "code": err.status}}
-    else:
-        body = {"error": err.message, "error_type": err.kind}
-    return JSONResponse(body, status_code=err.status)
+    return {"error": err.message, "error_type": err.kind}
+
+
+def error_response(api: str, err: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(api, err), status_code=err.status)
 
 
 @dataclass
