@@ -69,7 +69,7 @@ def test_info_models_health_metrics_tokenize(url):
     info = httpx.get(url + "/info").json()
     assert info["max_input_length"] == 512 and info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert httpx.get(url + "/v1/models").json()["data"][0]["object"] == "model"
-    toks = httpx.post(url + "/tokenize", json={"inputs": "Hello world"}).json()
+    (toks,) = httpx.post(url + "/tokenize", json={"inputs": "Hello world"}).json()     # [[...]], as TEI
     assert [t["text"] for t in toks] == ["[CLS]", "Hello", "world", "[SEP]"]
     assert toks[1]["start"] == 0 and toks[1]["stop"] == 5 and toks[0]["special"]
     m = httpx.get(url + "/metrics").text
@@ -85,9 +85,9 @@ def test_info_models_health_metrics_tokenize(url):
     ("/embed", {"inputs": {"a": 1}}, 422, "must be a string"),
     ("/v1/embeddings", {"input": []}, 400, "empty"),
     ("/embed", {"inputs": ""}, 400, "empty string"),
-    ("/embed", {"inputs": ["x"] * 65}, 422, "at most 64"),
+    ("/embed", {"inputs": ["x"] * 65}, 413, "at most 64"),            # TEI: batch size is 413 Validation
     ("/v1/embeddings", {"input": "word " * 600}, 400, "at most 512"),
-    ("/embed", {"inputs": "word " * 600}, 422, "at most 512"),
+    ("/embed", {"inputs": "word " * 600}, 413, "at most 512"),        # and so is a too-long input
     ("/embed", {"inputs": [[1, 2, 99999999]]}, 422, "token ids must be in"),
     ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
     ("/embed", {"inputs": "x", "dimensions": 1000}, 422, "dimensions"),
@@ -138,6 +138,27 @@ def test_overload_gives_429_and_every_accepted_answer_is_right(minilm):
             else:
                 assert r.json()["error_type"] == "Overloaded"
         assert httpx.get(base + "/health").status_code == 200
+
+
+def test_overload_is_answered_before_tokenizing(minilm):
+    """A full queue, or as many requests in the tokenizer as the queue holds: 429 at once, nothing
+    tokenized (the tokenizer here raises if called)."""
+    app = make_app(ServerConfig(max_queued_requests=2), encoder=minilm)
+    with running(app) as base:
+        state = app.state.turboserve
+        real = state.encoder.tokenizer
+        state.encoder.tokenizer = None                     # any tokenizing would fail with a 500
+        try:
+            state.tokenizing = 2
+            r = httpx.post(base + "/embed", json={"inputs": "hello"})
+            assert r.status_code == 429 and "tokenized" in r.json()["error"]
+            state.tokenizing = 0
+            state.engine.max_queued_requests = 0           # the queue itself is full
+            r = httpx.post(base + "/v1/embeddings", json={"input": "hello"})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            state.encoder.tokenizer, state.engine.max_queued_requests, state.tokenizing = real, 2, 0
+        assert httpx.post(base + "/embed", json={"inputs": "hello"}).status_code == 200
 
 
 def test_many_inputs_in_one_request_are_split_across_batches(minilm):
@@ -202,4 +223,7 @@ def test_predict_single_pair_and_batch(classifier_url):
     assert abs(pair[0]["score"] - ref.max().item()) < 1e-5
     batch = httpx.post(url + "/predict", json={"inputs": [["a"], ["b"]], "raw_scores": True}).json()
     assert len(batch) == 2 and len(batch[0]) == 3
-    assert httpx.post(url + "/predict", json={"inputs": [["a"], ["b", "c"]]}).status_code == 422
+    mixed = httpx.post(url + "/predict", json={"inputs": [["a"], ["b", "c"]], "raw_scores": True}).json()
+    logits = [enc.classify(["a"])[0], enc.classify(["b"], ["c"])[0]]      # a text and a pair, as TEI takes
+    for got, ref in zip(mixed, logits):
+        assert max(x["score"] for x in got) == pytest.approx(ref.max().item(), abs=1e-5)

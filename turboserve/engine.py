@@ -205,6 +205,12 @@ class EncoderEngine:
             if job is not None:
                 job.cancelled = True
 
+    def check_room(self) -> None:
+        """Overloaded if a request could not be queued now (asked before tokenizing it)."""
+        with self._cv:
+            if len(self._jobs) >= self.max_queued_requests or self._queued_tokens >= self.max_queued_tokens:
+                raise Overloaded(f"queue full ({len(self._jobs)} requests, {self._queued_tokens} tokens queued)")
+
     @property
     def queue_depth(self) -> tuple[int, int]:
         return len(self._jobs), self._queued_tokens

@@ -79,7 +79,7 @@ class ApiError(Exception):
 # TEI error_type -> OpenAI error type
 _OPENAI_TYPES = {"Validation": "invalid_request_error", "Empty": "invalid_request_error",
                  "Overloaded": "rate_limit_error", "Unhealthy": "service_unavailable", "Backend": "server_error",
-                 "Timeout": "timeout", "PayloadTooLarge": "invalid_request_error"}
+                 "Timeout": "timeout", "PayloadTooLarge": "invalid_request_error", "Tokenizer": "invalid_request_error"}
 
 
 def error_body(api: str, err: ApiError) -> dict:
@@ -110,6 +110,7 @@ class State:
         self.encoder: Encoder | None = None
         self.engine: EncoderEngine | None = None
         self.status = "loading"          # loading | ready | shutting_down | failed
+        self.tokenizing = 0              # requests in the tokenizer now (event-loop thread only)
         self.error: str | None = None
         self.started = int(time.time())
         self.on_rank_failure = None      # serve() sets it: a dead tensor-parallel rank stops the server
@@ -144,8 +145,8 @@ def _inputs(value, field_name: str, limit: int, api: str) -> list:
                        f"or a list of those; got {type(value).__name__}")
     if not items:
         raise ApiError(400, f"`{field_name}` is empty", "Empty")
-    if len(items) > limit:
-        raise ApiError(422 if api == "tei" else 400,
+    if len(items) > limit:              # TEI: a batch-size error is 413 "Validation"
+        raise ApiError(413 if api == "tei" else 400,
                        f"`{field_name}` has {len(items)} inputs; at most {limit} are accepted per request")
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -250,7 +251,7 @@ def parse_tei_rerank(body, state: State) -> Parsed:
     if not isinstance(texts, list) or not texts:
         raise ApiError(400, "`texts` must be a non-empty list of strings", "Empty")
     if len(texts) > state.config.max_client_batch_size:
-        raise ApiError(422, f"`texts` has {len(texts)} entries; at most {state.config.max_client_batch_size} are accepted")
+        raise ApiError(413, f"`texts` has {len(texts)} entries; at most {state.config.max_client_batch_size} are accepted")
     if not all(isinstance(t, str) and t for t in texts):
         raise ApiError(422, "every entry of `texts` must be a non-empty string")
     return Parsed([query] * len(texts), list(texts), "classify", _bool(body, "truncate", state.config.auto_truncate, "tei"),
@@ -286,16 +287,12 @@ def parse_tei_predict(body, state: State) -> Parsed:
     else:
         raise bad
     if len(groups) > state.config.max_client_batch_size:
-        raise ApiError(422, f"`inputs` has {len(groups)} entries; at most {state.config.max_client_batch_size} are accepted")
+        raise ApiError(413, f"`inputs` has {len(groups)} entries; at most {state.config.max_client_batch_size} are accepted")
     for g in groups:
         if not 1 <= len(g) <= 2 or not all(isinstance(t, str) and t for t in g):
             raise bad
-    if any(len(g) == 2 for g in groups):
-        if not all(len(g) == 2 for g in groups):
-            raise ApiError(422, "mix of single texts and pairs in one request; send them separately")
-        texts, pairs = [g[0] for g in groups], [g[1] for g in groups]
-    else:
-        texts, pairs = [g[0] for g in groups], None
+    texts = [g[0] for g in groups]
+    pairs = [g[1] if len(g) == 2 else None for g in groups] if any(len(g) == 2 for g in groups) else None
     return Parsed(texts, pairs, "classify", _bool(body, "truncate", state.config.auto_truncate, "tei"),
                   {"raw": _bool(body, "raw_scores", False, "tei"), "single": single})
 
@@ -348,14 +345,25 @@ def make_route(state: State, route: str, api: str, parse, respond):
             body = await _read_json(request, state.config.payload_limit)
             engine = state.require_ready()
             parsed = parse(body, state)
+            # overload answered before any tokenizing: a full queue, or as many requests tokenizing
+            # as the queue holds (the executor's own queue has no bound)
+            try:
+                engine.check_room()
+            except Overloaded as exc:
+                raise ApiError(429, str(exc), "Overloaded") from None
+            if state.tokenizing >= state.config.max_queued_requests:
+                raise ApiError(429, f"{state.tokenizing} requests are being tokenized", "Overloaded")
             loop = asyncio.get_running_loop()
+            state.tokenizing += 1
             try:
                 encoded = await loop.run_in_executor(
                     None, state.encoder.tokenizer.encode, parsed.inputs, parsed.pairs, parsed.truncate)
-            except InputTooLongError as exc:
-                raise ApiError(422 if api == "tei" else 400, str(exc)) from None
+            except InputTooLongError as exc:    # TEI: 413 "Validation"
+                raise ApiError(413 if api == "tei" else 400, str(exc)) from None
             except InvalidInputError as exc:
-                raise ApiError(422 if api == "tei" else 400, str(exc)) from None
+                raise ApiError(422 if api == "tei" else 400, str(exc), "Tokenizer" if api == "tei" else "Validation") from None
+            finally:
+                state.tokenizing -= 1
             t_tok = time.perf_counter() - t0
             try:
                 future = engine.submit(encoded, parsed.kind, state.config.request_timeout)
@@ -392,7 +400,7 @@ def make_route(state: State, route: str, api: str, parse, respond):
             payload = respond(parsed, results, encoded, state)
             total = time.perf_counter() - t0
             tokens = sum(len(e.ids) for e in encoded)
-            chars = sum(len(x) for x in parsed.inputs if isinstance(x, str)) + sum(len(x) for x in parsed.pairs or [])
+            chars = sum(len(x) for x in [*parsed.inputs, *(parsed.pairs or [])] if isinstance(x, str))
             headers = {"x-compute-type": state.encoder.dtype, "x-compute-time": _ms(total),
                        "x-compute-characters": str(chars), "x-compute-tokens": str(tokens),
                        "x-total-time": _ms(total), "x-tokenization-time": _ms(t_tok),
@@ -492,12 +500,12 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
                 raise ApiError(422, "`inputs` must be a non-empty string or a non-empty list of them")
             if len(texts) > config.max_client_batch_size:
-                raise ApiError(422, f"at most {config.max_client_batch_size} inputs per request")
+                raise ApiError(413, f"at most {config.max_client_batch_size} inputs per request")
             add = _bool(body, "add_special_tokens", True, "tei")
             loop = asyncio.get_running_loop()
             out = await loop.run_in_executor(None, state.encoder.tokenizer.tokenize_detailed, texts, add)
             metrics.requests.labels("/tokenize", "200").inc()
-            return JSONResponse(out[0] if isinstance(raw, str) else out)
+            return JSONResponse(out)           # a single string too is a list of one (as TEI answers)
         except ApiError as err:
             metrics.requests.labels("/tokenize", str(err.status)).inc()
             return error_response("tei", err)

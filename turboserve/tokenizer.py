@@ -44,7 +44,8 @@ class TextTokenizer:
         return tok
 
     def encode(self, texts: list, pairs: list | None = None, truncate: bool = False) -> list[Encoded]:
-        """Encode strings (or token-id lists, taken as complete model inputs) to token ids."""
+        """Encode strings (or token-id lists, taken as complete model inputs) to token ids; with
+        `pairs`, text i is encoded with pairs[i] as its second segment (None: text i alone)."""
         out: list[Encoded | None] = [None] * len(texts)
         str_idx = []
         for i, item in enumerate(texts):
@@ -61,7 +62,7 @@ class TextTokenizer:
             if not texts[i] and pairs is None:
                 raise InvalidInputError(f"input {i} is an empty string")
         if str_idx:
-            batch = [texts[i] if pairs is None else (texts[i], pairs[i]) for i in str_idx]
+            batch = [texts[i] if pairs is None or pairs[i] is None else (texts[i], pairs[i]) for i in str_idx]
             encodings = (self._truncating if truncate else self._tok).encode_batch(batch)
             for i, enc in zip(str_idx, encodings):
                 if len(enc.ids) > self.max_tokens:
