@@ -97,6 +97,11 @@ def test_sse_wire_format_ends_with_done(gen_server):
     ({"prompt": [1, 2], "stream": "false"}, 400, "stream"),
     ({"prompt": [1, 2], "n": 9}, 400, "bound of 8"),           # more than may ever wait: not a 429
     ({"prompt": [[1, 2], "hi", 3]}, 400, "prompt"),
+    ({"prompt": [1, 2], "logit_bias": {"5": 100}}, 400, "logit_bias"),     # not silently ignored
+    ({"prompt": [1, 2], "echo": True}, 400, "echo"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),
 ])
 def test_errors_in_openai_shape_and_server_keeps_serving(gen_server, body, status, needle):
     base, _ = gen_server

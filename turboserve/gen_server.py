@@ -87,7 +87,26 @@ def _flag(body: dict, key: str, default: bool = False) -> bool:
     return v
 
 
+def _refuse_unsupported(body: dict, chat: bool) -> None:
+    """OpenAI fields that would change the answer and that this server does not implement are a 400,
+    not silently ignored (a client asking for JSON output or tool calls must not get plain text)."""
+    given = {k: v for k, v in body.items() if v not in (None, False, {}, [])}
+    for key in ("logit_bias", "tools", "functions", "suffix", "audio", "prediction"):
+        if key in given:
+            raise ApiError(400, f"`{key}` is not supported by this server")
+    if not chat and "echo" in given:
+        raise ApiError(400, "`echo` is not supported by this server")
+    fmt = given.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise ApiError(400, "`response_format` other than {\"type\": \"text\"} is not supported by this server")
+    if "best_of" in given and given["best_of"] != body.get("n", 1):
+        raise ApiError(400, "`best_of` other than `n` is not supported by this server")
+    if given.get("modalities") not in (None, ["text"]):
+        raise ApiError(400, "only the text modality is supported")
+
+
 def sampling_from(body: dict, chat: bool) -> SamplingParams:
+    _refuse_unsupported(body, chat)
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
         raise ApiError(400, "`stop` must be a string or a list of strings")
