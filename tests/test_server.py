@@ -140,6 +140,22 @@ def test_overload_gives_429_and_every_accepted_answer_is_right(minilm):
         assert httpx.get(base + "/health").status_code == 200
 
 
+def test_embed_all_and_decode(url, minilm):
+    """TEI /embed_all: each input's per-token last hidden states (mixed lengths in one request, the
+    same as the Python API's); /decode: ids back to text, one list or several."""
+    got = httpx.post(url + "/embed_all", json={"inputs": TEXTS}).json()
+    ref = minilm.hidden_states(TEXTS)
+    assert [len(g) for g in got] == [r.shape[0] for r in ref]
+    for g, r in zip(got, ref):
+        assert torch.allclose(torch.tensor(g), r, atol=1e-5)
+    ids = [e.ids for e in minilm.tokenize(TEXTS[:2])]
+    assert httpx.post(url + "/decode", json={"ids": ids[0]}).json() == [minilm.tokenizer.decode(ids[0])]
+    texts = httpx.post(url + "/decode", json={"ids": ids, "skip_special_tokens": False}).json()
+    assert texts[0].startswith("[CLS] hello world") and len(texts) == 2
+    bad = httpx.post(url + "/decode", json={"ids": [1, 10**9]})
+    assert bad.status_code == 422 and bad.json()["error_type"] == "Tokenizer"
+
+
 def test_overload_is_answered_before_tokenizing(minilm):
     """A full queue, or as many requests in the tokenizer as the queue holds: 429 at once, nothing
     tokenized (the tokenizer here raises if called)."""

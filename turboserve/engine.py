@@ -71,7 +71,7 @@ class Timings:
 class Job:
     """One client request: several inputs, answered together."""
     items: list[Encoded]
-    kind: str                         # "embed" | "classify"
+    kind: str                         # "embed" | "classify" | "hidden" (per-token states)
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -132,6 +132,7 @@ class _Done:
     tokens: int
     pooled: torch.Tensor | None
     logits: torch.Tensor | None
+    hidden: torch.Tensor | None      # fp32 [T, H], copied out of the workspace
     elapsed: float
 
 
@@ -400,10 +401,12 @@ class EncoderEngine:
         # results leave the model's device here (no-ops on the CPU)
         pooled = pool(hidden, packed, enc.pooling.mode).cpu() if "embed" in kinds else None
         logits = enc.model.classify(hidden, packed).cpu() if "classify" in kinds else None
+        states = hidden.float().cpu().clone() if "hidden" in kinds else None    # the workspace is reused
         elapsed = time.perf_counter() - start
         self.busy_seconds += elapsed
         cu = packed.cu_seqlens
-        done = _Done(batch, [b - a for a, b in zip(cu, cu[1:])], packed.num_tokens, pooled, logits, elapsed)
+        done = _Done(batch, [b - a for a, b in zip(cu, cu[1:])], packed.num_tokens, pooled, logits, states,
+                     elapsed)
         if self.pipeline:
             self._answer.put(done)
         else:
@@ -416,12 +419,16 @@ class EncoderEngine:
         if self.metrics is not None:
             self.metrics.batch(len(done.batch), done.tokens, done.elapsed)
             self.metrics.model_busy.inc(done.elapsed)
+        starts = [0]
+        for n in done.lengths:
+            starts.append(starts[-1] + n)
         with self._state_lock:
             for row, item in enumerate(done.batch):
                 job = item.job
                 if job.remaining < 0:
                     continue
-                out = done.pooled[row] if job.kind == "embed" else done.logits[row]
+                out = {"embed": done.pooled, "classify": done.logits}.get(job.kind)
+                out = out[row] if out is not None else done.hidden[starts[row]:starts[row + 1]]
                 job.results[item.index] = out.clone()
                 job.inference += done.elapsed * done.lengths[row] / done.tokens
                 job.remaining -= 1

@@ -234,6 +234,21 @@ def respond_tei_embed(p: Parsed, results, encoded, state: State):
     return _shape_vectors(torch.stack(results), p.options["dimensions"], p.options["normalize"]).tolist()
 
 
+def parse_tei_embed_all(body, state: State) -> Parsed:
+    """TEI /embed_all: every token's last hidden state, per input (no pooling, no normalizing)."""
+    body = _object(body, "tei")
+    if "inputs" not in body:
+        raise ApiError(422, "`inputs` is required")
+    if body.get("prompt_name") is not None:
+        raise ApiError(422, "`prompt_name` is not supported: this model defines no prompts")
+    inputs = _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei")
+    return Parsed(inputs, kind="hidden", truncate=_bool(body, "truncate", state.config.auto_truncate, "tei"))
+
+
+def respond_tei_embed_all(p: Parsed, results, encoded, state: State):
+    return [r.tolist() for r in results]
+
+
 def _require_head(state: State, rerank: bool) -> None:
     head = state.encoder.model.head
     if head is None:
@@ -510,6 +525,28 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
             metrics.requests.labels("/tokenize", str(err.status)).inc()
             return error_response("tei", err)
 
+    async def decode(request):
+        """TEI /decode: token ids (one list, or a list of lists) -> texts, always a list."""
+        try:
+            body = _object(await _read_json(request, config.payload_limit), "tei")
+            state.require_ready()
+            raw = body.get("ids")
+            batch = [raw] if _is_token_list(raw) else raw
+            if not isinstance(batch, list) or not batch or not all(_is_token_list(b) for b in batch):
+                raise ApiError(422, "`ids` must be a non-empty list of token ids or a non-empty list of them")
+            if len(batch) > config.max_client_batch_size:
+                raise ApiError(413, f"at most {config.max_client_batch_size} inputs per request")
+            vocab = state.encoder.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for b in batch for t in b):
+                raise ApiError(422, f"token ids must be in [0, {vocab})", "Tokenizer")
+            skip = _bool(body, "skip_special_tokens", True, "tei")
+            texts = [state.encoder.tokenizer.decode(b, skip) for b in batch]
+            metrics.requests.labels("/decode", "200").inc()
+            return JSONResponse(texts)
+        except ApiError as err:
+            metrics.requests.labels("/decode", str(err.status)).inc()
+            return error_response("tei", err)
+
     async def prometheus(request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         if state.engine is not None:
@@ -533,9 +570,12 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         Route("/v1/embeddings", make_route(state, "/v1/embeddings", "openai", parse_openai_embeddings,
                                            respond_openai_embeddings), methods=["POST"]),
         Route("/embed", make_route(state, "/embed", "tei", parse_tei_embed, respond_tei_embed), methods=["POST"]),
+        Route("/embed_all", make_route(state, "/embed_all", "tei", parse_tei_embed_all, respond_tei_embed_all),
+              methods=["POST"]),
         Route("/rerank", make_route(state, "/rerank", "tei", parse_tei_rerank, respond_tei_rerank), methods=["POST"]),
         Route("/predict", make_route(state, "/predict", "tei", parse_tei_predict, respond_tei_predict), methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/decode", decode, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),

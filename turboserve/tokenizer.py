@@ -89,8 +89,8 @@ class TextTokenizer:
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self._tok.id_to_token(i) or "" for i in ids]
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def tokenize_detailed(self, texts: list[str], add_special_tokens: bool = True) -> list[list[dict]]:
         """TEI /tokenize: per token its id, text (the input substring; the token for specials),
