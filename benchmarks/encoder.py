@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from turboserve import Encoder  # noqa: E402
 from turboserve.loader import default_model_path  # noqa: E402
-from turboserve.workloads import encoder_lengths, token_sequences, word_token_ids  # noqa: E402
+from turboserve.workloads import WORKLOAD_MAX_LENGTH, encoder_lengths, token_sequences, word_token_ids  # noqa: E402
 
 CACHE = Path(os.environ.get("TURBOSERVE_BENCH_CACHE", Path(__file__).resolve().parents[1] / ".bench"))
 
@@ -149,7 +149,7 @@ def run_transformers(path, seqs, mode, dtype, sort, batch=32):
 def run_turboserve(path, seqs, mode, dtype):
     """dtype "auto": the layer-wise precision plan for min cosine 0.999 (made on first use with the
     built-in calibration set, then read from the plan file beside the model)."""
-    enc = Encoder.load(path, dtype=dtype, normalize=False, quality_bound=0.999)
+    enc = Encoder.load(path, dtype=dtype, normalize=False, quality_bound=0.999, max_input_length=WORKLOAD_MAX_LENGTH)
     out = [None]
 
     def go():

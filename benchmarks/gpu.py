@@ -478,7 +478,7 @@ def e2e_encoder(report: Report, models: list[str], vocab_from: Path | None) -> N
     from encoder import batches_of, model_dir, padded
 
     from turboserve import Encoder
-    from turboserve.workloads import encoder_lengths, token_sequences, word_token_ids
+    from turboserve.workloads import WORKLOAD_MAX_LENGTH, encoder_lengths, token_sequences, word_token_ids
     setup, timer = report.setup, report.time
     dtype = "bf16" if setup.dtype == torch.bfloat16 else "fp32"
     print(f"encoder end to end ({dtype}, real tokens/s)")
@@ -500,7 +500,7 @@ def e2e_encoder(report: Report, models: list[str], vocab_from: Path | None) -> N
             seqs = token_sequences(encoder_lengths(workload, setup.enc_count), words, vocab["[CLS]"], vocab["[SEP]"])
             tokens = sum(len(s) for s in seqs)
             try:
-                enc = Encoder.load(path, dtype=dtype, device=setup.device)
+                enc = Encoder.load(path, dtype=dtype, device=setup.device, max_input_length=WORKLOAD_MAX_LENGTH)
                 enc.embed(seqs)                   # warm-up: every tile shape's compile
                 t = time.perf_counter()
                 enc.embed(seqs)

@@ -22,9 +22,10 @@ def child(planner: bool, dtype: str, batch_tokens: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
     from turboserve import Encoder
-    from turboserve.workloads import encoder_lengths, token_sequences, word_token_ids
+    from turboserve.workloads import WORKLOAD_MAX_LENGTH, encoder_lengths, token_sequences, word_token_ids
     torch.set_num_threads(2)
-    enc = Encoder.load(dtype=dtype, use_planner=planner, max_batch_tokens=batch_tokens, threads=2)
+    enc = Encoder.load(dtype=dtype, use_planner=planner, max_batch_tokens=batch_tokens, threads=2,
+                       max_input_length=WORKLOAD_MAX_LENGTH)
     vocab = enc.tokenizer._tok.get_vocab()
     seqs = token_sequences(encoder_lengths("longtail"), word_token_ids(vocab), vocab["[CLS]"], vocab["[SEP]"])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

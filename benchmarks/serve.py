@@ -289,12 +289,13 @@ def main():
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; server model threads: "
           f"{args.threads}; load generator: 1 asyncio process on the same cores; p99 bound {args.p99_bound}s")
     from turboserve import Encoder
+    from turboserve.workloads import WORKLOAD_MAX_LENGTH
     systems = args.systems.split(",")
     sustained = {}
     for wl in args.workloads.split(","):
         texts, lengths = texts_for(wl, args.requests)
         probe = texts[:48]
-        reference = Encoder.load(threads=args.threads).embed(probe).numpy()
+        reference = Encoder.load(threads=args.threads, max_input_length=WORKLOAD_MAX_LENGTH).embed(probe).numpy()
         print(f"\n## {wl}: {len(texts)} requests of one text each ({sum(lengths) / len(lengths):.1f} tokens on average), "
               "Poisson arrivals; min cos: served vectors of 48 texts against turboserve fp32 in-process")
         print("| system | offered req/s | achieved req/s | tokens/s | p50 ms | p99 ms | refused | failed | min cos | model busy |")
@@ -306,7 +307,8 @@ def main():
             if system.startswith("turboserve"):
                 _, dtype, policy, *rest = system.split("-")
                 cmd = [sys.executable, "-m", "turboserve", "serve", "--port", str(port), "--dtype", dtype,
-                       "--threads", str(args.threads), "--batch-policy", policy]
+                       "--threads", str(args.threads), "--batch-policy", policy,
+                       "--max-input-length", str(WORKLOAD_MAX_LENGTH)]
                 cmd += ["--no-pipeline"] if "nopipe" in rest else []
                 path, body = "/embed", (lambda t: {"inputs": t})
             elif system == "sentence-transformers":

@@ -67,7 +67,7 @@ def test_tei_embed_and_headers(url, minilm):
 def test_info_models_health_metrics_tokenize(url):
     assert httpx.get(url + "/health").status_code == 200
     info = httpx.get(url + "/info").json()
-    assert info["max_input_length"] == 512 and info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == 256 and info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert httpx.get(url + "/v1/models").json()["data"][0]["object"] == "model"
     (toks,) = httpx.post(url + "/tokenize", json={"inputs": "Hello world"}).json()     # [[...]], as TEI
     assert [t["text"] for t in toks] == ["[CLS]", "Hello", "world", "[SEP]"]
@@ -86,8 +86,8 @@ def test_info_models_health_metrics_tokenize(url):
     ("/v1/embeddings", {"input": []}, 400, "empty"),
     ("/embed", {"inputs": ""}, 400, "empty string"),
     ("/embed", {"inputs": ["x"] * 65}, 413, "at most 64"),            # TEI: batch size is 413 Validation
-    ("/v1/embeddings", {"input": "word " * 600}, 400, "at most 512"),
-    ("/embed", {"inputs": "word " * 600}, 413, "at most 512"),        # and so is a too-long input
+    ("/v1/embeddings", {"input": "word " * 600}, 400, "at most 256"),
+    ("/embed", {"inputs": "word " * 600}, 413, "at most 256"),        # and so is a too-long input
     ("/embed", {"inputs": [[1, 2, 99999999]]}, 422, "token ids must be in"),
     ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
     ("/embed", {"inputs": "x", "dimensions": 1000}, 422, "dimensions"),

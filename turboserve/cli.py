@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=_env("CALIBRATION"),
                    help="with --dtype auto: a text file, one calibration input per line (default: built-in)")
     p.add_argument("--threads", type=int, default=int(_env("THREADS", 0)) or None, help="torch threads (default: all available cores)")
+    p.add_argument("--max-input-length", type=int, default=int(_env("MAX_INPUT_LENGTH", 0)) or None,
+                   help="encoders: tokens per input (default: the sentence-transformers config's max_seq_length, "
+                        "else the model's positions)")
     p.add_argument("--device", default=_env("DEVICE", "cpu"),
                    help="cpu, or cuda for the Triton GPU backend (docs/gpu.md)")
     p.add_argument("--tensor-parallel", type=int, default=int(_env("TENSOR_PARALLEL", 1)),
@@ -32,7 +35,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_embed(args) -> int:
     from .encoder import Encoder
     enc = Encoder.load(args.model, dtype=args.dtype, threads=args.threads, quality_bound=args.quality_bound,
-                       calibration=args.calibration, tensor_parallel=args.tensor_parallel, device=args.device)
+                       calibration=args.calibration, tensor_parallel=args.tensor_parallel, device=args.device,
+                       max_input_length=args.max_input_length)
     try:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not texts:
@@ -57,7 +61,7 @@ def cmd_serve(args) -> int:
         lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
         served_name=args.served_model_name, access_log=args.access_log, pipeline=args.pipeline,
         tensor_parallel=args.tensor_parallel, kv_dtype=args.kv_dtype, device=args.device,
-        cuda_graphs=args.cuda_graphs))
+        cuda_graphs=args.cuda_graphs, max_input_length=args.max_input_length))
 
 
 def build_parser() -> argparse.ArgumentParser:

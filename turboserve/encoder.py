@@ -10,8 +10,8 @@ import torch
 
 from .allocator import keep_freed_memory
 from .errors import InvalidInputError
-from .loader import PoolingConfig, load_checkpoint, read_max_seq_length, read_pooling
-from .model import EncoderModel, pool
+from .loader import POOLING_MODES, PoolingConfig, load_checkpoint, read_pooling, read_sentence_config
+from .model import EncoderModel, sentence_embedding
 from .packing import PackedBatch, pack_tokens
 from .tokenizer import Encoded, TextTokenizer
 
@@ -48,7 +48,7 @@ class Encoder:
              use_planner: bool = True, max_batch_tokens: int = 4096,
              int8_keep: frozenset = frozenset(), int8_alpha: float = 0.5, quality_bound: float = 0.999,
              calibration: str | os.PathLike | None = None, replan: bool = False,
-             tensor_parallel: int = 1) -> "Encoder":
+             tensor_parallel: int = 1, max_input_length: int | None = None) -> "Encoder":
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2).
 
         dtype: "fp32", "bf16", "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the
@@ -59,7 +59,11 @@ class Encoder:
         threads: torch threads to use (default: the cores available).
         tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N); call
         close() to stop them.
+        max_input_length: tokens an input may have; default the sentence-transformers config's
+        max_seq_length where there is one (all-MiniLM-L6-v2: 256), else the model's positions (512).
         """
+        if pooling is not None and pooling not in POOLING_MODES:
+            raise InvalidInputError(f"pooling must be one of {', '.join(POOLING_MODES)}, not {pooling!r}")
         torch.set_num_threads(threads or available_cores())
         keep_freed_memory()
         model_dir, config, spec, view = load_checkpoint(path)
@@ -73,14 +77,22 @@ class Encoder:
         if tensor_parallel != 1:
             from . import parallel
             parallel.check_shardable(model, tensor_parallel)      # before any calibration work
-        tokenizer = TextTokenizer(model_dir, model.max_tokens, model.vocab_size)
+        sentence = read_sentence_config(model_dir)
+        limit = max_input_length or min(model.max_tokens, sentence.max_seq_length or model.max_tokens)
+        if not 1 <= limit <= model.max_tokens:
+            raise InvalidInputError(f"max_input_length must be in [1, {model.max_tokens}] (the model's positions), "
+                                    f"not {limit}")
+        tokenizer = TextTokenizer(model_dir, limit, model.vocab_size, sentence.lowercase)
         pool_cfg = read_pooling(model_dir) or PoolingConfig()
+        if sentence.prompts and not pool_cfg.include_prompt and any(sentence.prompts.values()):
+            raise ModelLoadError(f"{model_dir}: pooling without the prompt's tokens (include_prompt false) is "
+                                 "not supported")
         if pooling is not None:
             pool_cfg.mode = pooling
         if normalize is not None:
             pool_cfg.normalize = normalize
         enc = cls(model, tokenizer, pool_cfg, model_dir, config, max_batch_tokens)
-        enc.st_max_seq_length = read_max_seq_length(model_dir)
+        enc.prompts, enc.default_prompt_name = sentence.prompts, sentence.default_prompt_name
         if dtype == "int8":
             from . import quantize
             texts = quantize.calibration_texts(tokenizer)
@@ -138,7 +150,8 @@ class Encoder:
 
     @property
     def dimension(self) -> int:
-        return self.model.hidden
+        """The embeddings' width: the last Dense module's output, else the hidden size."""
+        return self.pooling.dense[-1][0].shape[0] if self.pooling.dense else self.model.hidden
 
     # --------------------------------------------------------------- batching
     def _batches(self, encoded: list[Encoded]):
@@ -175,17 +188,36 @@ class Encoder:
             raise InvalidInputError(f"inputs must be a string or a list, not {type(inputs).__name__}")
         if len(inputs) == 0:
             raise InvalidInputError("the input list is empty")
-        return self.tokenizer.encode(list(inputs), pairs, truncate)
+        encoded = self.tokenizer.encode(list(inputs), pairs, truncate)
+        types = self.model.type_emb
+        if pairs is not None and types is not None and any(max(e.type_ids, default=0) >= types.shape[0] for e in encoded):
+            raise InvalidInputError(f"this model has {types.shape[0]} token type(s): it takes no text pairs")
+        return encoded
 
     # ------------------------------------------------------------- public API
-    def embed(self, inputs, truncate: bool = False, normalize: bool | None = None) -> torch.Tensor:
-        """Pooled sentence embeddings [N, H] (fp32), pooled and normalized as the model's
-        sentence-transformers config says unless overridden."""
-        return self.embed_encoded(self.tokenize(inputs, truncate=truncate), normalize)
+    def embed(self, inputs, truncate: bool = False, normalize: bool | None = None,
+              prompt_name: str | None = None) -> torch.Tensor:
+        """Pooled sentence embeddings [N, D] (fp32), pooled, projected and normalized as the model's
+        sentence-transformers config says unless overridden. prompt_name: one of the model's
+        `prompts`, prepended to every text input (default: its default_prompt_name, if any)."""
+        return self.embed_encoded(self.tokenize(self.with_prompt(inputs, prompt_name), truncate=truncate),
+                                  normalize)
+
+    def with_prompt(self, inputs, prompt_name: str | None = None) -> list:
+        """Text inputs with the named (or the default) prompt in front; token-id inputs as they are."""
+        if not isinstance(inputs, (str, list, tuple)):
+            return inputs                           # tokenize() says what is wrong with it
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        name = prompt_name or self.default_prompt_name
+        if name is None:
+            return items
+        if name not in self.prompts:
+            known = ", ".join(self.prompts) or "none: this model defines no prompts"
+            raise InvalidInputError(f"unknown prompt_name {name!r}; the model's prompts: {known}")
+        return [self.prompts[name] + x if isinstance(x, str) else x for x in items]
 
     def embed_encoded(self, encoded: list[Encoded], normalize: bool | None = None) -> torch.Tensor:
-        mode = self.pooling.mode
-        rows = self._run(encoded, lambda h, b: pool(h, b, mode))
+        rows = self._run(encoded, lambda h, b: sentence_embedding(h, b, self.pooling))
         out = torch.stack(rows)
         if self.pooling.normalize if normalize is None else normalize:
             out = torch.nn.functional.normalize(out, dim=-1)

@@ -39,7 +39,7 @@ from . import native
 from .encoder import Encoder
 from .errors import TurboServeError
 from .loader import weights_fingerprint
-from .model import pool
+from .model import pool, sentence_embedding
 from .parallel import RankFailure
 from .packing import pack_tokens
 from .scheduler import CostTable, dp_partition, fifo_partition
@@ -399,7 +399,7 @@ class EncoderEngine:
         hidden = enc.model.forward(packed)
         kinds = {i.job.kind for i in batch}
         # results leave the model's device here (no-ops on the CPU)
-        pooled = pool(hidden, packed, enc.pooling.mode).cpu() if "embed" in kinds else None
+        pooled = sentence_embedding(hidden, packed, enc.pooling).cpu() if "embed" in kinds else None
         logits = enc.model.classify(hidden, packed).cpu() if "classify" in kinds else None
         states = hidden.float().cpu().clone() if "hidden" in kinds else None    # the workspace is reused
         elapsed = time.perf_counter() - start

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .arch import ArchSpec, spec_for
 from .errors import ModelLoadError
-
-POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
 
 
 def default_model_path() -> Path:
@@ -74,7 +72,10 @@ class CheckpointView:
                                  f"(no {probe!r})")
 
     def get(self, key: str, required: bool = True) -> torch.Tensor | None:
-        for name in (self.prefix + key, key):
+        # old BERT checkpoints (google-bert/bert-base-uncased) name LayerNorm parameters gamma / beta
+        legacy = (key[:-len(".weight")] + ".gamma" if key.endswith("LayerNorm.weight") else
+                  key[:-len(".bias")] + ".beta" if key.endswith("LayerNorm.bias") else None)
+        for name in (self.prefix + key, key) + ((self.prefix + legacy, legacy) if legacy else ()):
             if name in self.state:
                 return self.state[name].float()
         if required:
@@ -85,37 +86,114 @@ class CheckpointView:
         return (self.prefix + key) in self.state or key in self.state
 
 
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken", "weightedmean")
+# sentence-transformers' names (its `pooling_mode` strings, and the older boolean keys) -> ours
+_ST_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
+               "lasttoken": "lasttoken", "weightedmean": "weightedmean"}
+_ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_lasttoken": "lasttoken",
+                    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_mean_tokens": "mean"}
+
+
 @dataclass
 class PoolingConfig:
     mode: str = "mean"
     normalize: bool = False
+    include_prompt: bool = True
+    dense: list = field(default_factory=list)   # sentence-transformers Dense modules: (weight, bias, act)
+
+
+def _pooling_mode(cfg: dict, where: Path) -> str:
+    named = cfg.get("pooling_mode")
+    if named is not None:                        # sentence-transformers >= 3.x
+        names = [named] if isinstance(named, str) else list(named)
+        modes = [_ST_POOLING.get(n) for n in names]
+    else:
+        modes = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
+        names = modes
+    if None in modes:
+        raise ModelLoadError(f"{where}: pooling mode {names!r} is not supported; supported: "
+                             f"{', '.join(_ST_POOLING)}")
+    if len(modes) > 1:
+        raise ModelLoadError(f"{where}: concatenated pooling modes {names!r} are not supported (one mode only)")
+    return modes[0] if modes else "mean"
+
+
+_DENSE_ACTIVATIONS = {"torch.nn.modules.linear.Identity": None, "torch.nn.modules.activation.Tanh": "tanh",
+                      "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.GELU": "gelu"}
+
+
+def _read_dense(module_dir: Path) -> tuple:
+    cfg = read_json(module_dir / "config.json")
+    act = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
+    if act not in _DENSE_ACTIVATIONS:
+        raise ModelLoadError(f"{module_dir}: Dense activation {act!r} is not supported; supported: "
+                             f"{', '.join(_DENSE_ACTIVATIONS)}")
+    state = read_state_dict(module_dir)
+    weight = state.get("linear.weight")
+    if weight is None:
+        raise ModelLoadError(f"{module_dir}: no linear.weight in the Dense module's weights")
+    bias = state.get("linear.bias")
+    return weight.float(), None if bias is None else bias.float(), _DENSE_ACTIVATIONS[act]
 
 
 def read_pooling(model_dir: Path) -> PoolingConfig | None:
-    """Pooling from sentence-transformers' modules.json / 1_Pooling/config.json, or None if absent."""
+    """Pooling (and Dense, Normalize) from sentence-transformers' modules.json, or None if absent.
+    Modules other than Transformer, Pooling, Dense and Normalize are refused: dropping one would
+    silently change the embeddings."""
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
         return None
-    modules = read_json(modules_file)
     pooling = PoolingConfig()
-    for module in modules:
-        kind = module.get("type", "")
-        if kind.endswith("Pooling"):
-            cfg = read_json(model_dir / module.get("path", "") / "config.json")
-            for mode, key in (("cls", "pooling_mode_cls_token"), ("max", "pooling_mode_max_tokens"),
-                              ("mean_sqrt_len", "pooling_mode_mean_sqrt_len_tokens"),
-                              ("lasttoken", "pooling_mode_lasttoken"), ("mean", "pooling_mode_mean_tokens")):
-                if cfg.get(key):
-                    pooling.mode = mode
-                    break
-        elif kind.endswith("Normalize"):
+    for module in read_json(modules_file):
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        where = model_dir / module.get("path", "")
+        if kind == "Transformer":
+            continue
+        if kind == "Pooling":
+            cfg = read_json(where / "config.json")
+            pooling.mode = _pooling_mode(cfg, where)
+            pooling.include_prompt = bool(cfg.get("include_prompt", True))
+        elif kind == "Dense":
+            pooling.dense.append(_read_dense(where))
+        elif kind == "Normalize":
             pooling.normalize = True
+        else:
+            raise ModelLoadError(f"{model_dir}: sentence-transformers module {module.get('type')!r} is not "
+                                 "supported (Transformer, Pooling, Dense and Normalize are)")
     return pooling
 
 
-def read_max_seq_length(model_dir: Path) -> int | None:
+@dataclass
+class SentenceConfig:
+    """What sentence-transformers' own files say about inputs: the length it truncates to, whether
+    it lowercases texts, and the model's named prompts (prepended to texts)."""
+    max_seq_length: int | None = None
+    lowercase: bool = False
+    prompts: dict = field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+
+def read_sentence_config(model_dir: Path) -> SentenceConfig:
+    out = SentenceConfig()
     f = model_dir / "sentence_bert_config.json"
-    return read_json(f).get("max_seq_length") if f.is_file() else None
+    if f.is_file():
+        cfg = read_json(f)
+        out.max_seq_length, out.lowercase = cfg.get("max_seq_length"), bool(cfg.get("do_lower_case", False))
+    tok = model_dir / "tokenizer_config.json"
+    if out.max_seq_length is None and (model_dir / "modules.json").is_file() and tok.is_file():
+        # sentence-transformers >= 5 keeps its max_seq_length as the tokenizer's model_max_length
+        # (transformers writes a huge sentinel there when there is no limit)
+        limit = read_json(tok).get("model_max_length")
+        out.max_seq_length = limit if isinstance(limit, int) and limit < 10**6 else None
+    f = model_dir / "config_sentence_transformers.json"
+    if f.is_file():
+        cfg = read_json(f)
+        out.prompts = {k: v for k, v in (cfg.get("prompts") or {}).items() if isinstance(v, str)}
+        out.default_prompt_name = cfg.get("default_prompt_name")
+        if out.default_prompt_name is not None and out.default_prompt_name not in out.prompts:
+            raise ModelLoadError(f"{f}: default_prompt_name {out.default_prompt_name!r} is not one of its prompts")
+    return out
 
 
 def weights_fingerprint(model_dir: Path) -> str:

@@ -62,6 +62,9 @@ class EncoderModel:
             raise ModelLoadError(f"config.json lacks {exc.args[0]!r}") from exc
         if act_name not in ACTIVATIONS:
             raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(ACTIVATIONS)}")
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise ModelLoadError(f"position_embedding_type {config['position_embedding_type']!r} is not supported "
+                                 "(absolute positions only)")
         self.activation = ACTIVATIONS[act_name]
         self.pad_token_id = config.get("pad_token_id", 1 if spec.roberta_positions else 0)
         # RoBERTa reserves positions 0..pad_id for padding, so max_position_embeddings - pad_id - 1 remain.
@@ -110,11 +113,17 @@ class EncoderModel:
                             ln2=_ln(view, p + names["ln2"], self.act_dtype, self.device))
 
     def _load_head(self, view: CheckpointView, config: dict):
-        """Sequence-classification head, if the checkpoint has one: list of (dense, activation)."""
+        """Sequence-classification head, if the checkpoint is one (config `architectures`; without
+        them, if its weights are there): list of (dense, activation). Other task heads (token
+        classification, multiple choice, masked LM) are not loaded: the model serves its hidden
+        states and embeddings."""
+        archs = config.get("architectures") or []
+        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            return None
         kinds = {"bert": [("bert.pooler.dense", "tanh"), ("classifier", None)],
                  "roberta": [("classifier.dense", "tanh"), ("classifier.out_proj", None)],
                  "distilbert": [("pre_classifier", "relu"), ("classifier", None)]}[self.spec.head]
-        if not any(view.state.get(name + ".weight") is not None for name, _ in kinds[-1:]):
+        if not archs and not any(view.state.get(name + ".weight") is not None for name, _ in kinds[-1:]):
             return None
         layers = []
         for name, act in kinds:
@@ -215,9 +224,27 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
     lengths = batch.lengths().to(dev)
     if mode == "max":
         return torch.segment_reduce(hidden, "max", lengths=lengths)
+    if mode == "weightedmean":           # sentence-transformers': token i of a sequence weighs i + 1
+        starts = torch.repeat_interleave(torch.tensor(batch.cu_seqlens[:-1], device=dev), lengths)
+        w = (torch.arange(hidden.shape[0], device=dev) - starts + 1).float()
+        return (torch.segment_reduce(hidden * w[:, None], "sum", lengths=lengths)
+                / torch.segment_reduce(w, "sum", lengths=lengths)[:, None])
     sums = torch.segment_reduce(hidden, "sum", lengths=lengths)
     if mode == "mean":
         return sums / lengths[:, None].float()
     if mode == "mean_sqrt_len":
         return sums / lengths[:, None].float().sqrt()
     raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+_DENSE_ACTS = {None: lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
+
+
+def sentence_embedding(hidden: torch.Tensor, batch: PackedBatch, pooling) -> torch.Tensor:
+    """The sentence-transformers pipeline after the transformer: pooling (a PoolingConfig's mode),
+    then its Dense modules in order -> [B, D] fp32 (normalizing is the caller's: it may be turned off)."""
+    out = pool(hidden, batch, pooling.mode)
+    for weight, bias, act in pooling.dense:
+        out = _DENSE_ACTS[act](torch.nn.functional.linear(out, weight.to(out.device),
+                                                          None if bias is None else bias.to(out.device)))
+    return out

@@ -68,6 +68,7 @@ class ServerConfig:
     device: str = "cpu"                       # "cuda": the Triton backend (ops/cuda.py)
     cuda_graphs: bool = True                  # decoders on cuda: decode steps replay CUDA graphs
     pipeline: bool = True                     # engine stages on their own threads (engine.py)
+    max_input_length: int | None = None       # encoders: tokens per input (None: the model's own limit)
 
 
 class ApiError(Exception):
@@ -191,6 +192,10 @@ def parse_openai_embeddings(body, state: State) -> Parsed:
     if fmt not in ("float", "base64"):
         raise ApiError(400, "`encoding_format` must be 'float' or 'base64'")
     inputs = _inputs(body["input"], "input", state.config.max_client_batch_size, "openai")
+    try:
+        inputs = state.encoder.with_prompt(inputs)         # the model's default prompt, if it has one
+    except InvalidInputError as exc:
+        raise ApiError(400, str(exc)) from None
     return Parsed(inputs, truncate=state.config.auto_truncate,
                   options={"format": fmt, "dimensions": _dimensions(body, state.encoder.dimension, "openai")})
 
@@ -222,12 +227,21 @@ def parse_tei_embed(body, state: State) -> Parsed:
     body = _object(body, "tei")
     if "inputs" not in body:
         raise ApiError(422, "`inputs` is required")
-    if body.get("prompt_name") is not None:
-        raise ApiError(422, "`prompt_name` is not supported: this model defines no prompts")
-    inputs = _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei")
+    inputs = _with_prompt(state, _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei"),
+                          body.get("prompt_name"))
     return Parsed(inputs, truncate=_bool(body, "truncate", state.config.auto_truncate, "tei"),
                   options={"normalize": _bool(body, "normalize", True, "tei"),
                            "dimensions": _dimensions(body, state.encoder.dimension, "tei")})
+
+
+def _with_prompt(state: State, inputs: list, prompt_name) -> list:
+    """The model's named prompt (TEI's `prompt_name`; else its default prompt) before each text."""
+    if prompt_name is not None and not isinstance(prompt_name, str):
+        raise ApiError(422, "`prompt_name` must be a string")
+    try:
+        return state.encoder.with_prompt(inputs, prompt_name)
+    except InvalidInputError as exc:
+        raise ApiError(422, str(exc)) from None
 
 
 def respond_tei_embed(p: Parsed, results, encoded, state: State):
@@ -239,9 +253,8 @@ def parse_tei_embed_all(body, state: State) -> Parsed:
     body = _object(body, "tei")
     if "inputs" not in body:
         raise ApiError(422, "`inputs` is required")
-    if body.get("prompt_name") is not None:
-        raise ApiError(422, "`prompt_name` is not supported: this model defines no prompts")
-    inputs = _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei")
+    inputs = _with_prompt(state, _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei"),
+                          body.get("prompt_name"))
     return Parsed(inputs, kind="hidden", truncate=_bool(body, "truncate", state.config.auto_truncate, "tei"))
 
 
@@ -464,7 +477,7 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
             enc = Encoder.load(config.model, dtype=config.dtype, threads=config.threads,
                                max_batch_tokens=config.max_batch_tokens, quality_bound=config.quality_bound,
                                calibration=config.calibration, tensor_parallel=config.tensor_parallel,
-                               device=config.device)
+                               device=config.device, max_input_length=config.max_input_length)
             start_engine(enc)
         except Exception as exc:
             log.error("model failed to load: %s", exc)
@@ -501,7 +514,7 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         return JSONResponse({
             "model_id": state.name, "model_dtype": config.dtype, "model_type": model_type,
             "max_concurrent_requests": config.max_queued_requests,
-            "max_input_length": enc.model.max_tokens if enc else None,
+            "max_input_length": enc.tokenizer.max_tokens if enc else None,
             "max_batch_tokens": config.max_batch_tokens, "max_batch_requests": None,
             "max_client_batch_size": config.max_client_batch_size, "auto_truncate": config.auto_truncate,
             "tokenization_workers": None, "version": __version__, "status": state.status})

@@ -17,9 +17,10 @@ class Encoded:
 
 
 class TextTokenizer:
-    def __init__(self, model_dir: Path, max_tokens: int, vocab_size: int):
+    def __init__(self, model_dir: Path, max_tokens: int, vocab_size: int, lowercase: bool = False):
         self.max_tokens = max_tokens
         self.vocab_size = vocab_size
+        self.lowercase = lowercase       # sentence-transformers' do_lower_case: texts lowercased first
         # Batching and length policy are ours: the file's own padding/truncation settings would pad
         # every text to a fixed length, which is exactly the waste this runtime exists to avoid.
         # Two instances, because truncation is tokenizer state and encode() may run on many threads.
@@ -37,7 +38,9 @@ class TextTokenizer:
             from tokenizers import BertWordPieceTokenizer
             cfg_file = model_dir / "tokenizer_config.json"
             cfg = read_json(cfg_file) if cfg_file.is_file() else {}
-            tok = BertWordPieceTokenizer(str(model_dir / "vocab.txt"), lowercase=cfg.get("do_lower_case", True))
+            tok = BertWordPieceTokenizer(str(model_dir / "vocab.txt"), lowercase=cfg.get("do_lower_case", True),
+                                         strip_accents=cfg.get("strip_accents"),
+                                         handle_chinese_chars=cfg.get("tokenize_chinese_chars", True))
         else:
             raise ModelLoadError(f"{model_dir} has neither tokenizer.json nor vocab.txt")
         tok.no_padding()
@@ -62,7 +65,9 @@ class TextTokenizer:
             if not texts[i] and pairs is None:
                 raise InvalidInputError(f"input {i} is an empty string")
         if str_idx:
-            batch = [texts[i] if pairs is None or pairs[i] is None else (texts[i], pairs[i]) for i in str_idx]
+            low = str.lower if self.lowercase else (lambda t: t)
+            batch = [low(texts[i]) if pairs is None or pairs[i] is None else (low(texts[i]), low(pairs[i]))
+                     for i in str_idx]
             encodings = (self._truncating if truncate else self._tok).encode_batch(batch)
             for i, enc in zip(str_idx, encodings):
                 if len(enc.ids) > self.max_tokens:
