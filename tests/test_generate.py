@@ -168,6 +168,19 @@ def test_tiny_temperatures_sample_like_greedy(decoder_dirs):
         assert out[0].outputs[0].token_ids == ref, t
 
 
+def test_engine_limits_that_could_never_schedule_are_refused(decoder_dirs):
+    """0 tokens or sequences per step left every step empty (the engine spun forever); a KV budget
+    under one full context is an error, not silently raised."""
+    for bad in (dict(max_batch_tokens=0), dict(max_num_seqs=0), dict(max_batch_tokens=-5)):
+        with pytest.raises(ValueError, match="positive integer"):
+            LLM.load(decoder_dirs["gpt2"], **bad)
+    with pytest.raises(ValueError, match="less than one sequence"):
+        LLM.load(decoder_dirs["gpt2"], kv_cache_bytes=1)
+    from turboserve.server import ServerConfig
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        ServerConfig(max_batch_tokens=0)
+
+
 def test_bad_requests_raise_clear_errors(decoder_dirs):
     llm = LLM.load(decoder_dirs["gpt2"])
     with pytest.raises(InputTooLongError, match="context length of 256"):

@@ -76,3 +76,17 @@ def test_prefix_blocks_are_shared_and_partial_blocks_are_not():
     big.free("x")
     big.allocate_prompt("y", list(range(100, 112)))        # needs all 3 blocks: evicts the cached ones
     big.check()
+
+
+def test_a_hash_collision_is_a_miss_not_another_prompts_blocks():
+    """hash(-1) == hash(-2) in CPython: two different prompts whose block hashes collide. The second
+    must not take the first one's K/V (each hit checks the block's tokens and its predecessor)."""
+    assert hash((0, (-1,) * 4)) == hash((0, (-2,) * 4))
+    bm = BlockManager(num_blocks=8, block_size=4)
+    first = [-1] * 4 + [7]
+    assert bm.allocate_prompt("a", first) == 0
+    bm.register_full_blocks("a", first)
+    assert bm.allocate_prompt("b", [-2] * 4 + [7]) == 0            # collision: computed anew
+    assert bm.allocate_prompt("c", list(first)) == 4                # the same tokens: shared
+    assert bm.tables["c"][0] == bm.tables["a"][0] != bm.tables["b"][0]
+    bm.check()

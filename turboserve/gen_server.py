@@ -236,8 +236,10 @@ def make_gen_app(config: ServerConfig) -> Starlette:
 
     def load() -> None:
         try:
+            from .allocator import keep_freed_memory
             from .decoder import DecoderModel
             torch.set_num_threads(config.threads or len(os.sched_getaffinity(0)))
+            keep_freed_memory()                   # as LLM.load does (docs/benchmarks.md: freed outputs)
             model = DecoderModel(config.model, config.dtype, device=config.device, kv_dtype=config.kv_dtype)
             if config.tensor_parallel != 1:
                 model = parallel.start(model, config.tensor_parallel, config.threads)

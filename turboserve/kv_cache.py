@@ -36,6 +36,9 @@ class BlockManager:
         # block whose ref count drops to 0 stays cached (and counts as free, evictable, LRU order).
         self._by_hash: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
+        # what a cached block holds: (the block before it in its sequence, its own tokens), checked on
+        # every hit, so a hash collision is a miss, never another prompt's K/V
+        self._key_of: dict[int, tuple] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.prefix_hits = 0
 
@@ -62,6 +65,7 @@ class BlockManager:
         elif self._evictable:
             block, _ = self._evictable.popitem(last=False)        # least recently used cached block
             del self._by_hash[self._hash_of.pop(block)]
+            del self._key_of[block]
         else:
             raise CacheFull
         self._ref[block] = 1
@@ -78,9 +82,10 @@ class BlockManager:
         if self.prefix_caching:
             h = 0
             for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % self.block_size, self.block_size):
-                h = hash((h, tuple(tokens[start:start + self.block_size])))
+                chunk = tuple(tokens[start:start + self.block_size])
+                h = hash((h, chunk))
                 block = self._by_hash.get(h)
-                if block is None:
+                if block is None or self._key_of[block] != (table[-1] if table else None, chunk):
                     break
                 if self._ref[block] == 0:
                     self._evictable.pop(block)
@@ -113,13 +118,15 @@ class BlockManager:
         table = self.tables[request]
         h = 0
         for i in range(len(tokens) // self.block_size):
-            h = hash((h, tuple(tokens[i * self.block_size:(i + 1) * self.block_size])))
+            chunk = tuple(tokens[i * self.block_size:(i + 1) * self.block_size])
+            h = hash((h, chunk))
             block = table[i]
             if block in self._hash_of:
                 continue
             if h not in self._by_hash:
                 self._by_hash[h] = block
                 self._hash_of[block] = h
+                self._key_of[block] = (table[i - 1] if i else None, chunk)
 
     def free(self, request) -> None:
         """Release a request's blocks (finished, aborted or preempted)."""

@@ -153,13 +153,26 @@ class LLMEngine:
                  max_waiting: int = 1024, prefix_caching: bool = True, seed: int = 0, cuda_graphs: bool = True):
         """cuda_graphs: on a CUDA model, replay decode steps from CUDA graphs (False: every step eager,
         for debugging and to measure what the graphs save)."""
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_batch_tokens", max_batch_tokens),
+                            ("block_size", block_size), ("max_waiting", max_waiting)):
+            if not isinstance(value, int) or value < 1:        # 0 would leave every step empty: a spin
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs, self.max_batch_tokens, self.max_waiting = max_num_seqs, max_batch_tokens, max_waiting
         self.max_context = model.max_positions
         per_token = model.kv_bytes_per_token()
         device = getattr(model, "device", torch.device("cpu"))
+        if kv_cache_bytes is not None and kv_cache_bytes < per_token * self.max_context:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds {kv_cache_bytes // per_token} tokens, less than one "
+                             f"sequence at the model's context of {self.max_context} tokens "
+                             f"(at least {per_token * self.max_context} bytes)")
         if kv_cache_bytes is None:
-            kv_cache_bytes = default_kv_budget(per_token, max_num_seqs, self.max_context, device)
+            ranks = getattr(getattr(model, "tp", None), "world", 1)       # each rank allocates its own shard
+            kv_cache_bytes = default_kv_budget(per_token, max_num_seqs, self.max_context, device, ranks)
+            if kv_cache_bytes < per_token * self.max_context:       # memory for less than one full context
+                self.max_context = max(block_size, kv_cache_bytes // per_token // block_size * block_size)
+                log.warning("the KV cache that fits in memory holds %d tokens: the context is cut from %d to that",
+                            self.max_context, model.max_positions)
         num_blocks = max(kv_cache_bytes // (per_token * block_size), -(-self.max_context // block_size))
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.kv_cache_bytes = num_blocks * block_size * per_token
@@ -348,19 +361,21 @@ class LLMEngine:
 
 
 def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_context: int,
-                      device: torch.device = torch.device("cpu")) -> int:
+                      device: torch.device = torch.device("cpu"), local_ranks: int = 1) -> int:
     """Room for every running sequence at full context, capped at a quarter of available memory
-    (on a GPU: 80% of its free memory, which the cache is there to use)."""
+    shared by the tensor-parallel ranks on this machine (each allocates its shard's cache of this
+    size), or on a GPU 80% of its free memory, which the cache is there to use. May be less than one
+    full context: the engine then cuts its context to what fits."""
     want = bytes_per_token * max_num_seqs * max_context
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(min(want, int(free * 0.8)), bytes_per_token * max_context)
+        return min(want, int(free * 0.8))
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
         avail = 8 << 30
-    return max(min(want, avail // 4), bytes_per_token * max_context)
+    return min(want, avail // (4 * max(1, local_ranks)))
 
 
 # ---------------------------------------------------------------------- offline API

@@ -91,8 +91,9 @@ class EncoderModel:
         specs = [("hidden_a", 0, 4, H, adt), ("hidden_b", 0, 4, H, adt), ("qkv", 0, 1, 3 * H // n, adt),
                  ("ctx", 1, 2, H // n, adt), ("h1", 2, 4, H, adt), ("inter", 3, 4, I // n, adt)]
         if any(lin.takes_int8 for layer in self.layers for lin in (layer.qkv, layer.o, layer.fc1, layer.fc2)):
-            # int32 accumulator of each int8 GEMM, reused by all four of them
-            specs.append(("acc", 0, 4, max(3 * H, I) // n, torch.int32))
+            # int32 accumulator of each int8 GEMM, reused by all four of them: a shard's QKV and fc1
+            # write their column slices, O and fc2 all H columns (their inputs are what is split)
+            specs.append(("acc", 0, 4, max(3 * H // n, I // n, H), torch.int32))
         self.workspace = Workspace(specs, device=self.device) if self.use_planner else NoWorkspace(specs, self.device)
 
     def raw_linears(self, view: CheckpointView, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

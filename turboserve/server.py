@@ -70,6 +70,15 @@ class ServerConfig:
     pipeline: bool = True                     # engine stages on their own threads (engine.py)
     max_input_length: int | None = None       # encoders: tokens per input (None: the model's own limit)
 
+    def __post_init__(self):
+        for name in ("max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_client_batch_size",
+                     "payload_limit", "tensor_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:     # 0 would refuse, or never schedule, everything
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive, not {self.request_timeout!r}")
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "Validation"):

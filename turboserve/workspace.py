@@ -36,9 +36,7 @@ class Workspace:
 
     def views(self, tokens: int) -> dict[str, torch.Tensor]:
         p = self.plan_for(tokens)
-        # Chunks no plan needs any more are released; the others are grown to the largest need.
-        del self._chunks[len(p.chunk_sizes):]
-        for i, size in enumerate(p.chunk_sizes):
+        for i, size in enumerate(p.chunk_sizes):      # chunks are kept and only grown, whatever T comes next
             if i == len(self._chunks):
                 self._chunks.append(torch.empty(size, dtype=torch.uint8, device=self.device))
             elif self._chunks[i].numel() < size:
