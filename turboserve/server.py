@@ -232,25 +232,27 @@ def respond_openai_embeddings(p: Parsed, results, encoded, state: State):
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def parse_tei_embed(body, state: State) -> Parsed:
+def _tei_inputs(body, state: State) -> tuple[dict, list, bool]:
+    """/embed and /embed_all: the body, its `inputs` with the model's named prompt (TEI's
+    `prompt_name`; else its default prompt) before each text, and `truncate`."""
     body = _object(body, "tei")
     if "inputs" not in body:
         raise ApiError(422, "`inputs` is required")
-    inputs = _with_prompt(state, _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei"),
-                          body.get("prompt_name"))
-    return Parsed(inputs, truncate=_bool(body, "truncate", state.config.auto_truncate, "tei"),
-                  options={"normalize": _bool(body, "normalize", True, "tei"),
-                           "dimensions": _dimensions(body, state.encoder.dimension, "tei")})
-
-
-def _with_prompt(state: State, inputs: list, prompt_name) -> list:
-    """The model's named prompt (TEI's `prompt_name`; else its default prompt) before each text."""
+    inputs = _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei")
+    prompt_name = body.get("prompt_name")
     if prompt_name is not None and not isinstance(prompt_name, str):
         raise ApiError(422, "`prompt_name` must be a string")
     try:
-        return state.encoder.with_prompt(inputs, prompt_name)
+        inputs = state.encoder.with_prompt(inputs, prompt_name)
     except InvalidInputError as exc:
         raise ApiError(422, str(exc)) from None
+    return body, inputs, _bool(body, "truncate", state.config.auto_truncate, "tei")
+
+
+def parse_tei_embed(body, state: State) -> Parsed:
+    body, inputs, truncate = _tei_inputs(body, state)
+    return Parsed(inputs, truncate=truncate, options={"normalize": _bool(body, "normalize", True, "tei"),
+                                                      "dimensions": _dimensions(body, state.encoder.dimension, "tei")})
 
 
 def respond_tei_embed(p: Parsed, results, encoded, state: State):
@@ -259,12 +261,8 @@ def respond_tei_embed(p: Parsed, results, encoded, state: State):
 
 def parse_tei_embed_all(body, state: State) -> Parsed:
     """TEI /embed_all: every token's last hidden state, per input (no pooling, no normalizing)."""
-    body = _object(body, "tei")
-    if "inputs" not in body:
-        raise ApiError(422, "`inputs` is required")
-    inputs = _with_prompt(state, _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei"),
-                          body.get("prompt_name"))
-    return Parsed(inputs, kind="hidden", truncate=_bool(body, "truncate", state.config.auto_truncate, "tei"))
+    _, inputs, truncate = _tei_inputs(body, state)
+    return Parsed(inputs, kind="hidden", truncate=truncate)
 
 
 def respond_tei_embed_all(p: Parsed, results, encoded, state: State):
