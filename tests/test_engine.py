@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from turboserve import Encoder
-from turboserve.engine import EncoderEngine, Overloaded
+from turboserve.engine import EncoderEngine, Overloaded, TooLarge
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +45,46 @@ def test_queue_bounds_in_requests_and_tokens(small):
 
     async def go():
         engine.submit(small.tokenize(["one"]), "embed", timeout=10)
-        with pytest.raises(Overloaded, match="at most 50"):
+        with pytest.raises(TooLarge, match="at most 50"):
             engine.submit(small.tokenize([[5] * 60]), "embed", timeout=10)
         engine.submit(small.tokenize(["two"]), "embed", timeout=10)
         with pytest.raises(Overloaded, match="queue full"):
             engine.submit(small.tokenize(["three"]), "embed", timeout=10)
     asyncio.run(go())
+    engine.stop()
+
+
+def test_a_cancelled_request_spanning_batches_is_accounted_once(small):
+    """Its tokens leave the queue bound once, not once per batch its inputs landed in (the queue's
+    token count went negative, and the bound stopped holding)."""
+    engine = EncoderEngine(small, lazy_timeout=0.3, max_batch_tokens=20, policy="fifo")
+
+    async def go():
+        for cancel in (True, False):
+            job = engine.submit(small.tokenize([[5] * 10] * 4), "embed", timeout=10 if cancel else -1)
+            if cancel:
+                engine.cancel(job)
+            await asyncio.sleep(0.6)
+            assert engine.queue_depth == (0, 0)
+        with pytest.raises(ValueError, match="kind"):
+            engine.submit(small.tokenize(["x"]), "bogus", timeout=10)
+    asyncio.run(go())
+    engine.stop()
+
+
+def test_a_dying_scheduler_fails_the_requests_it_had_taken(small):
+    engine = EncoderEngine(small, policy="fifo")
+
+    def broken(items):
+        raise RuntimeError("scheduler bug")
+    engine.plan = broken
+
+    async def go():
+        job = engine.submit(small.tokenize(["x", "y"]), "embed", timeout=30)
+        with pytest.raises(Exception, match="engine has failed"):
+            await asyncio.wait_for(job, 5)          # not left pending until its deadline
+    asyncio.run(go())
+    assert engine.queue_depth == (0, 0) and not engine.alive()
     engine.stop()
 
 

@@ -89,3 +89,30 @@ def test_cli_prints_one_line_error_not_a_traceback(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_flags_read_turboserve_environment_variables(monkeypatch, capsys):
+    """TURBOSERVE_<FLAG> for every flag: converted and checked as the flag is, switches by 1/0 or
+    true/false (TURBOSERVE_NO_PIPELINE=1 is --no-pipeline), the command line first, a bad value a
+    usage error naming the variable; another command's variables are not read."""
+    from turboserve import cli
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_serve", lambda args: seen.update(vars(args)) or 0)
+    monkeypatch.setenv("TURBOSERVE_NO_PIPELINE", "1")
+    monkeypatch.setenv("TURBOSERVE_AUTO_TRUNCATE", "true")
+    monkeypatch.setenv("TURBOSERVE_MAX_BATCH_TOKENS", "512")
+    monkeypatch.setenv("TURBOSERVE_PORT", "9001")
+    assert cli.main(["serve", "--port", "9002"]) == 0
+    assert (seen["pipeline"], seen["auto_truncate"], seen["max_batch_tokens"], seen["port"]) == (False, True, 512, 9002)
+    for name, value, needle in (("TURBOSERVE_BATCH_POLICY", "DP", "choose from"),
+                                ("TURBOSERVE_PORT", "abc", "not a valid int"),
+                                ("TURBOSERVE_ACCESS_LOG", "maybe", "expected one of")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit):
+            cli.main(["serve"])
+        err = capsys.readouterr().err
+        assert name in err and needle in err, err
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TURBOSERVE_PORT", "abc")                # serve's variable: embed does not read it
+    monkeypatch.setattr(cli, "cmd_embed", lambda args: 0)
+    assert cli.main(["embed"]) == 0

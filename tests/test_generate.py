@@ -177,7 +177,7 @@ def test_engine_limits_that_could_never_schedule_are_refused(decoder_dirs):
     with pytest.raises(ValueError, match="less than one sequence"):
         LLM.load(decoder_dirs["gpt2"], kv_cache_bytes=1)
     from turboserve.server import ServerConfig
-    with pytest.raises(ValueError, match="max_batch_tokens"):
+    with pytest.raises(InvalidInputError, match="max_batch_tokens"):
         ServerConfig(max_batch_tokens=0)
 
 

@@ -10,25 +10,56 @@ import sys
 from .errors import TurboServeError
 
 
-def _env(name: str, default=None):
-    return os.environ.get(f"TURBOSERVE_{name}", default)
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_name(action: argparse.Action) -> str:
+    """--max-batch-tokens -> TURBOSERVE_MAX_BATCH_TOKENS, --no-pipeline -> TURBOSERVE_NO_PIPELINE."""
+    return "TURBOSERVE_" + max(action.option_strings, key=len).lstrip("-").replace("-", "_").upper()
+
+
+def apply_env(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Defaults from TURBOSERVE_<FLAG> for every flag not given on the command line, converted and
+    checked as the flag itself would be (a bad value is a usage error naming the variable). Switches
+    take 1/0, true/false, yes/no, on/off: TURBOSERVE_NO_PIPELINE=1 is --no-pipeline."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        if any(a == o or a.startswith(o + "=") for a in argv for o in action.option_strings):
+            continue                                         # the command line wins
+        name = env_name(action)
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        if action.nargs == 0:                                # store_true / store_false
+            if raw.lower() not in _TRUE + _FALSE:
+                parser.error(f"{name}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)}")
+            value = action.const if raw.lower() in _TRUE else action.default
+        else:
+            try:
+                value = action.type(raw) if action.type else raw
+            except ValueError:
+                parser.error(f"{name}={raw!r}: not a valid {action.type.__name__}")
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        parser.set_defaults(**{action.dest: value})
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_env("MODEL"), help="Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--dtype", default=_env("DTYPE", "fp32"), choices=["fp32", "bf16", "int8", "auto"],
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8", "auto"],
                    help="auto: per layer, the fastest precision that keeps --quality-bound (docs/precision.md)")
-    p.add_argument("--quality-bound", type=float, default=float(_env("QUALITY_BOUND", 0.999)),
+    p.add_argument("--quality-bound", type=float, default=0.999,
                    help="with --dtype auto: minimum cosine of pooled embeddings against fp32")
-    p.add_argument("--calibration", default=_env("CALIBRATION"),
+    p.add_argument("--calibration", default=None,
                    help="with --dtype auto: a text file, one calibration input per line (default: built-in)")
-    p.add_argument("--threads", type=int, default=int(_env("THREADS", 0)) or None, help="torch threads (default: all available cores)")
-    p.add_argument("--max-input-length", type=int, default=int(_env("MAX_INPUT_LENGTH", 0)) or None,
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
+    p.add_argument("--max-input-length", type=int, default=None,
                    help="encoders: tokens per input (default: the sentence-transformers config's max_seq_length, "
                         "else the model's positions)")
-    p.add_argument("--device", default=_env("DEVICE", "cpu"),
+    p.add_argument("--device", default="cpu",
                    help="cpu, or cuda for the Triton GPU backend (docs/gpu.md)")
-    p.add_argument("--tensor-parallel", type=int, default=int(_env("TENSOR_PARALLEL", 1)),
+    p.add_argument("--tensor-parallel", type=int, default=1,
                    help="shard the model over N ranks (spawned here, or started by torchrun); each gets threads / N")
 
 
@@ -70,48 +101,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="read texts (one per line) from stdin, print JSON-lines embeddings")
     add_model_args(p)
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
-    p.set_defaults(func=cmd_embed)
+    p.set_defaults(func=cmd_embed, parser=p)
 
     s = sub.add_parser("serve", help="HTTP server: OpenAI /v1/embeddings and TEI /embed /rerank /predict /tokenize",
                        description="Every flag also reads TURBOSERVE_<FLAG> (e.g. TURBOSERVE_PORT=9000).")
     add_model_args(s)
-    s.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    s.add_argument("--port", type=int, default=int(_env("PORT", 8000)))
-    s.add_argument("--kv-dtype", default=_env("KV_DTYPE"), choices=["fp32", "bf16", "int8"],
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "int8"],
                    help="decoder models: the KV cache's element type (default: the model's dtype)")
-    s.add_argument("--max-batch-tokens", type=int, default=int(_env("MAX_BATCH_TOKENS", 4096)),
+    s.add_argument("--max-batch-tokens", type=int, default=4096,
                    help="token budget of one model batch")
-    s.add_argument("--max-queued-requests", type=int, default=int(_env("MAX_QUEUED_REQUESTS", 512)),
+    s.add_argument("--max-queued-requests", type=int, default=512,
                    help="requests queued or running before new ones get 429")
-    s.add_argument("--max-queued-tokens", type=int, default=int(_env("MAX_QUEUED_TOKENS", 262144)),
+    s.add_argument("--max-queued-tokens", type=int, default=262144,
                    help="tokens queued or running before new requests get 429")
-    s.add_argument("--max-client-batch-size", type=int, default=int(_env("MAX_CLIENT_BATCH_SIZE", 1024)),
+    s.add_argument("--max-client-batch-size", type=int, default=1024,
                    help="inputs accepted in one request (split across batches by the scheduler)")
-    s.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT", 60)),
+    s.add_argument("--request-timeout", type=float, default=60.0,
                    help="seconds before a queued request is answered 504 (decoders: until its first token)")
-    s.add_argument("--batch-policy", choices=["dp", "fifo"], default=_env("BATCH_POLICY", "fifo"),
+    s.add_argument("--batch-policy", choices=["dp", "fifo"], default="fifo",
                    help="fifo (default): token-budget batches in arrival order; dp: TurboTransformers' DP over a "
                         "cost table measured at start-up (measured no better here: docs/benchmarks.md)")
-    s.add_argument("--lazy-timeout-ms", type=float, default=float(_env("LAZY_TIMEOUT_MS", 0)),
+    s.add_argument("--lazy-timeout-ms", type=float, default=0.0,
                    help="0: hungry (batch as soon as the model is idle); >0: wait up to this for a fuller batch")
-    s.add_argument("--auto-truncate", action="store_true", default=_env("AUTO_TRUNCATE", "0") == "1",
+    s.add_argument("--auto-truncate", action="store_true",
                    help="truncate over-long inputs instead of refusing them")
-    s.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
+    s.add_argument("--served-model-name", default=None,
                    help="model name reported by the API (default: the model directory's name)")
-    s.add_argument("--access-log", action="store_true", default=_env("ACCESS_LOG", "0") == "1",
+    s.add_argument("--access-log", action="store_true",
                    help="log one line per request (off by default: it costs event-loop time under load)")
     s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   default=_env("CUDA_GRAPHS", "1") != "0",
                    help="decoders on --device cuda: run every decode step eagerly (debugging; what graphs save)")
-    s.add_argument("--no-pipeline", dest="pipeline", action="store_false", default=_env("PIPELINE", "1") != "0",
+    s.add_argument("--no-pipeline", dest="pipeline", action="store_false",
                    help="run packing, the model and answering on one thread (the pipeline's baseline)")
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, parser=s)
     return parser
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_env(args.parser, argv)             # the chosen command's flags only
+    args = parser.parse_args(argv)
     try:
         if args.tensor_parallel != 1:
             from . import parallel

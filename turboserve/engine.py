@@ -52,6 +52,13 @@ class Overloaded(TurboServeError):
     """The queue bounds are reached: come back later (HTTP 429)."""
 
 
+class TooLarge(TurboServeError):
+    """A request larger than the whole queue: it can never be admitted (HTTP 413)."""
+
+
+KINDS = ("embed", "classify", "hidden")
+
+
 class NotReady(TurboServeError):
     """Loading, shutting down, or the engine died (HTTP 503)."""
 
@@ -163,6 +170,7 @@ class EncoderEngine:
         self.batches_run = 0
         self.items_run = 0
         self.busy_seconds = 0.0          # model thread time in forward + pooling
+        self.last_batch = time.monotonic()   # when the model stage last finished a batch
         self._state_lock = threading.Lock()     # job.remaining / results: answer stage vs scheduler
         self.pipeline = pipeline
         native.release_thread_pool()       # the model was loaded on this thread; the engine's threads run it
@@ -175,6 +183,8 @@ class EncoderEngine:
     def submit(self, items: list[Encoded], kind: str, timeout: float, admit: bool = True) -> asyncio.Future:
         """Queue a request; its future resolves to (per-input results, Timings).
         admit=False (health probes) skips the queue bounds."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
         loop = asyncio.get_running_loop()
         job = Job(items, kind, time.perf_counter() + timeout, loop, loop.create_future(), admitted=admit)
         job.results = [None] * len(items)
@@ -188,7 +198,7 @@ class EncoderEngine:
                 self._cv.notify()
                 return job.future
             if tokens > self.max_queued_tokens:
-                raise Overloaded(f"the request has {tokens} tokens; the queue holds at most {self.max_queued_tokens}")
+                raise TooLarge(f"the request has {tokens} tokens; the queue holds at most {self.max_queued_tokens}")
             if len(self._jobs) >= self.max_queued_requests or self._queued_tokens + tokens > self.max_queued_tokens:
                 raise Overloaded(f"queue full ({len(self._jobs)} requests, {self._queued_tokens} tokens queued)")
             self._queued_tokens += tokens
@@ -205,6 +215,13 @@ class EncoderEngine:
             job = self._jobs.get(future)
             if job is not None:
                 job.cancelled = True
+
+    def progressing(self, within: float) -> bool:
+        """Busy (admitted work waiting or running) and a batch finished in the last `within`
+        seconds: a probe would only queue behind that work, so this is the health answer."""
+        with self._cv:
+            busy = bool(self._jobs)
+        return busy and time.monotonic() - self.last_batch < within
 
     def check_room(self) -> None:
         """Overloaded if a request could not be queued now (asked before tokenizing it)."""
@@ -284,18 +301,16 @@ class EncoderEngine:
 
     def _drop_dead_items_locked(self, items: list[WorkItem]) -> list[WorkItem]:
         now = time.perf_counter()
-        live, dropped = [], set()
+        live = []
         for item in items:
             job = item.job
-            if job.cancelled or now > job.deadline:
-                if id(job) not in dropped:
-                    dropped.add(id(job))
-                    job.remaining = -1           # never resolve twice
-                    self._finish_job_accounting(job)
-                    if not job.cancelled:
-                        self._resolve(job, DeadlineExceeded("the request's deadline passed while it was queued"))
+            if job.remaining < 0:                # failed or dropped already (maybe in an earlier batch)
                 continue
-            if job.remaining < 0:
+            if job.cancelled or now > job.deadline:
+                job.remaining = -1               # never resolve, nor account, twice
+                self._finish_job_accounting(job)
+                if not job.cancelled:
+                    self._resolve(job, DeadlineExceeded("the request's deadline passed while it was queued"))
                 continue
             live.append(item)
         return live
@@ -360,12 +375,13 @@ class EncoderEngine:
             self.dead = exc
         with self._cv:
             pending, self._queue = self._queue, []
-        self._fail_jobs([i.job for i in pending], NotReady("the engine has failed"))
+            in_flight = list(self._jobs.values())     # taken from the queue but not answered too
+        self._fail_jobs([i.job for i in pending] + in_flight, NotReady("the engine has failed"))
 
     def _fail_jobs(self, jobs, error: BaseException) -> None:
         with self._state_lock:
             for job in {id(j): j for j in jobs}.values():
-                if job.remaining >= 0:
+                if job.remaining > 0:            # 0: answered already; < 0: failed or dropped
                     job.remaining = -1
                     self._finish_job_accounting(job)
                     self._resolve(job, error)
@@ -404,6 +420,7 @@ class EncoderEngine:
         states = hidden.float().cpu().clone() if "hidden" in kinds else None    # the workspace is reused
         elapsed = time.perf_counter() - start
         self.busy_seconds += elapsed
+        self.last_batch = time.monotonic()
         cu = packed.cu_seqlens
         done = _Done(batch, [b - a for a, b in zip(cu, cu[1:])], packed.num_tokens, pooled, logits, states,
                      elapsed)

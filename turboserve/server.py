@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from . import __version__, parallel
 from .encoder import Encoder
-from .engine import DeadlineExceeded, EncoderEngine, NotReady, Overloaded, measure_cost_table
+from .engine import DeadlineExceeded, EncoderEngine, NotReady, Overloaded, TooLarge, measure_cost_table
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .metrics import Metrics
 
@@ -75,9 +75,9 @@ class ServerConfig:
                      "payload_limit", "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:     # 0 would refuse, or never schedule, everything
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+                raise InvalidInputError(f"{name} must be a positive integer, not {value!r}")
         if not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be positive, not {self.request_timeout!r}")
+            raise InvalidInputError(f"request_timeout must be positive, not {self.request_timeout!r}")
 
 
 class ApiError(Exception):
@@ -390,9 +390,9 @@ def make_route(state: State, route: str, api: str, parse, respond):
                 raise ApiError(429, f"{state.tokenizing} requests are being tokenized", "Overloaded")
             loop = asyncio.get_running_loop()
             state.tokenizing += 1
-            try:
+            try:          # Encoder.tokenize: the tokenizer plus the model's own checks (token types)
                 encoded = await loop.run_in_executor(
-                    None, state.encoder.tokenizer.encode, parsed.inputs, parsed.pairs, parsed.truncate)
+                    None, state.encoder.tokenize, parsed.inputs, parsed.pairs, parsed.truncate)
             except InputTooLongError as exc:    # TEI: 413 "Validation"
                 raise ApiError(413 if api == "tei" else 400, str(exc)) from None
             except InvalidInputError as exc:
@@ -404,6 +404,8 @@ def make_route(state: State, route: str, api: str, parse, respond):
                 future = engine.submit(encoded, parsed.kind, state.config.request_timeout)
             except Overloaded as exc:
                 raise ApiError(429, str(exc), "Overloaded") from None
+            except TooLarge as exc:                   # can never be admitted: not "come back later"
+                raise ApiError(413, str(exc), "Validation") from None
             except NotReady as exc:
                 raise ApiError(503, str(exc), "Unhealthy") from None
             watcher = asyncio.ensure_future(_until_disconnect(request))
@@ -494,6 +496,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
     async def health(request):
         try:
             engine = state.require_ready()
+            if engine.progressing(within=10.0):       # under load: the model keeps finishing batches
+                return Response(status_code=200)
             probe = engine.submit(state.encoder.tokenizer.encode(["health"]), "embed",
                                   timeout=10.0, admit=False)
             await asyncio.wait_for(probe, timeout=10.0)
