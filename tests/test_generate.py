@@ -329,7 +329,9 @@ def test_packed_int8_gemm_equals_int_mm(k, n):
 @pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8"])
 def test_native_kv_write_equals_torch(kv_dtype):
     """The native cache writer stores the same bytes (and int8 scales) as the torch version, from
-    strided K/V views as the decoder passes them."""
+    strided K/V views as the decoder passes them; also where x / scale is an exact .5 tie (x =
+    scale * (j + 0.5) for random scales: ties in ~90% of the elements), where a reciprocal multiply
+    x * (1 / scale) once rounded 562 of 4992 elements differently."""
     from turboserve import native
     from turboserve.ops import cpu
     if native.lib() is None:
@@ -338,6 +340,13 @@ def test_native_kv_write_equals_torch(kv_dtype):
     nb, kvh, d, bs, n = 6, 2, 40, 4, 11
     qkv = torch.randn(n, (4 + 2 * kvh) * d, generator=g) * 3
     qkv[0, 4 * d] = 0.0
+    for row in range(1, n):                              # heads of exact ties, in vector lanes and the tail
+        for part in (4, 4 + kvh):
+            amax = float(torch.rand(1, generator=g)) * 50 + 1
+            scale = torch.tensor(amax) / 127.0
+            head = scale * (torch.randint(-120, 120, (d,), generator=g).float() + 0.5)
+            head[0] = amax
+            qkv[row, part * d:(part + 1) * d] = head
     k, v = qkv[:, 4 * d:(4 + kvh) * d].view(-1, kvh, d), qkv[:, (4 + kvh) * d:].view(-1, kvh, d)
     slots = torch.randperm(nb * bs, generator=g)[:n]
     a, b = (cpu.allocate_kv_cache(1, nb, kvh, bs, d, kv_dtype)[0] for _ in range(2))

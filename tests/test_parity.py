@@ -160,3 +160,43 @@ def test_native_epilogue_equals_torch(act):
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
         assert (q.q.int() - ref_q.int()).abs().max() <= 1
         assert torch.allclose(q.scale, ref_scale, rtol=1e-5)
+
+
+def test_native_quantization_of_a_non_finite_row_is_nan_not_minus_127():
+    """A NaN or inf in a row that is quantized for the next int8 GEMM gives a NaN row scale, as the
+    PyTorch version does (max ignores NaN: it was a finite scale and the NaN a silent -127)."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    x = torch.randn(3, 40)
+    x[0, 5], x[1, 33] = float("nan"), float("inf")
+    nxt = cpu.Int8Linear(torch.randn(8, 40), None)
+    _, q = cpu.epilogue(x, out=torch.empty(3, 40), quant_for=nxt)
+    assert q.scale[:2].isnan().all() and q.scale[2].isfinite()
+
+
+def test_native_bindings_refuse_what_would_read_or_write_out_of_bounds():
+    """The C kernels trust shapes and indices: each mismatch is a ValueError before the call."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    cache = cpu.allocate_kv_cache(1, 2, 1, 4, 16, "fp32")[0]
+    blocks, offsets = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="head size"):
+        native.kv_write(cache, torch.randn(1, 1, 32), torch.randn(1, 1, 32), blocks, offsets)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.kv_write(cache, torch.randn(1, 1, 16), torch.randn(1, 1, 16), blocks + 2, offsets)
+    packed, colsum = cpu.pack_vnni(torch.randint(-127, 128, (16, 8), dtype=torch.int8))
+    x = torch.randint(-127, 128, (4, 64), dtype=torch.int8)
+    with pytest.raises(ValueError, match="disagree"):
+        native.int8_gemm_packed(x, packed, colsum, 8, torch.empty(4, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="disagree"):
+        native.int8_gemm_packed(x[:, :16].contiguous(), packed, colsum, 8, torch.empty(1, 8, dtype=torch.int32))
+    qkv = torch.randn(5, 3 * 32)
+    with pytest.raises(ValueError, match="int64"):
+        native.varlen_attention(qkv, torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0]), 2, 5,
+                                torch.empty(5, 32))
+    with pytest.raises(ValueError, match="disagree"):
+        native.rope_(torch.randn(3, 32), torch.randn(3, 8), torch.randn(3, 8), 4)

@@ -49,8 +49,12 @@ def test_plan_meets_bound_on_held_out_inputs_and_is_reused(wide_bert):
     texts = _texts(40, seed=11)
     assert _min_cos(auto.embed(texts), fp32.embed(texts)) >= bound - 2e-4
     # the plan file was written beside the model and the next load reads it instead of planning
-    saved = find_plan(wide_bert, bound)
+    saved = find_plan(wide_bert, bound, plan.settings)
     assert saved is not None and saved.layers == plan.layers
+    # a plan is not reused for another bound (however close) or other settings it was not measured under
+    assert find_plan(wide_bert, bound + 1e-9, plan.settings) is None
+    assert find_plan(wide_bert, bound, {**plan.settings, "pooling": "cls"}) is None
+    assert plan.settings["pooling"] == "mean" and plan.settings["max_input_length"] == auto.tokenizer.max_tokens
     again = Encoder.load(wide_bert, dtype="auto", quality_bound=bound)
     assert again.precision_plan.layers == plan.layers
     assert torch.equal(again.embed(texts), auto.embed(texts))
@@ -81,7 +85,7 @@ def test_loose_bound_takes_every_faster_precision(wide_bert):
 
 def test_plan_file_round_trips_and_rejects_bad_files(tmp_path):
     plan = PrecisionPlan(0.999, {"0.qkv": "int8", "0.o": "fp32", "1.fc2": "bf16"}, 0.5, "abc",
-                         {"heldout_min_cosine": 0.9993})
+                         {"heldout_min_cosine": 0.9993}, {"pooling": "mean", "calibration": None})
     path = tmp_path / "plan.json"
     plan.save(path)
     back = PrecisionPlan.load(path)

@@ -1,6 +1,7 @@
 """The Python API for encoder models: embeddings, hidden states, classification and rerank."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -130,11 +131,14 @@ class Encoder:
 
         def batches(texts):
             return [b for b, _ in self._batches(self.tokenizer.encode(texts, truncate=True))]
-        plan = None if replan else precision.find_plan(self.model_dir, bound)
+        settings = {"pooling": self.pooling.mode, "max_input_length": self.tokenizer.max_tokens, "alpha": alpha,
+                    "device": self.model.device.type, "calibration": hashlib.sha256(
+                        "\n".join(user_calib + user_held).encode()).hexdigest()[:16] if calibration else None}
+        plan = None if replan else precision.find_plan(self.model_dir, bound, settings)
         if plan is None:
             t = time.perf_counter()
             plan = precision.make_plan(self.model, view, batches(calib), batches(held), self.pooling.mode, bound,
-                                       alpha=alpha, model_dir=self.model_dir)
+                                       alpha=alpha, model_dir=self.model_dir, settings=settings)
             where = precision.save_plan(plan, self.model_dir)
             log.info("precision plan for min cosine %g made in %.1f s, saved to %s", bound, time.perf_counter() - t,
                      where)

@@ -22,6 +22,7 @@ quality_bound=...)` loads it or makes it. Figures: docs/precision.md.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +39,8 @@ from .quantize import LINEARS
 
 log = logging.getLogger("turboserve")
 
-PLAN_VERSION = 2       # 2: calibration texts up to the model limit, half the error budget held back
+PLAN_VERSION = 3       # 2: calibration texts up to the model limit, half the error budget held back;
+                       # 3: the settings it was measured under are part of its key
 HIGH = "fp32"
 SLACK = 1e-9          # float64 cosine of identical vectors can read 1 - 2e-16
 
@@ -51,6 +53,9 @@ class PrecisionPlan:
     alpha: float = 0.5
     fingerprint: str = ""
     measured: dict = field(default_factory=dict)
+    # what else the cosines were measured under (pooling, input limit, calibration file, alpha,
+    # device): a plan is reused only under the same ones
+    settings: dict = field(default_factory=dict)
 
     def precision(self, layer: int, name: str) -> str:
         return self.layers.get(f"{layer}.{name}", HIGH)
@@ -66,8 +71,8 @@ class PrecisionPlan:
         return "; ".join(parts)
 
     def to_json(self) -> dict:
-        return {"version": PLAN_VERSION, "bound": self.bound, "alpha": self.alpha,
-                "fingerprint": self.fingerprint, "layers": self.layers, "measured": self.measured}
+        return {"version": PLAN_VERSION, "bound": self.bound, "alpha": self.alpha, "fingerprint": self.fingerprint,
+                "layers": self.layers, "measured": self.measured, "settings": self.settings}
 
     @classmethod
     def from_json(cls, data: dict) -> "PrecisionPlan":
@@ -77,7 +82,7 @@ class PrecisionPlan:
         if bad:
             raise ValueError(f"unknown precisions in plan: {', '.join(sorted(bad))}")
         return cls(float(data["bound"]), dict(data["layers"]), float(data.get("alpha", 0.5)),
-                   data.get("fingerprint", ""), data.get("measured", {}))
+                   data.get("fingerprint", ""), data.get("measured", {}), dict(data.get("settings", {})))
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,15 +100,20 @@ def _key_order(key: str):
     return int(layer), LINEARS.index(name)
 
 
-def plan_paths(model_dir: Path, bound: float) -> list[Path]:
-    """Where a plan for `bound` is looked for, in order: beside the model, then the cache directory."""
-    name = f"turboserve-precision-{bound:g}.json"
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def plan_paths(model_dir: Path, bound: float, settings: dict) -> list[Path]:
+    """Where a plan for `bound` and `settings` is looked for, in order: beside the model, then the
+    cache directory (the bound exactly: repr, not %g's six digits, which made 0.9999995 and 1 one file)."""
+    name = f"turboserve-precision-{bound!r}-{settings_key(settings)}.json"
     cache = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
     return [Path(model_dir) / name, cache / "precision" / weights_fingerprint(model_dir) / name]
 
 
 def save_plan(plan: PrecisionPlan, model_dir: Path) -> Path:
-    for path in plan_paths(model_dir, plan.bound):
+    for path in plan_paths(model_dir, plan.bound, plan.settings):
         try:
             plan.save(path)
             return path
@@ -112,17 +122,18 @@ def save_plan(plan: PrecisionPlan, model_dir: Path) -> Path:
     raise OSError(f"cannot write a precision plan beside {model_dir} or in the cache directory")
 
 
-def find_plan(model_dir: Path, bound: float) -> PrecisionPlan | None:
-    """A saved plan for this bound whose fingerprint matches the weights on disk, if any."""
+def find_plan(model_dir: Path, bound: float, settings: dict) -> PrecisionPlan | None:
+    """A saved plan for exactly this bound and these settings whose fingerprint matches the weights
+    on disk, if any."""
     fp = weights_fingerprint(model_dir)
-    for path in plan_paths(model_dir, bound):
+    for path in plan_paths(model_dir, bound, settings):
         if path.exists():
             try:
                 plan = PrecisionPlan.load(path)
             except (ValueError, KeyError, json.JSONDecodeError) as exc:
                 log.warning("ignoring precision plan %s: %s", path, exc)
                 continue
-            if plan.fingerprint == fp:
+            if plan.fingerprint == fp and plan.bound == bound and plan.settings == settings:
                 return plan
     return None
 
@@ -185,7 +196,7 @@ def _time_linear(lin, x: torch.Tensor, prequantized: bool, ops, repeat: int = 5)
 @torch.inference_mode()
 def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_batches, pool_mode: str,
               bound: float, alpha: float = 0.5, precisions=("int8", "bf16"), tokens: int = 1024,
-              model_dir: Path | None = None, margin: float = 0.5) -> PrecisionPlan:
+              model_dir: Path | None = None, margin: float = 0.5, settings: dict | None = None) -> PrecisionPlan:
     """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model.
     margin: the share of the error budget (1 - bound) kept unspent on the calibration inputs."""
     plan_bound = 1.0 - (1.0 - bound) * (1.0 - margin)
@@ -267,7 +278,8 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
         "threads": torch.get_num_threads(),
         "planned_in_s": round(time.perf_counter() - t0, 1),
     }
-    return PrecisionPlan(bound, layers, alpha, weights_fingerprint(model_dir) if model_dir else "", measured)
+    return PrecisionPlan(bound, layers, alpha, weights_fingerprint(model_dir) if model_dir else "", measured,
+                         dict(settings or {}))
 
 
 def apply_plan(model: EncoderModel, view: CheckpointView, plan: PrecisionPlan, calib_batches) -> None:

@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -60,12 +61,24 @@ def _build() -> Path | None:
     return target
 
 
+_load_lock = threading.Lock()
+
+
 def lib():
-    """The loaded kernel library, or None when native kernels are unavailable or switched off."""
+    """The loaded kernel library, or None when native kernels are unavailable or switched off.
+    The first call builds it; other threads calling meanwhile wait for that build (they once got
+    None and quietly ran the PyTorch fallback)."""
     global _lib, _tried
     if _tried:
         return _lib
-    _tried = True
+    with _load_lock:
+        if not _tried:
+            _lib = _load()
+            _tried = True
+    return _lib
+
+
+def _load():
     if os.environ.get("TURBOSERVE_NATIVE", "1") == "0":
         return None
     path = _build()
@@ -82,8 +95,7 @@ def lib():
     L.release_thread_pool.argtypes = []
     L.built_with_vnni.argtypes = []
     L.rope.argtypes = [p, i64, i64, i64, i64, p, p, i32]
-    _lib = L
-    return _lib
+    return L
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -96,7 +108,14 @@ def _threads() -> int:
 
 def _check(*tensors: torch.Tensor) -> None:
     for t in tensors:
-        assert t.is_contiguous() and t.device.type == "cpu", "native kernels need contiguous CPU tensors"
+        _require(t.is_contiguous() and t.device.type == "cpu", "native kernels need contiguous CPU tensors")
+
+
+def _require(ok: bool, message: str) -> None:
+    """The C code trusts every shape and index it is given: a mismatch is refused here, before it
+    can read or write out of bounds (a ValueError, not an assert that -O would strip)."""
+    if not ok:
+        raise ValueError(f"native kernel: {message}")
 
 
 ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "silu_mul": 5}
@@ -125,6 +144,12 @@ def row_epilogue(src: torch.Tensor, *, row_scale=None, col_scale=None, bias=None
 def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, num_heads: int,
                      max_len: int, out: torch.Tensor) -> torch.Tensor:
     _check(qkv, cu, order, out)
+    _require(qkv.dtype == out.dtype == torch.float32 and cu.dtype == order.dtype == torch.int64,
+             "varlen_attention takes fp32 qkv / out and int64 cu_seqlens / order")
+    _require(qkv.shape[1] % (3 * num_heads) == 0 and out.shape == (qkv.shape[0], qkv.shape[1] // 3)
+             and cu.numel() == order.numel() + 1 and int(cu[-1]) == qkv.shape[0]
+             and (order.numel() == 0 or max_len >= int((cu[1:] - cu[:-1]).max())),
+             "varlen_attention: qkv, out, cu_seqlens, order and max_len disagree")
     head_dim = qkv.shape[1] // 3 // num_heads
     lib().varlen_attention_f32(_ptr(qkv), _ptr(out), _ptr(cu), _ptr(order), order.numel(), num_heads, head_dim,
                                head_dim ** -0.5, max_len, _threads())
@@ -140,8 +165,13 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, cu_q: to
     stride is passed); out: fp32 [T, num_heads * d]; cache: ops.cpu.PagedKV (fp32, bf16 or int8)."""
     k, v = cache.k, cache.v
     _check(k, v, block_tables, cu_q, ctx_len, out, *(t for t in (cache.k_scale, cache.v_scale) if t is not None))
-    assert q.stride(1) == 1 and q.dtype == torch.float32 and block_tables.dtype == torch.int32
+    _require(q.stride(1) == 1 and q.dtype == out.dtype == torch.float32 and block_tables.dtype == torch.int32
+             and cu_q.dtype == ctx_len.dtype == torch.int64, "paged_attention: dtypes or q's layout")
     num_blocks, kv_heads, d, block_size = k.shape
+    _require(v.shape == (num_blocks, kv_heads, block_size, d) and q.shape[1] >= num_heads * d and out.shape[1] >= num_heads * d
+             and out.shape[0] == q.shape[0] and cu_q.numel() == ctx_len.numel() + 1
+             and block_tables.shape[0] >= ctx_len.numel() and num_heads % kv_heads == 0,
+             "paged_attention: q, out, the cache and the step's tensors disagree")
     lib().paged_attention(_ptr(q), q.stride(0), _ptr(k), _ptr(v), _opt(cache.k_scale), _opt(cache.v_scale),
                           KV_KINDS[k.dtype], _ptr(block_tables), block_tables.stride(0), _ptr(cu_q), _ptr(ctx_len),
                           ctx_len.numel(), num_heads, kv_heads, d, block_size, window, scale, _ptr(out),
@@ -153,8 +183,11 @@ def int8_gemm_packed(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor
                     out: torch.Tensor) -> torch.Tensor:
     """out [M, n] int32 = x [M, K] int8 @ W, W given VNNI-packed (ops.cpu.pack_vnni); see kernels.c."""
     _check(packed, colsum, out)
-    assert x.stride(1) == 1 and x.dtype == torch.int8 and out.dtype == torch.int32
+    _require(x.stride(1) == 1 and x.dtype == torch.int8 and out.dtype == torch.int32, "int8_gemm_packed: dtypes")
     m, k = x.shape
+    _require(packed.numel() == -(-k // 4) * 4 * (-(-n // 64) * 64) and colsum.numel() >= n
+             and out.shape == (m, n), f"int8_gemm_packed: x [{m}, {k}], out {tuple(out.shape)} and the weights "
+                                      f"packed for {n} columns disagree")
     lib().int8_gemm_packed(_ptr(x), x.stride(0), _ptr(packed), _ptr(colsum), _ptr(out), m, k, n, _threads())
     return out
 
@@ -162,9 +195,16 @@ def int8_gemm_packed(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor
 def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> None:
     """Store K and V ([n, kv_heads, d] fp32 views with contiguous rows) at their cache slots; see kernels.c."""
     _check(cache.k, cache.v, slot_blocks, slot_offsets, *(t for t in (cache.k_scale, cache.v_scale) if t is not None))
-    assert k.dtype == v.dtype == torch.float32 and k.stride(2) == v.stride(2) == 1
-    assert k.stride(1) == v.stride(1) == k.shape[2] and slot_blocks.dtype == slot_offsets.dtype == torch.int64
+    _require(k.dtype == v.dtype == torch.float32 and k.stride(2) == v.stride(2) == 1
+             and k.stride(1) == v.stride(1) == k.shape[2] and slot_blocks.dtype == slot_offsets.dtype == torch.int64,
+             "kv_write: dtypes or K / V layout")
     n, kv_heads, d = k.shape
+    blocks, heads, dim, block_size = cache.k.shape          # ops.cpu.PagedKV's layout, int8 too
+    _require(v.shape == k.shape and slot_blocks.numel() == slot_offsets.numel() == n and (heads, dim) == (kv_heads, d),
+             "kv_write: K / V and the cache's heads or head size disagree")
+    if n:
+        _require(0 <= int(slot_blocks.min()) and int(slot_blocks.max()) < blocks and 0 <= int(slot_offsets.min())
+                 and int(slot_offsets.max()) < block_size, "kv_write: a slot outside the cache")
     lib().kv_write(_ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(slot_blocks), _ptr(slot_offsets), n,
                    _ptr(cache.k), _ptr(cache.v), _opt(cache.k_scale), _opt(cache.v_scale), KV_KINDS[cache.k.dtype],
                    kv_heads, d, cache.k.shape[3], _threads())
@@ -174,8 +214,10 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
     """Rotary embedding in place (see kernels.c): x fp32 [T, >= num_heads * d] rows with unit column
     stride (a view into the QKV output is fine), cos, sin fp32 contiguous [T, d / 2]."""
     _check(cos, sin)
-    assert x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(1) == 1
+    _require(x.dtype == cos.dtype == sin.dtype == torch.float32 and x.stride(1) == 1, "rope_: dtypes or layout")
     T = x.shape[0]
+    _require(cos.shape == sin.shape and cos.shape[0] == T and x.shape[1] >= num_heads * 2 * cos.shape[1],
+             "rope_: x, cos and sin disagree")
     lib().rope(_ptr(x), x.stride(0), T, num_heads, 2 * cos.shape[1], _ptr(cos), _ptr(sin), _threads())
 
 

@@ -127,7 +127,17 @@ static float quantize_row(const float *v, const float *inv_smooth, int8_t *qr, i
     amax = _mm512_reduce_max_ps(m);
 #endif
     for (; c < cols; c++) amax = fmaxf(amax, fabsf(v[c] * inv_smooth[c]));
-    const float scale = fmaxf(amax, 1e-8f) / 127.0f, inv = 1.0f / scale;
+    /* max ignores NaN (and -ffast-math assumes none): look for non-finite values explicitly, so a
+     * NaN or inf row gets a NaN scale, as torch's quantization gives, instead of a finite one that
+     * hides it as -127s */
+    int finite = 1;
+    for (int64_t j = 0; j < cols; j++) {
+        uint32_t u;
+        memcpy(&u, &v[j], 4);
+        finite &= (u & 0x7f800000u) != 0x7f800000u;
+    }
+    if (!finite) amax = __builtin_nanf("");
+    const float scale = finite ? fmaxf(amax, 1e-8f) / 127.0f : amax, inv = 1.0f / scale;
     c = 0;
 #ifdef __AVX512F__
     const __m512 vinv = _mm512_set1_ps(inv);
@@ -1029,8 +1039,10 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
  * q = round-half-even(x / scale), the same numbers as ops/cpu.py's torch version; bf16 rounds to
  * nearest even as torch does. One call per layer instead of a dozen small torch ops (1.2 ms of a
  * 10 ms GPT-2 decode step). */
-/* true divisions, not -ffast-math's reciprocal multiplies: the int8 values and scales stay bit-equal to
- * torch's */
+/* true divisions, not -ffast-math's reciprocal multiplies, so the int8 values and scales stay
+ * bit-equal to torch's, on exact .5 ties too. optimize("no-reciprocal-math") keeps max / 127 a
+ * division, but did not stop GCC from turning the loops' x / s into x * (1 / s) (one vdivss, then
+ * vmulps), so those are explicitly rounded divisions, which it does not rewrite */
 __attribute__((optimize("no-reciprocal-math")))
 static void kv_store_row(const float *src, int64_t d, int kind, void *part, int is_key, int64_t off, int64_t bs,
                          float *scale) {
@@ -1062,13 +1074,19 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
         const __m512 vs = _mm512_set1_ps(s);
         const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
         for (; c + 16 <= d; c += 16) {
-            const __m512i n = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(src + c), vs));
+            const __m512i n = _mm512_cvtps_epi32(_mm512_div_round_ps(_mm512_loadu_ps(src + c), vs,
+                                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
             _mm_storeu_si128((__m128i *)qv, _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(n, lo), hi)));
             for (int u = 0; u < 16; u++) ((int8_t *)part)[AT(c + u)] = qv[u];
         }
 #endif
         for (; c < d; c++) {
+#ifdef __AVX512F__
+            float q = nearbyintf(_mm_cvtss_f32(_mm_div_round_ss(_mm_set_ss(src[c]), _mm_set_ss(s),
+                                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#else
             float q = nearbyintf(src[c] / s);
+#endif
             q = q > 127.f ? 127.f : q < -127.f ? -127.f : q;
             ((int8_t *)part)[AT(c)] = (int8_t)q;
         }
