@@ -102,13 +102,14 @@ def _decoder_configs():
 DECODER_ARCHS = ("gpt2", "llama", "qwen2", "mistral")
 
 
-def build_decoder(arch: str, out: Path, seed: int = 0) -> Path:
+def build_decoder(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
     """A random-weight causal LM of `arch` with MiniLM's tokenizer and a small chat template. The
-    init range is wide so next-token distributions are peaked (greedy parity has no near-ties)."""
+    init range is wide so next-token distributions are peaked (greedy parity has no near-ties).
+    overrides: config fields to change."""
     import json
     cfg_cls, model_cls, kwargs = _decoder_configs()[arch]
     torch.manual_seed(seed)
-    model = model_cls(cfg_cls(**kwargs)).eval()
+    model = model_cls(cfg_cls(**{**kwargs, **overrides})).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("bias") or "ln" in n or "norm" in n:

@@ -7,18 +7,18 @@ import torch
 import transformers
 
 from tests.conftest import DECODER_ARCHS, random_sequences, rel_err
-from turboserve.errors import InputTooLongError, InvalidInputError
+from turboserve.errors import InputTooLongError, InvalidInputError, ModelLoadError
 from turboserve.llm import LLM, DecoderTokenizer
 from turboserve.sampling import SamplingParams, StopChecker, apply_min_p, apply_top_k, apply_top_p
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 
 
-def hf_greedy(path, prompt: list[int], n: int) -> list[int]:
+def hf_greedy(path, prompt: list[int], n: int, use_cache: bool = True) -> list[int]:
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=0,
-                             pad_token_id=0)
+                             pad_token_id=0, use_cache=use_cache)
     return out[0, len(prompt):].tolist()
 
 
@@ -44,6 +44,62 @@ def test_greedy_matches_transformers_with_requests_joining_mid_flight(decoder_di
         assert seqs[i].output_ids == ref[i], (arch, i)
     eng.blocks.check()
     assert eng.blocks.used_blocks == 0 or eng.blocks.prefix_caching      # finished requests freed theirs
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),          # per-layer attention scales
+    ("gpt2", dict(scale_attn_weights=False)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),   # window on layer 1 only
+    ("llama", dict(sliding_window=8)),                             # a key LLaMA's attention ignores
+])
+def test_config_variants_match_transformers(tmp_path, arch, overrides):
+    """Against transformers' forward (greedy without its KV cache: with sliding_window set on a
+    LLaMA, its cache keeps a window its attention does not apply)."""
+    from tests.conftest import build_decoder
+    d = build_decoder(arch, tmp_path / arch, seed=5, **overrides)
+    prompt = random_sequences([40], seed=12)[0]                      # past the window of 8
+    ours = LLM.load(d).generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert ours == hf_greedy(d, prompt, GREEDY.max_tokens, use_cache=False)
+
+
+def test_generation_config_eos_ids_end_generation(tmp_path, decoder_dirs):
+    """Chat models keep their end-of-turn id in generation_config.json (config.json: only eos)."""
+    import json
+    import shutil
+    d = tmp_path / "eot"
+    shutil.copytree(decoder_dirs["llama"], d)
+    prompt = random_sequences([9], seed=13)[0]
+    full = hf_greedy(d, prompt, 8)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [102, full[3]]}))
+    out = LLM.load(d).generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0].outputs[0]
+    assert out.token_ids == full[:4] and out.finish_reason == "stop"
+
+
+def test_unsupported_gated_activation_is_refused(tmp_path):
+    from tests.conftest import build_decoder
+    with pytest.raises(ModelLoadError, match="gated MLP activation"):
+        LLM.load(build_decoder("llama", tmp_path / "geglu", hidden_act="gelu"))
+
+
+def test_chat_template_renders_as_transformers_does(tmp_path, decoder_dirs):
+    """Loop controls, tojson as transformers' (unsorted, not ASCII-escaped), tools / documents None,
+    every special token."""
+    import json
+    import shutil
+    d = tmp_path / "tmpl"
+    shutil.copytree(decoder_dirs["llama"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+                            "{{ m | tojson }}{% endfor %}{% if tools is not none %}TOOLS{% endif %}{{ unk_token }}")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = DecoderTokenizer(d)
+    ids = tok.apply_chat_template([{"role": "user", "content": "b <a>"}, {"role": "user", "content": "x"}])
+    ref = transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(
+        [{"role": "user", "content": "b <a>"}, {"role": "user", "content": "x"}], add_generation_prompt=True,
+        tokenize=False)
+    assert tok.decode(ids, skip_special_tokens=False) == tok.decode(tok.encode(ref, add_special_tokens=False),
+                                                                   skip_special_tokens=False)
+    assert "TOOLS" not in ref and '"role": "user"' in ref
 
 
 def test_batch_invariance_fp32(decoder_dirs):

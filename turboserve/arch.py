@@ -149,20 +149,22 @@ _LLAMA_CFG = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads
               "head_dim": "head_dim", "layers": "num_hidden_layers", "intermediate": "intermediate_size",
               "act": "hidden_act", "eps": "rms_norm_eps", "max_pos": "max_position_embeddings",
               "vocab": "vocab_size", "tie": "tie_word_embeddings", "rope_theta": "rope_theta",
-              "rope_scaling": "rope_scaling", "window": "sliding_window"}
+              "rope_scaling": "rope_scaling"}
 _LLAMA_EMB = {"word": "embed_tokens", "final_norm": "norm"}
 
 
-def _llama_like(model_type: str, **defaults) -> DecoderSpec:
-    return DecoderSpec(model_type, "model.", "layers", _LLAMA_EMB, _LLAMA_LAYER, _LLAMA_CFG,
+def _llama_like(model_type: str, windowed: bool = False, **defaults) -> DecoderSpec:
+    """windowed: the architecture reads `sliding_window` (LLaMA's attention ignores that key)."""
+    keys = {**_LLAMA_CFG, "window": "sliding_window"} if windowed else _LLAMA_CFG
+    return DecoderSpec(model_type, "model.", "layers", _LLAMA_EMB, _LLAMA_LAYER, keys,
                        norm="rmsnorm", rope=True, gated_mlp=True,
                        cfg_defaults={"act": "silu", "eps": 1e-6, "tie": False, "rope_theta": 10000.0,
                                      "rope_scaling": None, "window": None, **defaults})
 
 
 LLAMA = _llama_like("llama")
-QWEN2 = _llama_like("qwen2")            # Q, K and V carry biases: found in the checkpoint, not configured
-MISTRAL = _llama_like("mistral")        # sliding_window bounds attention when set
+QWEN2 = _llama_like("qwen2", windowed=True)   # Q, K, V biases (in the checkpoint); windows on some layers
+MISTRAL = _llama_like("mistral", windowed=True)   # sliding_window bounds attention when set
 DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, MISTRAL)}
 DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": "silu", "swish": "silu"}
 

@@ -19,7 +19,7 @@ import torch
 
 from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for
 from .errors import InvalidInputError, ModelLoadError, UnsupportedArchitectureError
-from .loader import CheckpointView, read_config, read_state_dict, resolve_model_dir
+from .loader import CheckpointView, read_config, read_json, read_state_dict, resolve_model_dir
 from .ops import backend_for
 from .packing import batch_to
 
@@ -117,10 +117,20 @@ class DecoderModel:
         self.intermediate = config.get(spec.cfg_keys["intermediate"]) or 4 * self.hidden
         if act_name not in DECODER_ACTIVATIONS:
             raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(DECODER_ACTIVATIONS)}")
+        if spec.gated_mlp and DECODER_ACTIVATIONS[act_name] != "silu":
+            raise ModelLoadError(f"gated MLP activation {act_name!r} is not supported (SiLU-gated only)")
         self.activation = DECODER_ACTIVATIONS[act_name]
-        window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
-        self.window = int(window) if window and config.get("use_sliding_window", True) else 0
-        self.eos_token_ids = _token_ids(config.get("eos_token_id"))
+        self.windows = _layer_windows(config, spec, self.num_layers)
+        # GPT-2's attention scale: 1 / sqrt(d), or 1 (scale_attn_weights false), divided by the layer's
+        # number with scale_attn_by_inverse_layer_idx
+        d_scale = self.head_dim ** -0.5 if config.get("scale_attn_weights", True) else 1.0
+        self.scales = [d_scale / (i + 1 if config.get("scale_attn_by_inverse_layer_idx") else 1)
+                       for i in range(self.num_layers)]
+        # generation_config.json's eos ids too: chat models keep their end of turn there
+        # (Llama-3-Instruct's <|eot_id|>, Qwen2.5-Instruct's <|im_end|>)
+        gen_cfg = self.model_dir / "generation_config.json"
+        self.eos_token_ids = sorted(set(_token_ids(config.get("eos_token_id"))) | set(
+            _token_ids(read_json(gen_cfg).get("eos_token_id")) if gen_cfg.is_file() else ()))
 
         e = spec.emb_names
         dev = self.device
@@ -215,17 +225,16 @@ class DecoderModel:
             x += torch.embedding(self.pos_emb, step.positions)
         if self.spec.rope:
             cos, sin = self.cos[step.positions], self.sin[step.positions]
-        scale = d ** -0.5
         # int8 linears: a norm, or fc1 / gate|up and the activation, hand the next linear its int8 input
         # straight from their pass (the floats between are never written)
         qf = lambda lin: lin if getattr(lin, "takes_int8", False) else None        # noqa: E731
-        for layer, layer_cache in zip(self.layers, cache):
+        for layer, layer_cache, window, scale in zip(self.layers, cache, self.windows, self.scales):
             h = ops.norm(x, *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv), out_dtype=adt)
             qkv = ops.linear(layer.qkv, h).to(self.attn_dtype)
             q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
             ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
                          rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
-            a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, self.window,
+            a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, window,
                                     scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))
             h = ops.norm(x, *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up), out_dtype=adt)
@@ -243,6 +252,26 @@ class DecoderModel:
         else:
             logits = (h @ self.lm_head.t()).float()
         return logits if tp is None else tp.gather_vocab(logits)
+
+
+def _layer_windows(config: dict, spec, num_layers: int) -> list[int]:
+    """Each layer's sliding window (0: full attention), as transformers reads it: `layer_types` where
+    the config has them; else Qwen2's use_sliding_window (default false) from layer
+    max_window_layers on, or Mistral's sliding_window on every layer."""
+    window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
+    if not window:
+        return [0] * num_layers
+    types = config.get("layer_types")
+    if types:
+        if len(types) != num_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+            raise ModelLoadError(f"layer_types {types!r} is not one of full_attention / sliding_attention per layer")
+        return [int(window) if t == "sliding_attention" else 0 for t in types]
+    if spec.model_type == "qwen2":
+        if not config.get("use_sliding_window", False):
+            return [0] * num_layers
+        first = config.get("max_window_layers") or 0
+        return [int(window) if i >= first else 0 for i in range(num_layers)]
+    return [int(window)] * num_layers
 
 
 def _token_ids(value) -> list[int]:

@@ -76,21 +76,34 @@ class DecoderTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The prompt as transformers renders it: the same Jinja environment (sandboxed, trim and
+        lstrip blocks, loop controls, its tojson and strftime_now, raise_exception), no tools or
+        documents, every special token, and the assistant's turn opened."""
         if not self.chat_template:
             raise InvalidInputError("this model has no chat template (tokenizer_config.json chat_template)")
+        import datetime
+        import json
+
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise jinja2.TemplateError(message)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+        specials = {name: self.special(name) or "" for name in self.SPECIAL_TOKENS}
         try:
             text = env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=True, bos_token=self.special("bos_token") or "",
-                eos_token=self.special("eos_token") or "")
-        except jinja2.TemplateError as exc:
+                messages=messages, tools=None, documents=None, add_generation_prompt=True, **specials)
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:
             raise InvalidInputError(f"chat template: {exc}") from None
         return self.encode(text, add_special_tokens=False)
 
