@@ -316,7 +316,7 @@ def bench_rows(report: Report, tk) -> None:
     from turboserve.ops import cuda as cuda_ops
     from turboserve.ops.cpu import quantize_heads
     kvh, page = max(1, heads // 4), 16
-    qkv = torch.randn(M, (heads + 2 * kvh) * d, device=setup.device)     # fp32, as the decoder hands it over
+    qkv = rand(setup, M, (heads + 2 * kvh) * d)          # in the activations' dtype, as the decoder hands it over
     q, k, v = (qkv[:, a:b] for a, b in ((0, heads * d), (heads * d, (heads + kvh) * d), ((heads + kvh) * d, None)))
     k, v = k.view(M, kvh, d), v.view(M, kvh, d)
     angles = torch.rand(M, d // 2, device=setup.device)
@@ -349,10 +349,10 @@ def bench_rows(report: Report, tk) -> None:
             q_in = q.clone() if rope else None
             cuda_ops.write_kv(cache, k, v, blocks, offsets, rope=(q_in, cos, sin) if rope else None)
             return stored(q_in)
-        elem = 1 if kv_dtype == "int8" else 2
+        elem, act = (1 if kv_dtype == "int8" else 2), qkv.element_size()
         what = f"RoPE + KV write, {kv_dtype}, {heads}/{kvh} heads" if rope else f"KV write, {kv_dtype}, {kvh} heads"
         line(f"{what} x {d} (+ gathers)", write_ours, write_eager,
-             k.numel() * 2 * (4 + elem) + (4 * 4 * q.numel() if rope else 0))
+             k.numel() * 2 * (act + elem) + (4 * act * q.numel() if rope else 0))
 
 
 def bench_w8(report: Report, cuda_ops) -> None:
@@ -488,6 +488,14 @@ def e2e_encoder(report: Report, models: list[str], vocab_from: Path | None) -> N
         words = word_token_ids(vocab)
         hf = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").to(setup.device, setup.dtype)
 
+        def hf_mean(seqs):
+            out = []
+            with torch.inference_mode():
+                for s in seqs:
+                    h = hf(input_ids=torch.tensor([s], device=setup.device)).last_hidden_state[0]
+                    out.append(h.float().mean(0).cpu())
+            return torch.stack(out)
+
         def hf_encode(seqs):
             with torch.inference_mode():
                 for idx in batches_of(seqs, 32, True):
@@ -500,12 +508,19 @@ def e2e_encoder(report: Report, models: list[str], vocab_from: Path | None) -> N
             seqs = token_sequences(encoder_lengths(workload, setup.enc_count), words, vocab["[CLS]"], vocab["[SEP]"])
             tokens = sum(len(s) for s in seqs)
             try:
-                enc = Encoder.load(path, dtype=dtype, device=setup.device, max_input_length=WORKLOAD_MAX_LENGTH)
+                enc = Encoder.load(path, dtype=dtype, device=setup.device, max_input_length=WORKLOAD_MAX_LENGTH,
+                                   pooling="mean", normalize=False)
                 enc.embed(seqs)                   # warm-up: every tile shape's compile
                 t = time.perf_counter()
-                enc.embed(seqs)
+                ours = enc.embed(seqs)
                 timer.sync()
                 print(f"  {name} {workload}: turboserve {tokens / (time.perf_counter() - t):10.0f} tok/s")
+                check = seqs[:16]                 # against transformers' own mean pooling, fp32
+                ref = hf_mean(check)
+                cos = torch.nn.functional.cosine_similarity(ours[:16].float(), ref).min().item()
+                print(f"    min cosine of 16 embeddings against transformers (mean pooling): {cos:.5f}")
+                if not cos > 0.99:
+                    report.failed.append(f"{name} {workload}: embeddings off (min cosine {cos:.4f})")
             except Exception as exc:        # noqa: BLE001 - report any failure and go on
                 print(f"  {name} {workload}: turboserve failed: {type(exc).__name__}: {exc}")
                 report.failed.append(f"{name} {workload} encoder")
@@ -531,33 +546,50 @@ def e2e_generation(report: Report, models: list[str]) -> None:
         prompts, outs = decoder_offline(config.vocab_size, setup.gen_count)
         if setup.gen_max_new:
             outs = [min(o, setup.gen_max_new) for o in outs]
+        tokens = {}
         for graphs in (False, True):     # eager first: a failed capture cannot spoil it
             label = "CUDA graphs" if graphs else "eager"
             try:
-                llm = LLM.load(path, dtype=dtype, device=setup.device, cuda_graphs=graphs)
+                # no prefix cache: the warm-up's prompts would otherwise stay cached and the timed run
+                # skip nearly all of its prefill (transformers does every prefill)
+                llm = LLM.load(path, dtype=dtype, device=setup.device, cuda_graphs=graphs, prefix_caching=False)
                 params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for o in outs]
                 llm.generate(prompts, params)     # warm-up: every batch size's compile and graph capture
                 t = time.perf_counter()
-                llm.generate(prompts, params)
+                out = llm.generate(prompts, params)
                 timer.sync()
                 print(f"  {name}: turboserve ({label}) {sum(outs) / (time.perf_counter() - t):8.0f} tok/s")
+                tokens[graphs] = [r.outputs[0].token_ids for r in out]
+                graph_set = getattr(llm.engine._forward, "_graphs", {})
+                if graphs and any(g is None for g in graph_set.values()):
+                    report.failed.append(f"{name}: a decode bucket's CUDA graph capture failed (ran eager)")
+                    print("    a capture failed: those buckets ran eagerly (see the log)")
             except Exception as exc:        # noqa: BLE001
                 print(f"  {name}: turboserve ({label}) failed: {type(exc).__name__}: {exc}")
                 report.failed.append(f"{name} generation ({label})")
+        if len(tokens) == 2:             # replaying graphs must not change a single greedy token
+            same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
+            print(f"    greedy outputs equal, eager against graphs: {same} of {len(prompts)}")
+            if same != len(prompts):
+                report.failed.append(f"{name}: CUDA-graph outputs differ from eager ones")
         model = transformers.AutoModelForCausalLM.from_pretrained(path).to(setup.device, setup.dtype).eval()
         model.generation_config.eos_token_id = None
+
+        def hf_generate(count):
+            with torch.no_grad():
+                for i in range(0, count, 16):
+                    group = prompts[i:i + 16]
+                    width = max(len(p) for p in group)
+                    ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=setup.device)
+                    mask = (torch.arange(width, device=setup.device)[None] >= torch.tensor(
+                        [width - len(p) for p in group], device=setup.device)[:, None]).long()
+                    new = max(outs[i:i + 16])
+                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, pad_token_id=0)
+            timer.sync()
+        hf_generate(16)                  # warm-up: its first call's costs stay out of its number
         t = time.perf_counter()
-        with torch.no_grad():
-            for i in range(0, len(prompts), 16):
-                group = prompts[i:i + 16]
-                width = max(len(p) for p in group)
-                ids = torch.tensor([[0] * (width - len(p)) + p for p in group], device=setup.device)
-                mask = (torch.arange(width, device=setup.device)[None] >= torch.tensor(
-                    [width - len(p) for p in group], device=setup.device)[:, None]).long()
-                new = max(outs[i:i + 16])
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False, pad_token_id=0)
-        timer.sync()
+        hf_generate(len(prompts))
         hf_tokens = sum(max(outs[i:i + 16]) * len(prompts[i:i + 16]) for i in range(0, len(prompts), 16))
         print(f"  {name}: transformers static/16 {hf_tokens / (time.perf_counter() - t):8.0f} tok/s "
               f"(counting padded outputs)")

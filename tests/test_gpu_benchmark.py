@@ -39,7 +39,8 @@ def test_gpu_benchmark_kernels_dry_run():
 def test_gpu_benchmark_end_to_end_dry_run():
     out = dry_run("--models", "minilm", "--gen-models", "llama")
     for line in ("minilm short: turboserve", "minilm longtail: transformers", "llama: turboserve (CUDA graphs)",
-                 "llama: turboserve (eager)", "llama: transformers static/16"):
+                 "llama: turboserve (eager)", "llama: transformers static/16",
+                 "greedy outputs equal, eager against graphs: 2 of 2", "min cosine of 16 embeddings"):
         assert line in out, out
 
 

@@ -248,7 +248,7 @@ class DecoderModel:
         h = ops.norm(x[step.logit_rows], *self.final_norm, self.eps, self.spec.norm,
                      quant_for=qf(self.lm_head_int8), out_dtype=adt)
         if self.lm_head_int8 is not None:
-            logits = ops.linear(self.lm_head_int8, h)
+            logits = ops.linear(self.lm_head_int8, h).float()     # bf16 on the GPU's W8A16 path
         else:
             logits = (h @ self.lm_head.t()).float()
         return logits if tp is None else tp.gather_vocab(logits)

@@ -177,8 +177,11 @@ class Encoder:
         results: list = [None] * len(encoded)
         for batch, idx in self._batches(encoded):
             hidden = self.model.forward(batch)
-            # off the model's device (a no-op on the CPU): every row's copy queued, then one wait
-            rows = [r.to("cpu", non_blocking=True) for r in fn(hidden, batch)]
+            out = fn(hidden, batch)
+            # off the model's device (a no-op on the CPU): a batch's rows in one copy, or per-sequence
+            # states each queued, then one wait
+            rows = (out.to("cpu").unbind(0) if isinstance(out, torch.Tensor)
+                    else [r.to("cpu", non_blocking=True) for r in out])
             if hidden.is_cuda:
                 torch.cuda.synchronize(hidden.device)
             for i, r in zip(idx, rows):

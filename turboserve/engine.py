@@ -40,6 +40,7 @@ from .encoder import Encoder
 from .errors import TurboServeError
 from .loader import weights_fingerprint
 from .model import pool, sentence_embedding
+from .ops import use_device_on_this_thread
 from .parallel import RankFailure
 from .packing import pack_tokens
 from .scheduler import CostTable, dp_partition, fifo_partition
@@ -124,6 +125,7 @@ class _Stage:
         self.queue.put(item)
 
     def _loop(self) -> None:
+        use_device_on_this_thread(self.engine.encoder.model.device)
         while True:
             item = self.queue.get()
             if item is _END:
@@ -327,6 +329,7 @@ class EncoderEngine:
     def _run(self) -> None:
         """The scheduler stage: take, plan, drop what is dead, pack; then the model stage (inline
         without the pipeline)."""
+        use_device_on_this_thread(self.encoder.model.device)
         try:
             while True:
                 items = self._take()

@@ -28,6 +28,7 @@ import torch
 from . import native
 from .allocator import keep_freed_memory
 from .decoder import DecoderModel, StepBatch
+from .ops import use_device_on_this_thread
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .kv_cache import BlockManager, CacheFull
 from .loader import read_json
@@ -570,6 +571,7 @@ class AsyncLLM:
 
     def _run(self) -> None:
         e = self.engine
+        use_device_on_this_thread(getattr(e.model, "device", "cpu"))
         try:
             while True:
                 with self._lock:

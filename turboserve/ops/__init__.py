@@ -13,6 +13,15 @@ import importlib
 _BACKENDS = {"cpu": "turboserve.ops.cpu", "cuda": "turboserve.ops.cuda"}
 
 
+def use_device_on_this_thread(device) -> None:
+    """A worker thread running a model on GPU N makes N its current device first: the current GPU
+    is per thread, and Triton launches on it (backend_for set it only on the loading thread)."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def backend_for(device: str):
     kind = device.split(":")[0]
     if kind not in _BACKENDS:
