@@ -191,3 +191,15 @@ def test_an_error_in_one_stage_fails_only_its_own_requests(small, monkeypatch, s
     assert torch.equal(results[0][0][0], small.embed([[5] * 40], normalize=False)[0])
     assert engine.alive()
     engine.stop()
+
+
+def test_cost_table_cache_is_keyed_by_what_the_times_depend_on(small, monkeypatch):
+    import types
+    from turboserve.engine import cost_cache_path
+    base = cost_cache_path(small, 4096)
+    assert cost_cache_path(small, 2048) != base
+    monkeypatch.setattr(small.model, "tp", types.SimpleNamespace(world=2))     # one shard of two ranks
+    assert cost_cache_path(small, 4096) != base
+    monkeypatch.setattr(small.model, "tp", None)
+    monkeypatch.setattr(small.model, "device", torch.device("cuda"))
+    assert cost_cache_path(small, 4096) != base

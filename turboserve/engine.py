@@ -464,8 +464,15 @@ COST_LENGTHS = [8, 16, 32, 64, 128, 256, 512]
 
 
 def cost_cache_path(encoder: Encoder, max_batch_tokens: int) -> Path:
+    """Keyed by everything a cell's time depends on: weights, dtype (and precision plan), threads,
+    the model's device and tensor-parallel degree, the budget, and the kernels' sources."""
+    model = encoder.model
+    tp = getattr(getattr(model, "tp", None), "world", 1)
+    kernels = [Path(__file__).with_name("native").joinpath("kernels.c").read_text()]
+    if model.device.type == "cuda":
+        kernels.append(Path(__file__).with_name("ops").joinpath("triton_kernels.py").read_text())
     ident = [COST_VERSION, weights_fingerprint(encoder.model_dir), encoder.dtype, str(torch.get_num_threads()),
-             str(max_batch_tokens), Path(__file__).with_name("native").joinpath("kernels.c").read_text()]
+             str(model.device), f"tp{tp}", str(max_batch_tokens), *kernels]
     plan = getattr(encoder, "precision_plan", None)
     if plan is not None:
         ident.append(json.dumps(plan.layers, sort_keys=True))
