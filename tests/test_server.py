@@ -186,6 +186,9 @@ def test_many_inputs_in_one_request_are_split_across_batches(minilm):
         assert torch.allclose(torch.tensor(r.json()), minilm.embed(texts), atol=1e-5)
         engine = app.state.turboserve.engine
         assert engine.batches_run > 1
+        ran = engine.batches_run
+        assert httpx.get(base + "/health").status_code == 200       # an idle engine answers a probe...
+        assert engine.batches_run == ran                              # ...which the batch counts leave out
 
 
 def test_deadline_gives_504(minilm):

@@ -434,9 +434,11 @@ class EncoderEngine:
 
     def _answer_batch(self, done: _Done) -> None:
         """The answer stage: copy each input's row out, account, resolve finished requests."""
-        self.batches_run += 1
-        self.items_run += len(done.batch)
-        if self.metrics is not None:
+        served = any(item.job.admitted for item in done.batch)    # not a batch of health probes only
+        if served:
+            self.batches_run += 1
+            self.items_run += len(done.batch)
+        if self.metrics is not None and served:
             self.metrics.batch(len(done.batch), done.tokens, done.elapsed)
             self.metrics.model_busy.inc(done.elapsed)
         starts = [0]
