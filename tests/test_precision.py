@@ -1,7 +1,6 @@
 """Layer-wise mixed precision (precision.py): the plan meets its bound on held-out inputs, a bound of
 1.0 keeps everything in fp32, the greedy takes every move a loose bound allows, plans round-trip."""
 import json
-import os
 
 import pytest
 import torch
@@ -125,4 +124,5 @@ def test_real_minilm_plan_meets_bound_on_public_workload(tmp_path):
     vocab = fp32.tokenizer._tok.get_vocab()
     seqs = token_sequences(encoder_lengths("short")[:128], word_token_ids(vocab), vocab["[CLS]"], vocab["[SEP]"])
     assert _min_cos(auto.embed(seqs), fp32.embed(seqs)) >= 0.999
-    assert os.path.exists(model / "turboserve-precision-0.999.json")
+    from turboserve.precision import plan_paths
+    assert plan_paths(model, 0.999, auto.precision_plan.settings)[0].exists()     # saved beside the model
