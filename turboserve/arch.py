@@ -1,4 +1,4 @@
-"""Supported encoder architectures, described as data.
+"""Supported architectures, described as data: encoders (ArchSpec) and decoders (DecoderSpec, below).
 
 Every supported model is a post-LayerNorm transformer encoder: embeddings (+ LayerNorm), then N layers
 of [fused QKV projection -> attention -> output projection -> residual + LayerNorm -> FFN up + activation

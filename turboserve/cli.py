@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
     p.set_defaults(func=cmd_embed, parser=p)
 
-    s = sub.add_parser("serve", help="HTTP server: OpenAI /v1/embeddings and TEI /embed /rerank /predict /tokenize",
+    s = sub.add_parser("serve", help="HTTP server: encoders OpenAI /v1/embeddings and TEI /embed /embed_all /rerank /predict "
+                            "/tokenize /decode; decoders OpenAI /v1/completions /v1/chat/completions",
                        description="Every flag also reads TURBOSERVE_<FLAG> (e.g. TURBOSERVE_PORT=9000).")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")

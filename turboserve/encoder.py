@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .allocator import keep_freed_memory
-from .errors import InvalidInputError
+from .errors import InvalidInputError, ModelLoadError
 from .loader import POOLING_MODES, PoolingConfig, load_checkpoint, read_pooling, read_sentence_config
 from .model import EncoderModel, sentence_embedding
 from .packing import PackedBatch, pack_tokens

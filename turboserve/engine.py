@@ -485,7 +485,8 @@ def cost_cache_path(encoder: Encoder, max_batch_tokens: int) -> Path:
 
 def measure_cost_table(encoder: Encoder, max_batch_tokens: int, use_cache: bool = True) -> CostTable:
     """Batch latency (pack + forward + pool, best of 3) over a (batch size, length) grid, on this
-    machine, cached on disk keyed by model, dtype, threads, budget and kernel source. About 5-20 s for MiniLM on 2 cores."""
+    machine, cached on disk (cost_cache_path: model, dtype, threads, device, tensor-parallel degree,
+    budget and kernel sources). About 5-20 s for MiniLM on 2 cores."""
     path = cost_cache_path(encoder, max_batch_tokens)
     if use_cache and path.exists():
         return CostTable.from_json(json.loads(path.read_text()))

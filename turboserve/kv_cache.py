@@ -1,6 +1,7 @@
 """Paged KV cache: fixed-size blocks, a free list, per-request block tables, prefix sharing.
 
-The cache is one tensor per layer pair, [num_blocks, block_size, kv_heads, head_dim] for K and for V;
+The cache tensors are the backend's (ops/cpu.py PagedKV: K [blocks, kv_heads, head_dim, block_size], V
+[blocks, kv_heads, block_size, head_dim]; ops/cuda.py: both [blocks, kv_heads, block_size, head_dim]);
 a request owns a list of block ids (its block table) and its token i lives in block
 table[i // block_size], slot i % block_size. Blocks are reference-counted so that requests with the
 same prompt prefix can share its full blocks (prefix caching): a full block is registered under the

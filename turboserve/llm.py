@@ -181,7 +181,8 @@ class LLMEngine:
                              f"sequence at the model's context of {self.max_context} tokens "
                              f"(at least {per_token * self.max_context} bytes)")
         if kv_cache_bytes is None:
-            ranks = getattr(getattr(model, "tp", None), "world", 1)       # each rank allocates its own shard
+            world = getattr(getattr(model, "tp", None), "world", 1)       # each rank allocates its own shard
+            ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or world) if world > 1 else 1   # on this machine
             kv_cache_bytes = default_kv_budget(per_token, max_num_seqs, self.max_context, device, ranks)
             if kv_cache_bytes < per_token * self.max_context:       # memory for less than one full context
                 self.max_context = max(block_size, kv_cache_bytes // per_token // block_size * block_size)

@@ -17,7 +17,8 @@ The plan is made on this machine, for this model, from measurements (no rule of 
   4. Check on held-out inputs (a different seed of the built-in set, or every other line of the
      user's file): while the bound fails there, the last accepted moves are undone.
 The plan is a small JSON file beside the model (or in the cache directory when the model directory is
-read-only), keyed by the bound and the weights' fingerprint; `Encoder.load(dtype="auto",
+read-only), keyed by the exact bound, the weights' fingerprint and the settings the cosines were
+measured under (pooling, input limit, calibration file, alpha, device); `Encoder.load(dtype="auto",
 quality_bound=...)` loads it or makes it. Figures: docs/precision.md.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`turboserve serve`: the HTTP server (OpenAI and TEI wire formats) over the encoder engine.
 
-One request pipeline serves every route (`_pipeline`): read the body under the payload limit, validate
-into a plain `Request`, tokenize off the event loop, submit to the engine (bounded queue, 429 when
-full), await the result while watching for the client going away (its queued work is dropped), and
+One request pipeline (`make_route`) serves the model routes: read the body under the payload limit,
+validate into a plain `Parsed`, answer overload before tokenizing (429), tokenize off the event loop,
+submit to the engine (bounded queue, 429 when full, 413 when larger than the whole queue), await the result while watching for the client going away (its queued work is dropped), and
 shape the answer. Routes differ only in their parse and respond functions. Errors keep each API's own
 shape: OpenAI {"error": {"message", "type", "param", "code"}}, TEI {"error", "error_type"}.
 """

@@ -2,7 +2,8 @@
 
 GEMMs run in cuBLAS through torch; everything between two GEMMs is one Triton pass
 (ops/triton_kernels.py): bias + activation (+ residual), bias + residual + LayerNorm or RMSNorm,
-SiLU-and-multiply, RoPE in place, and attention (varlen for encoders, paged with GQA for decoders).
+SiLU-and-multiply, the KV cache write with RoPE fused (q rotated in place, K on its way into the
+cache), and attention (varlen for encoders, paged with GQA and split-KV for decoders).
 Model code calls these exactly as it calls the CPU backend's; Triton is imported only when a model
 asks for this backend (the registry imports backends lazily), so the CPU path never needs it.
 
