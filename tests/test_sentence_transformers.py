@@ -143,3 +143,11 @@ def test_token_classification_checkpoint_serves_hidden_states_and_one_type_model
         assert torch.allclose(o, r, atol=1e-6)
     with pytest.raises(InvalidInputError, match="1 token type"):
         enc.classify(["a"], ["b"])
+
+
+def test_pooling_without_the_prompt_is_refused_when_the_model_has_prompts(tmp_path):
+    st, d = st_model(tmp_path, "noprompt", prompts={"query": "query: "})
+    cfg = d / "1_Pooling" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "include_prompt": False}))
+    with pytest.raises(ModelLoadError, match="include_prompt"):
+        Encoder.load(d)
