@@ -91,6 +91,22 @@ def test_cli_prints_one_line_error_not_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_unencodable_text_broken_config_and_bad_flags_are_clear_errors(tmp_path, capsys):
+    from turboserve import Encoder, cli
+    from turboserve.errors import InvalidInputError, ModelLoadError
+    with pytest.raises(InvalidInputError, match="cannot be tokenized"):
+        Encoder.load().embed(["\ud800"])                     # a lone surrogate has no UTF-8
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="not a JSON object"):
+        Encoder.load(tmp_path)
+    with pytest.raises(InvalidInputError, match="threads"):
+        Encoder.load(threads=-1)
+    for argv in (["serve", "--port", "99999"], ["embed", "--threads", "-1"], ["embed", "--max-input-length", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "invalid" in capsys.readouterr().err
+
+
 def test_cli_flags_read_turboserve_environment_variables(monkeypatch, capsys):
     """TURBOSERVE_<FLAG> for every flag: converted and checked as the flag is, switches by 1/0 or
     true/false (TURBOSERVE_NO_PIPELINE=1 is --no-pipeline), the command line first, a bad value a
@@ -105,7 +121,7 @@ def test_cli_flags_read_turboserve_environment_variables(monkeypatch, capsys):
     assert cli.main(["serve", "--port", "9002"]) == 0
     assert (seen["pipeline"], seen["auto_truncate"], seen["max_batch_tokens"], seen["port"]) == (False, True, 512, 9002)
     for name, value, needle in (("TURBOSERVE_BATCH_POLICY", "DP", "choose from"),
-                                ("TURBOSERVE_PORT", "abc", "not a valid int"),
+                                ("TURBOSERVE_PORT", "abc", "not a valid port_number"),
                                 ("TURBOSERVE_ACCESS_LOG", "maybe", "expected one of")):
         monkeypatch.setenv(name, value)
         with pytest.raises(SystemExit):

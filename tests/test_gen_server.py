@@ -98,6 +98,7 @@ def test_sse_wire_format_ends_with_done(gen_server):
     ({"prompt": [1, 2], "n": 9}, 400, "bound of 8"),           # more than may ever wait: not a 429
     ({"prompt": [[1, 2], "hi", 3]}, 400, "prompt"),
     ({"prompt": [1, 2], "logit_bias": {"5": 100}}, 400, "logit_bias"),     # not silently ignored
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "text"),     # was a 500
     ({"prompt": [1, 2], "echo": True}, 400, "echo"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
      "response_format"),
@@ -250,3 +251,22 @@ def test_disconnect_frees_kv_blocks(gen_server):
     engine.blocks.check()
     metrics = httpx.get(base + "/metrics").text
     assert "turboserve_kv_cache_usage" in metrics and "turboserve_time_to_first_token_seconds" in metrics
+
+
+def test_a_stream_that_times_out_before_its_first_token_is_a_504(decoder_dirs):
+    """Failing before the first token is a real HTTP status for a stream too (it was a 200 carrying
+    one error event)."""
+    app = make_gen_app(ServerConfig(model=str(decoder_dirs["llama"]), request_timeout=0.001))
+    with running(app) as base:
+        deadline = time.time() + 60
+        while httpx.get(base + "/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        r = httpx.post(base + "/v1/completions", json={"prompt": [5] * 200, "max_tokens": 8, "n": 4,
+                                                       "stream": True})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        engine = app.state.turboserve.llm.engine
+        deadline = time.time() + 10
+        while engine.running or engine.waiting:
+            assert time.time() < deadline
+            time.sleep(0.05)

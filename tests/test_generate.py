@@ -245,7 +245,15 @@ def test_bad_requests_raise_clear_errors(decoder_dirs):
         llm.generate([[]], GREEDY)
     with pytest.raises(InvalidInputError, match="token ids"):
         llm.generate([[5, 10**9]], GREEDY)
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(n=0), dict(logprobs=9), dict(max_tokens=0),
+    with pytest.raises(InvalidInputError, match="1 SamplingParams for 3 prompts"):     # not silently dropped
+        llm.generate([[5], [6], [7]], [GREEDY])
+    with pytest.raises(InvalidInputError, match="prompt"):
+        llm.generate([[5, 6]] * 8 + [""], GREEDY)
+    assert not llm.engine.has_work()                     # the 8 good ones were not left queued
+    with pytest.raises(InvalidInputError):
+        llm.generate(None)
+    for bad in (dict(temperature="0.5"), dict(max_tokens=True), dict(temperature=-1), dict(top_p=0), dict(n=0),
+                dict(logprobs=9), dict(max_tokens=0),
                 dict(seed="abc"), dict(seed=2**70), dict(seed=1.5), dict(seed=True), dict(logprobs=True),
                 dict(stop_token_ids=5), dict(stop_token_ids=[True]), dict(stop=5)):
         with pytest.raises(InvalidInputError):

@@ -13,6 +13,20 @@ from .errors import TurboServeError
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(text)              # argparse: "invalid port_number value"
+    return port
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def env_name(action: argparse.Action) -> str:
     """--max-batch-tokens -> TURBOSERVE_MAX_BATCH_TOKENS, --no-pipeline -> TURBOSERVE_NO_PIPELINE."""
     return "TURBOSERVE_" + max(action.option_strings, key=len).lstrip("-").replace("-", "_").upper()
@@ -53,8 +67,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --dtype auto: minimum cosine of pooled embeddings against fp32")
     p.add_argument("--calibration", default=None,
                    help="with --dtype auto: a text file, one calibration input per line (default: built-in)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
-    p.add_argument("--max-input-length", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all available cores)")
+    p.add_argument("--max-input-length", type=positive_int, default=None,
                    help="encoders: tokens per input (default: the sentence-transformers config's max_seq_length, "
                         "else the model's positions)")
     p.add_argument("--device", default="cpu",
@@ -108,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every flag also reads TURBOSERVE_<FLAG> (e.g. TURBOSERVE_PORT=9000).")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port_number, default=8000)
     s.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "int8"],
                    help="decoder models: the KV cache's element type (default: the model's dtype)")
     s.add_argument("--max-batch-tokens", type=int, default=4096,

@@ -20,7 +20,7 @@ import torch
 from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for
 from .errors import InvalidInputError, ModelLoadError, UnsupportedArchitectureError
 from .loader import CheckpointView, read_config, read_json, read_state_dict, resolve_model_dir
-from .ops import backend_for
+from .ops import backend_for, check_device
 from .packing import batch_to
 
 DTYPES = ("fp32", "bf16", "int8")       # the activations' dtype of each: the backend's decoder_act_dtype
@@ -86,7 +86,8 @@ class DecoderModel:
         """kv_dtype: the KV cache's element type, "fp32", "bf16" or "int8" (one scale per token and KV
         head); default: the model's dtype (fp32 keeps results equal to transformers')."""
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+            raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        check_device(device)
         self.ops = backend_for(device)
         self.device = torch.device(device)
         self.act_dtype = self.ops.decoder_act_dtype(dtype)

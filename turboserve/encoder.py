@@ -65,6 +65,8 @@ class Encoder:
         """
         if pooling is not None and pooling not in POOLING_MODES:
             raise InvalidInputError(f"pooling must be one of {', '.join(POOLING_MODES)}, not {pooling!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InvalidInputError(f"threads must be a positive integer, not {threads!r}")
         torch.set_num_threads(threads or available_cores())
         keep_freed_memory()
         model_dir, config, spec, view = load_checkpoint(path)
@@ -79,7 +81,8 @@ class Encoder:
             from . import parallel
             parallel.check_shardable(model, tensor_parallel)      # before any calibration work
         sentence = read_sentence_config(model_dir)
-        limit = max_input_length or min(model.max_tokens, sentence.max_seq_length or model.max_tokens)
+        limit = (max_input_length if max_input_length is not None
+                 else min(model.max_tokens, sentence.max_seq_length or model.max_tokens))
         if not 1 <= limit <= model.max_tokens:
             raise InvalidInputError(f"max_input_length must be in [1, {model.max_tokens}] (the model's positions), "
                                     f"not {limit}")

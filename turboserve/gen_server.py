@@ -164,6 +164,8 @@ def _messages(body) -> list[dict]:
         if isinstance(content, list):           # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise ApiError(400, "only text content parts are supported")
+            if not all(isinstance(p.get("text", ""), str) for p in content):
+                raise ApiError(400, "a text content part's `text` must be a string")
             content = "".join(p.get("text", "") for p in content)
         if content is None and m["role"] == "assistant":     # e.g. an earlier turn that only called tools
             content = ""
@@ -258,6 +260,8 @@ def make_gen_app(config: ServerConfig) -> Starlette:
         except Exception as exc:
             log.error("model failed to load: %s", exc)
             state.status, state.error = "failed", str(exc)
+            if state.on_rank_failure is not None:       # serve(): a server without its model exits 1
+                state.on_rank_failure(exc)
 
     def require_ready() -> AsyncLLM:
         llm = state.llm
@@ -308,8 +312,14 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                                                                                              (400, "Validation"))
                     raise ApiError(kind[0], str(exc), kind[1]) from None
                 meta = {"id": rid, "created": int(time.time()), "model": state.name}
-                if stream:
-                    return StreamingResponse(_sse(job, chat, include_usage, meta, tok), media_type="text/event-stream")
+                if stream:           # what fails before the first token (504, 429) is a real HTTP status
+                    try:
+                        first = await job.next()
+                    except BaseException:
+                        job.abort()
+                        raise
+                    return StreamingResponse(_sse(job, chat, include_usage, meta, tok, first),
+                                             media_type="text/event-stream")
                 payload = await _collect(job, chat, meta, request, tok)
                 if payload is None:
                     status = 499                      # client closed the request; nobody reads this
@@ -361,7 +371,7 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
                           "total_tokens": job.prompt_tokens + completion}}
 
-    async def _sse(job: _Job, chat, include_usage, meta, tok):
+    async def _sse(job: _Job, chat, include_usage, meta, tok, first: StreamEvent):
         """Server-sent events. Starlette cancels this generator when the client disconnects; the
         `finally` then aborts the unfinished requests, freeing their KV blocks before the next step."""
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -380,12 +390,15 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 for i in range(n):
                     yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None})
+            waiting = first
             while done < n:
-                try:
-                    ev = await job.next()
-                except ApiError as err:
-                    yield b"data: " + orjson.dumps(error_body("openai", err)) + b"\n\n"
-                    break
+                ev, waiting = waiting, None
+                if ev is None:
+                    try:
+                        ev = await job.next()
+                    except ApiError as err:
+                        yield b"data: " + orjson.dumps(error_body("openai", err)) + b"\n\n"
+                        break
                 i = ev.index
                 count[i] = ev.num_tokens
                 pending[i].extend(ev.logprobs or [])
@@ -447,9 +460,12 @@ def make_gen_app(config: ServerConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=load, name="turboserve-load", daemon=True).start()
+        loader = threading.Thread(target=load, name="turboserve-load", daemon=True)
+        loader.start()
         yield
         state.status = "shutting_down"
+        # SIGTERM while loading: let the load end (the interpreter exiting under it aborted)
+        await asyncio.get_running_loop().run_in_executor(None, loader.join)
         if state.llm is not None:
             await asyncio.get_running_loop().run_in_executor(None, state.llm.stop)
             parallel.close(state.llm.engine.model)

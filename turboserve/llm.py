@@ -431,6 +431,8 @@ class LLM:
         device: "cpu", or "cuda" for the Triton backend (docs/gpu.md).
         tensor_parallel: ranks to shard the model over (parallel.py; each rank gets threads / N);
         the engine stays in this process. Call close() to stop the ranks."""
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InvalidInputError(f"threads must be a positive integer, not {threads!r}")
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         keep_freed_memory()
         model = DecoderModel(path, dtype, device=device, kv_dtype=kv_dtype)
@@ -452,14 +454,29 @@ class LLM:
         raise InvalidInputError("a prompt must be a non-empty string or a list of token ids")
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt (a string or token ids) or a list of them, with one SamplingParams
+        for all or a list of one per prompt. Every prompt is checked before any is queued: a bad one
+        raises and leaves nothing behind."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidInputError("prompts must be a prompt or a non-empty list of prompts")
         params = params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidInputError(f"{len(plist)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
+        if not all(isinstance(p, SamplingParams) for p in plist):
+            raise InvalidInputError("params must be SamplingParams (or a list of them)")
+        ids = [self.prompt_ids(prompt) for prompt in prompts]
         groups = []
-        for i, (prompt, p) in enumerate(zip(prompts, plist)):
-            rid = f"offline-{next(_ids)}-{i}"
-            groups.append((rid, self.engine.add_request(rid, self.prompt_ids(prompt), p)))
+        try:
+            for i, (prompt_ids, p) in enumerate(zip(ids, plist)):
+                rid = f"offline-{next(_ids)}-{i}"
+                groups.append((rid, self.engine.add_request(rid, prompt_ids, p)))
+        except BaseException:
+            for rid, _ in groups:                 # the ones already queued go too
+                self.engine.abort(rid)
+            raise
         while self.engine.has_work():
             self.engine.step()
         self.last_sequences = [s for _, seqs in groups for s in seqs]

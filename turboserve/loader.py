@@ -37,7 +37,10 @@ def read_config(model_dir: Path) -> dict:
         raise ModelLoadError(f"model directory {str(model_dir)!r} does not exist or is not a directory")
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    return read_json(model_dir / "config.json")
+    config = read_json(model_dir / "config.json")
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{model_dir / 'config.json'} is not a JSON object")
+    return config
 
 
 def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -189,7 +192,10 @@ def read_sentence_config(model_dir: Path) -> SentenceConfig:
     f = model_dir / "config_sentence_transformers.json"
     if f.is_file():
         cfg = read_json(f)
-        out.prompts = {k: v for k, v in (cfg.get("prompts") or {}).items() if isinstance(v, str)}
+        prompts = cfg.get("prompts") or {}
+        if not isinstance(prompts, dict):
+            raise ModelLoadError(f"{f}: `prompts` must be an object of name -> prompt text")
+        out.prompts = {k: v for k, v in prompts.items() if isinstance(v, str)}
         out.default_prompt_name = cfg.get("default_prompt_name")
         if out.default_prompt_name is not None and out.default_prompt_name not in out.prompts:
             raise ModelLoadError(f"{f}: default_prompt_name {out.default_prompt_name!r} is not one of its prompts")

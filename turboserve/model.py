@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .arch import ACTIVATIONS, ArchSpec
-from .errors import ModelLoadError
+from .errors import InvalidInputError, ModelLoadError
 from .loader import CheckpointView
-from .ops import backend_for
+from .ops import backend_for, check_device
 from .packing import PackedBatch
 from .workspace import NoWorkspace, Workspace
 
@@ -44,8 +44,9 @@ class EncoderModel:
     def __init__(self, config: dict, spec: ArchSpec, view: CheckpointView, dtype: str = "fp32",
                  device: str = "cpu", use_planner: bool = True):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+            raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         self.spec, self.dtype_name = spec, dtype
+        check_device(device)
         self.ops = backend_for(device)
         self.device = torch.device(device)
         self.act_dtype = DTYPES[dtype]
@@ -62,6 +63,8 @@ class EncoderModel:
             raise ModelLoadError(f"config.json lacks {exc.args[0]!r}") from exc
         if act_name not in ACTIVATIONS:
             raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.num_heads < 1 or self.hidden % self.num_heads:
+            raise ModelLoadError(f"hidden size {self.hidden} does not divide into {self.num_heads} attention heads")
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ModelLoadError(f"position_embedding_type {config['position_embedding_type']!r} is not supported "
                                  "(absolute positions only)")

@@ -46,6 +46,13 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in numbers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidInputError(f"{name} must be a number, not {value!r}")
+        if isinstance(self.max_tokens, bool) or isinstance(self.n, bool) or isinstance(self.top_k, bool):
+            raise InvalidInputError("n, max_tokens and top_k must be integers, not booleans")
         checks = [
             (isinstance(self.n, int) and 1 <= self.n <= 16, "n must be an integer from 1 to 16"),
             (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),

@@ -492,6 +492,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
             log.error("model failed to load: %s", exc)
             state.error = str(exc)
             state.status = "failed"
+            if state.on_rank_failure is not None:       # serve(): a server without its model exits 1
+                state.on_rank_failure(exc)
 
     async def health(request):
         try:
@@ -579,12 +581,16 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        loader = None
         if encoder is not None:
             start_engine(encoder)
         else:
-            threading.Thread(target=load, name="turboserve-load", daemon=True).start()
+            loader = threading.Thread(target=load, name="turboserve-load", daemon=True)
+            loader.start()
         yield
         state.status = "shutting_down"
+        if loader is not None:       # SIGTERM while loading: let the load end (the interpreter exiting
+            await asyncio.get_running_loop().run_in_executor(None, loader.join)   # under it aborted)
         if state.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, state.engine.stop)
         if encoder is None and state.encoder is not None:
@@ -632,7 +638,7 @@ def serve(config: ServerConfig) -> int:
     state = app.state.turboserve
     rank_failures = []
 
-    def rank_failed(exc):                    # a tensor-parallel rank died: stop as on SIGTERM, exit 1
+    def rank_failed(exc):                    # a rank died, or the model failed to load: stop, exit 1
         rank_failures.append(exc)
         state.status = "shutting_down"
         server.should_exit = True

@@ -33,7 +33,10 @@ class TextTokenizer:
     def _load(model_dir: Path):
         from tokenizers import Tokenizer
         if (model_dir / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+            try:
+                tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+            except Exception as exc:          # the tokenizers library raises a bare Exception
+                raise ModelLoadError(f"cannot read {model_dir / 'tokenizer.json'}: {exc}") from None
         elif (model_dir / "vocab.txt").is_file():
             from tokenizers import BertWordPieceTokenizer
             cfg_file = model_dir / "tokenizer_config.json"
@@ -68,7 +71,10 @@ class TextTokenizer:
             low = str.lower if self.lowercase else (lambda t: t)
             batch = [low(texts[i]) if pairs is None or pairs[i] is None else (low(texts[i]), low(pairs[i]))
                      for i in str_idx]
-            encodings = (self._truncating if truncate else self._tok).encode_batch(batch)
+            try:
+                encodings = (self._truncating if truncate else self._tok).encode_batch(batch)
+            except (TypeError, ValueError) as exc:    # e.g. a lone surrogate, which has no UTF-8
+                raise InvalidInputError(f"an input cannot be tokenized: {exc}") from None
             for i, enc in zip(str_idx, encodings):
                 if len(enc.ids) > self.max_tokens:
                     raise InputTooLongError(

@@ -13,6 +13,16 @@ import importlib
 _BACKENDS = {"cpu": "turboserve.ops.cpu", "cuda": "turboserve.ops.cuda"}
 
 
+def check_device(device) -> None:
+    """A model's device must exist: a clear error, not torch's assertion at the first tensor moved."""
+    import torch
+
+    from ..errors import InvalidInputError
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r}: this torch build sees no CUDA GPU (torch {torch.__version__}); "
+                                "use cpu")
+
+
 def use_device_on_this_thread(device) -> None:
     """A worker thread running a model on GPU N makes N its current device first: the current GPU
     is per thread, and Triton launches on it (backend_for set it only on the loading thread)."""
@@ -23,9 +33,11 @@ def use_device_on_this_thread(device) -> None:
 
 
 def backend_for(device: str):
-    kind = device.split(":")[0]
+    from ..errors import InvalidInputError
+    kind = str(device).split(":")[0]
     if kind not in _BACKENDS:
-        raise ValueError(f"no ops backend for device {device!r}; available: {', '.join(_BACKENDS)}")
+        raise InvalidInputError(f"no ops backend for device {device!r}; available: {', '.join(_BACKENDS)}")
+
     backend = importlib.import_module(_BACKENDS[kind])
     if kind == "cuda" and ":" in device:
         import torch
