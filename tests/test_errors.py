@@ -132,3 +132,16 @@ def test_cli_flags_read_turboserve_environment_variables(monkeypatch, capsys):
     monkeypatch.setenv("TURBOSERVE_PORT", "abc")                # serve's variable: embed does not read it
     monkeypatch.setattr(cli, "cmd_embed", lambda args: 0)
     assert cli.main(["embed"]) == 0
+
+
+def test_cli_embed_reads_crlf_and_refuses_non_utf8_lines(tmp_path):
+    import subprocess
+    import sys
+    run = lambda data: subprocess.run([sys.executable, "-m", "turboserve", "embed"], input=data,   # noqa: E731
+                                      capture_output=True, timeout=300)
+    ok = run(b"hello\r\nworld\r\n")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    rows = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert [r["text"] for r in rows] == ["hello", "world"] and len(rows[0]["embedding"]) == 384
+    bad = run(b"ok\n\xff\xfe bad\n")
+    assert bad.returncode == 2 and b"line 2 of the input is not UTF-8" in bad.stderr and b"Traceback" not in bad.stderr

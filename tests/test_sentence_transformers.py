@@ -77,6 +77,8 @@ def test_prompts_and_the_default_prompt(tmp_path):
     assert cosines(st, enc, prompt_name="passage")[0] > 0.99999
     with pytest.raises(InvalidInputError, match="unknown prompt_name"):
         enc.embed(["x"], prompt_name="nope")
+    # per-token states get the prompt too, as /embed_all and sentence-transformers' token embeddings
+    assert enc.hidden_states(["x"])[0].shape[0] == len(enc.tokenize(["query: x"])[0].ids)
 
 
 def test_max_seq_length_and_lowercasing_of_sentence_bert_config(tmp_path):

@@ -83,15 +83,26 @@ def cmd_embed(args) -> int:
                        calibration=args.calibration, tensor_parallel=args.tensor_parallel, device=args.device,
                        max_input_length=args.max_input_length)
     try:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = []
+        for number, raw in enumerate(sys.stdin.buffer, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")        # CRLF input too
+            except UnicodeDecodeError as exc:
+                raise TurboServeError(f"line {number} of the input is not UTF-8 ({exc.reason})") from None
+            if line.strip():
+                texts.append(line)
         if not texts:
             raise TurboServeError("no input: give one text per line on standard input")
         vectors = enc.embed(texts, truncate=args.truncate)
     finally:
         enc.close()
     out = sys.stdout
-    for text, vec in zip(texts, vectors.tolist()):
-        out.write(json.dumps({"text": text, "embedding": [round(v, 6) for v in vec]}) + "\n")
+    try:
+        for text, vec in zip(texts, vectors.tolist()):
+            out.write(json.dumps({"text": text, "embedding": [round(v, 6) for v in vec]}) + "\n")
+        out.flush()
+    except BrokenPipeError:             # `turboserve embed | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

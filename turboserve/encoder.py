@@ -233,12 +233,13 @@ class Encoder:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out
 
-    def hidden_states(self, inputs, truncate: bool = False) -> list[torch.Tensor]:
-        """Per-token last hidden states, one [L_i, H] fp32 tensor per input."""
+    def hidden_states(self, inputs, truncate: bool = False, prompt_name: str | None = None) -> list[torch.Tensor]:
+        """Per-token last hidden states, one [L_i, H] fp32 tensor per input; texts get the named (or
+        the model's default) prompt first, as embed() and TEI's /embed_all do."""
         def split(h, b: PackedBatch):
             h = h.float()
             return [h[b.cu_seqlens[i]:b.cu_seqlens[i + 1]].clone() for i in range(b.num_seqs)]
-        return self._run(self.tokenize(inputs, truncate=truncate), split)
+        return self._run(self.tokenize(self.with_prompt(inputs, prompt_name), truncate=truncate), split)
 
     def classify(self, inputs, pairs=None, truncate: bool = False) -> torch.Tensor:
         """Sequence-classification logits [N, num_labels]; label names in `id2label`."""

@@ -79,7 +79,7 @@ class TextTokenizer:
                 if len(enc.ids) > self.max_tokens:
                     raise InputTooLongError(
                         f"input {i} has {len(enc.ids)} tokens; this model accepts at most {self.max_tokens}"
-                        " (pass truncate=True to cut it)")
+                        " (truncation cuts it: truncate=True, --truncate, or the request's truncate)")
                 out[i] = Encoded(list(enc.ids), list(enc.type_ids))
         return out
 
@@ -93,7 +93,8 @@ class TextTokenizer:
         if len(ids) > self.max_tokens:
             if not truncate:
                 raise InputTooLongError(f"input {index} has {len(ids)} tokens; this model accepts at most "
-                                        f"{self.max_tokens} (pass truncate=True to cut it)")
+                                        f"{self.max_tokens} (truncation cuts it: truncate=True, --truncate, "
+                                        "or the request's truncate)")
             ids = ids[: self.max_tokens]
         return list(ids)
 
