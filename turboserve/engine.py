@@ -141,7 +141,7 @@ class _Done:
     tokens: int
     pooled: torch.Tensor | None
     logits: torch.Tensor | None
-    hidden: torch.Tensor | None      # fp32 [T, H], copied out of the workspace
+    hidden: tuple | None             # per sequence fp32 [L_i, H], copied out of the workspace
     elapsed: float
 
 
@@ -201,8 +201,7 @@ class EncoderEngine:
                 return job.future
             if tokens > self.max_queued_tokens:
                 raise TooLarge(f"the request has {tokens} tokens; the queue holds at most {self.max_queued_tokens}")
-            if len(self._jobs) >= self.max_queued_requests or self._queued_tokens + tokens > self.max_queued_tokens:
-                raise Overloaded(f"queue full ({len(self._jobs)} requests, {self._queued_tokens} tokens queued)")
+            self._check_room(tokens)
             self._queued_tokens += tokens
             self._jobs[job.future] = job
             self._queue.extend(WorkItem(job, i) for i in range(len(items)))
@@ -228,8 +227,12 @@ class EncoderEngine:
     def check_room(self) -> None:
         """Overloaded if a request could not be queued now (asked before tokenizing it)."""
         with self._cv:
-            if len(self._jobs) >= self.max_queued_requests or self._queued_tokens >= self.max_queued_tokens:
-                raise Overloaded(f"queue full ({len(self._jobs)} requests, {self._queued_tokens} tokens queued)")
+            self._check_room(1)
+
+    def _check_room(self, tokens: int) -> None:
+        """Overloaded unless one more request of `tokens` fits in both bounds (under self._cv)."""
+        if len(self._jobs) >= self.max_queued_requests or self._queued_tokens + tokens > self.max_queued_tokens:
+            raise Overloaded(f"queue full ({len(self._jobs)} requests, {self._queued_tokens} tokens queued)")
 
     @property
     def queue_depth(self) -> tuple[int, int]:
@@ -420,13 +423,14 @@ class EncoderEngine:
         # results leave the model's device here (no-ops on the CPU)
         pooled = sentence_embedding(hidden, packed, enc.pooling).cpu() if "embed" in kinds else None
         logits = enc.model.classify(hidden, packed).cpu() if "classify" in kinds else None
-        states = hidden.float().cpu().clone() if "hidden" in kinds else None    # the workspace is reused
+        cu = packed.cu_seqlens
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        states = (hidden.float().cpu().clone().split(lengths)          # the workspace is reused
+                  if "hidden" in kinds else None)
         elapsed = time.perf_counter() - start
         self.busy_seconds += elapsed
         self.last_batch = time.monotonic()
-        cu = packed.cu_seqlens
-        done = _Done(batch, [b - a for a, b in zip(cu, cu[1:])], packed.num_tokens, pooled, logits, states,
-                     elapsed)
+        done = _Done(batch, lengths, packed.num_tokens, pooled, logits, states, elapsed)
         if self.pipeline:
             self._answer.put(done)
         else:
@@ -441,16 +445,12 @@ class EncoderEngine:
         if self.metrics is not None and served:
             self.metrics.batch(len(done.batch), done.tokens, done.elapsed)
             self.metrics.model_busy.inc(done.elapsed)
-        starts = [0]
-        for n in done.lengths:
-            starts.append(starts[-1] + n)
         with self._state_lock:
             for row, item in enumerate(done.batch):
                 job = item.job
                 if job.remaining < 0:
                     continue
-                out = {"embed": done.pooled, "classify": done.logits}.get(job.kind)
-                out = out[row] if out is not None else done.hidden[starts[row]:starts[row + 1]]
+                out = {"embed": done.pooled, "classify": done.logits, "hidden": done.hidden}[job.kind][row]
                 job.results[item.index] = out.clone()
                 job.inference += done.elapsed * done.lengths[row] / done.tokens
                 job.remaining -= 1

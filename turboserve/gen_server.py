@@ -30,7 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import parallel
-from .errors import InputTooLongError, InvalidInputError, TurboServeError
+from .errors import InvalidInputError, TurboServeError
 from .llm import AsyncLLM, DecoderTokenizer, EngineDead, LLMEngine, QueueFull, StreamEvent
 from .metrics import LATENCY_BUCKETS
 from .sampling import SamplingParams
@@ -195,6 +195,22 @@ def _logprobs_payload(draws, tokenizer, chat: bool, offset: int = 0):
             "text_offset": offsets}
 
 
+def _api_error(exc: BaseException) -> ApiError:
+    """The HTTP answer to an engine error, raised at submit or delivered on a request's queue."""
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc), "Overloaded")
+    if isinstance(exc, EngineDead):
+        return ApiError(503, str(exc), "Unhealthy")
+    if isinstance(exc, TurboServeError):
+        return ApiError(400, str(exc))
+    return ApiError(500, f"generation failed: {exc}", "Backend")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 @dataclass
 class _Job:
     """One HTTP request's generation: its engine requests (one per prompt) feeding one queue."""
@@ -219,14 +235,8 @@ class _Job:
             self.abort()
             raise ApiError(504, "the request's deadline passed before its first token", "Timeout") from None
         self.started = True
-        if isinstance(ev, QueueFull):
-            raise ApiError(429, str(ev), "Overloaded")
-        if isinstance(ev, EngineDead):
-            raise ApiError(503, str(ev), "Unhealthy")
-        if isinstance(ev, TurboServeError):
-            raise ApiError(400, str(ev))
         if isinstance(ev, BaseException):
-            raise ApiError(500, f"generation failed: {ev}", "Backend")
+            raise _api_error(ev)
         return ev
 
 
@@ -306,11 +316,9 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 try:
                     for k, (r, ids) in enumerate(zip(job.request_ids, prompts)):
                         llm.submit(r, ids, params, queue=job.queue, index_base=k * params.n)
-                except (InputTooLongError, InvalidInputError, QueueFull, EngineDead) as exc:
+                except TurboServeError as exc:
                     job.abort()       # the prompts already submitted
-                    kind = {QueueFull: (429, "Overloaded"), EngineDead: (503, "Unhealthy")}.get(type(exc),
-                                                                                             (400, "Validation"))
-                    raise ApiError(kind[0], str(exc), kind[1]) from None
+                    raise _api_error(exc) from None
                 meta = {"id": rid, "created": int(time.time()), "model": state.name}
                 if stream:           # what fails before the first token (504, 429) is a real HTTP status
                     try:
@@ -368,8 +376,7 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 choices.append({"index": i, "text": text[i], "logprobs": lp, "finish_reason": reasons[i]})
         completion = sum(count)
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": job.prompt_tokens + completion}}
+                "usage": _usage(job.prompt_tokens, completion)}
 
     async def _sse(job: _Job, chat, include_usage, meta, tok, first: StreamEvent):
         """Server-sent events. Starlette cancels this generator when the client disconnects; the
@@ -418,10 +425,8 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 done += ev.finished
             else:
                 if include_usage:
-                    completion = sum(count)
-                    yield b"data: " + orjson.dumps({**meta, "object": obj, "choices": [], "usage": {
-                        "prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
-                        "total_tokens": job.prompt_tokens + completion}}) + b"\n\n"
+                    yield b"data: " + orjson.dumps({**meta, "object": obj, "choices": [],
+                                                    "usage": _usage(job.prompt_tokens, sum(count))}) + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
             if done < n:

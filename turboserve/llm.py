@@ -235,7 +235,10 @@ class LLMEngine:
             seqs.append(Sequence(request_id, i, list(prompt_ids), params, g, max_tokens,
                                  StopChecker(self.tokenizer, params.stop)))
         self._by_request[request_id] = seqs
-        self.waiting.extend(seqs)
+        if admit:
+            self.waiting.extend(seqs)
+        else:                                   # a health probe: ahead of the queue
+            self.waiting.extendleft(reversed(seqs))
         return seqs
 
     def abort(self, request_id: str) -> None:
@@ -601,11 +604,7 @@ class AsyncLLM:
                 for item in inbox:
                     if item[0] == "add":
                         try:
-                            seqs = e.add_request(item[1], item[2], item[3], item[4])
-                            if not item[4]:      # a health probe: ahead of the queue
-                                for s in seqs:
-                                    e.waiting.remove(s)
-                                e.waiting.extendleft(reversed(seqs))
+                            e.add_request(item[1], item[2], item[3], item[4])
                         except Exception as exc:   # noqa: BLE001 - this request's error, not the engine's
                             self._emit(item[1], exc if isinstance(exc, TurboServeError) else
                                        InvalidInputError(f"the request could not be added: {exc}"))

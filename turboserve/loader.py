@@ -89,10 +89,10 @@ class CheckpointView:
         return (self.prefix + key) in self.state or key in self.state
 
 
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken", "weightedmean")
 # sentence-transformers' names (its `pooling_mode` strings, and the older boolean keys) -> ours
 _ST_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
                "lasttoken": "lasttoken", "weightedmean": "weightedmean"}
+POOLING_MODES = tuple(_ST_POOLING.values())
 _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_lasttoken": "lasttoken",
                     "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_mean_tokens": "mean"}

@@ -202,9 +202,10 @@ def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
     blocks, heads, dim, block_size = cache.k.shape          # ops.cpu.PagedKV's layout, int8 too
     _require(v.shape == k.shape and slot_blocks.numel() == slot_offsets.numel() == n and (heads, dim) == (kv_heads, d),
              "kv_write: K / V and the cache's heads or head size disagree")
-    if n:
-        _require(0 <= int(slot_blocks.min()) and int(slot_blocks.max()) < blocks and 0 <= int(slot_offsets.min())
-                 and int(slot_offsets.max()) < block_size, "kv_write: a slot outside the cache")
+    if n:                                       # one pass over each index tensor (every layer, every step)
+        (b_lo, b_hi), (o_lo, o_hi) = torch.aminmax(slot_blocks), torch.aminmax(slot_offsets)
+        _require(0 <= int(b_lo) and int(b_hi) < blocks and 0 <= int(o_lo) and int(o_hi) < block_size,
+                 "kv_write: a slot outside the cache")
     lib().kv_write(_ptr(k), k.stride(0), _ptr(v), v.stride(0), _ptr(slot_blocks), _ptr(slot_offsets), n,
                    _ptr(cache.k), _ptr(cache.v), _opt(cache.k_scale), _opt(cache.v_scale), KV_KINDS[cache.k.dtype],
                    kv_heads, d, cache.k.shape[3], _threads())

@@ -37,9 +37,6 @@ def backend_for(device: str):
     kind = str(device).split(":")[0]
     if kind not in _BACKENDS:
         raise InvalidInputError(f"no ops backend for device {device!r}; available: {', '.join(_BACKENDS)}")
-
     backend = importlib.import_module(_BACKENDS[kind])
-    if kind == "cuda" and ":" in device:
-        import torch
-        torch.cuda.set_device(torch.device(device))
+    use_device_on_this_thread(device)           # "cuda:N": the loading thread's tensors land on N
     return backend
