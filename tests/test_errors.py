@@ -145,3 +145,23 @@ def test_cli_embed_reads_crlf_and_refuses_non_utf8_lines(tmp_path):
     assert [r["text"] for r in rows] == ["hello", "world"] and len(rows[0]["embedding"]) == 384
     bad = run(b"ok\n\xff\xfe bad\n")
     assert bad.returncode == 2 and b"line 2 of the input is not UTF-8" in bad.stderr and b"Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("arch,field,value,weight", [
+    ("bert", "intermediate_size", 96, "intermediate.dense.weight"),
+    ("distilbert", "hidden_dim", 96, "ffn.lin1.weight"),
+    ("roberta", "vocab_size", 1000, "word_embeddings.weight"),
+    ("gpt2", "n_inner", 96, "mlp.c_fc.weight"),
+    ("llama", "num_key_value_heads", 4, "self_attn.k_proj.weight"),
+    ("qwen2", "head_dim", 8, "self_attn.q_proj.weight"),
+])
+def test_weights_that_disagree_with_config_fail_at_load(tmp_path, model_dirs, decoder_dirs, arch, field, value, weight):
+    """A checkpoint whose weights do not have the shapes its config.json implies is refused at load,
+    naming the weight and both shapes (before, it loaded and failed inside the first request)."""
+    from turboserve.llm import LLM
+    d = tmp_path / arch
+    shutil.copytree({**model_dirs, **decoder_dirs}[arch], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ModelLoadError, match=f"{weight}' is .* but config.json implies"):
+        (LLM if arch in decoder_dirs else Encoder).load(d)

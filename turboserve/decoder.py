@@ -135,11 +135,12 @@ class DecoderModel:
 
         e = spec.emb_names
         dev = self.device
-        self.word_emb = view.get(e["word"] + ".weight")
-        self.pos_emb = view.get(e["pos"] + ".weight").to(dev) if "pos" in e else None
+        self.word_emb = view.get(e["word"] + ".weight", (self.vocab_size, self.hidden))
+        self.pos_emb = view.get(e["pos"] + ".weight", (self.max_positions, self.hidden)).to(dev) if "pos" in e else None
         self.final_norm = self._norm(view, e["final_norm"])
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
-        head = None if spec.config_value(config, "tie") else view.get("lm_head.weight", required=False)
+        head = None if spec.config_value(config, "tie") else view.get("lm_head.weight", (self.vocab_size, self.hidden),
+                                                                               required=False)
         self.word_emb = self.word_emb.to(dev, self.act_dtype).contiguous()
         self.lm_head = self.word_emb if head is None else head.to(dev, self.act_dtype).contiguous()   # tied: one copy
         # int8: the LM head too (at 64 sampled rows it was 30% of GPT-2's decode FLOPs); fp32 / bf16
@@ -153,17 +154,18 @@ class DecoderModel:
 
     # ------------------------------------------------------------------ loading
     def _norm(self, view: CheckpointView, key: str) -> tuple:
-        bias = view.get(key + ".bias", required=False)
+        bias = view.get(key + ".bias", (self.hidden,), required=False)
         dev, dt = self.device, self.act_dtype
-        return view.get(key + ".weight").to(dev, dt), None if bias is None else bias.to(dev, dt)
+        return view.get(key + ".weight", (self.hidden,)).to(dev, dt), None if bias is None else bias.to(dev, dt)
 
-    def _linear(self, view: CheckpointView, keys: list[str]):
-        """One linear from one or more checkpoint linears stacked along the output (fused QKV / gate|up)."""
+    def _linear(self, view: CheckpointView, keys: list[str], outs: list[int], in_features: int):
+        """One linear from one or more checkpoint linears stacked along the output (fused QKV / gate|up);
+        checkpoint linear k is [outs[k], in_features] (stored transposed with Conv1D)."""
         ws, bs = [], []
-        for k in keys:
-            w = view.get(k + ".weight")
+        for k, out in zip(keys, outs, strict=True):
+            w = view.get(k + ".weight", (in_features, out) if self.spec.conv1d else (out, in_features))
             ws.append(w.t() if self.spec.conv1d else w)
-            bs.append(view.get(k + ".bias", required=False))
+            bs.append(view.get(k + ".bias", (out,), required=False))
         weight = torch.cat(ws)
         bias = None if all(b is None for b in bs) else torch.cat(
             [b if b is not None else torch.zeros(w.shape[0]) for b, w in zip(bs, ws)])
@@ -172,15 +174,18 @@ class DecoderModel:
     def _load_layer(self, view: CheckpointView, i: int) -> DecoderLayer:
         n = self.spec.layer_names
         p = f"{self.spec.layer_prefix}.{i}."
+        H, I = self.hidden, self.intermediate
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.spec.fused_qkv_conv1d:
-            qkv = self._linear(view, [p + n["qkv"]])
+            qkv = self._linear(view, [p + n["qkv"]], [q + 2 * kv], H)
         else:
-            qkv = self._linear(view, [p + n["q"], p + n["k"], p + n["v"]])
+            qkv = self._linear(view, [p + n["q"], p + n["k"], p + n["v"]], [q, kv, kv], H)
         if self.spec.gated_mlp:
-            up, down = self._linear(view, [p + n["gate"], p + n["up"]]), self._linear(view, [p + n["down"]])
+            up = self._linear(view, [p + n["gate"], p + n["up"]], [I, I], H)
+            down = self._linear(view, [p + n["down"]], [H], I)
         else:
-            up, down = self._linear(view, [p + n["fc1"]]), self._linear(view, [p + n["fc2"]])
-        return DecoderLayer(self._norm(view, p + n["norm1"]), qkv, self._linear(view, [p + n["o"]]),
+            up, down = self._linear(view, [p + n["fc1"]], [I], H), self._linear(view, [p + n["fc2"]], [H], I)
+        return DecoderLayer(self._norm(view, p + n["norm1"]), qkv, self._linear(view, [p + n["o"]], [H], q),
                             self._norm(view, p + n["norm2"]), up, down)
 
     # ------------------------------------------------------------------ cache

@@ -74,13 +74,22 @@ class CheckpointView:
             raise ModelLoadError(f"{model_dir}: weights do not look like a {spec.model_type} model "
                                  f"(no {probe!r})")
 
-    def get(self, key: str, required: bool = True) -> torch.Tensor | None:
+    def get(self, key: str, shape: tuple | None = None, required: bool = True) -> torch.Tensor | None:
+        """The fp32 tensor stored under `key`. `shape`, if given, is what the config implies (None for
+        a free dimension): a checkpoint that disagrees with its config.json fails here, at load, and
+        not at the first request."""
         # old BERT checkpoints (google-bert/bert-base-uncased) name LayerNorm parameters gamma / beta
         legacy = (key[:-len(".weight")] + ".gamma" if key.endswith("LayerNorm.weight") else
                   key[:-len(".bias")] + ".beta" if key.endswith("LayerNorm.bias") else None)
         for name in (self.prefix + key, key) + ((self.prefix + legacy, legacy) if legacy else ()):
             if name in self.state:
-                return self.state[name].float()
+                t = self.state[name]
+                if shape is not None and (t.dim() != len(shape) or any(
+                        want is not None and got != want for got, want in zip(t.shape, shape))):
+                    want = "x".join("*" if d is None else str(d) for d in shape)
+                    raise ModelLoadError(f"{self.model_dir}: weight {name!r} is {'x'.join(map(str, t.shape))}, "
+                                         f"but config.json implies {want}")
+                return t.float()
         if required:
             raise ModelLoadError(f"{self.model_dir}: weight {self.prefix + key!r} is missing")
         return None

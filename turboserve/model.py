@@ -36,8 +36,9 @@ class LayerWeights:
     ln2: tuple
 
 
-def _ln(view: CheckpointView, key: str, dtype, device) -> tuple:
-    return view.get(key + ".weight").to(device, dtype), view.get(key + ".bias").to(device, dtype)
+def _ln(view: CheckpointView, key: str, width: int, dtype, device) -> tuple:
+    return (view.get(key + ".weight", (width,)).to(device, dtype),
+            view.get(key + ".bias", (width,)).to(device, dtype))
 
 
 class EncoderModel:
@@ -76,10 +77,12 @@ class EncoderModel:
 
         e = spec.emb_names
         adt, dev = self.act_dtype, self.device
-        self.word_emb = view.get(e["word"] + ".weight").to(dev, adt)
-        self.pos_emb = view.get(e["pos"] + ".weight").to(dev, adt)
-        self.type_emb = view.get(e["type"] + ".weight").to(dev, adt) if "type" in e and view.has(e["type"] + ".weight") else None
-        self.emb_ln = _ln(view, e["ln"], adt, dev)
+        H = self.hidden
+        self.word_emb = view.get(e["word"] + ".weight", (self.vocab_size, H)).to(dev, adt)
+        self.pos_emb = view.get(e["pos"] + ".weight", (self.max_positions, H)).to(dev, adt)
+        self.type_emb = (view.get(e["type"] + ".weight", (None, H)).to(dev, adt)
+                         if "type" in e and view.has(e["type"] + ".weight") else None)
+        self.emb_ln = _ln(view, e["ln"], H, adt, dev)
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         self.head = self._load_head(view, config)
 
@@ -103,8 +106,10 @@ class EncoderModel:
         """Layer i's fp32 (weight, bias) pairs, with Q, K and V concatenated into one projection."""
         names = self.spec.layer_names
         p = f"{self.spec.layer_prefix}.{i}."
-        w = {k: (view.get(p + names[k] + ".weight"), view.get(p + names[k] + ".bias"))
-             for k in ("q", "k", "v", "o", "fc1", "fc2")}
+        H, I = self.hidden, self.intermediate
+        shapes = {"q": (H, H), "k": (H, H), "v": (H, H), "o": (H, H), "fc1": (I, H), "fc2": (H, I)}
+        w = {k: (view.get(p + names[k] + ".weight", shape), view.get(p + names[k] + ".bias", shape[:1]))
+             for k, shape in shapes.items()}
         qkv = (torch.cat([w["q"][0], w["k"][0], w["v"][0]]), torch.cat([w["q"][1], w["k"][1], w["v"][1]]))
         return {"qkv": qkv, "o": w["o"], "fc1": w["fc1"], "fc2": w["fc2"]}
 
@@ -113,8 +118,8 @@ class EncoderModel:
         names = self.spec.layer_names
         p = f"{self.spec.layer_prefix}.{i}."
         lin = {k: self.ops.make_linear(*wb, self.dtype_name) for k, wb in raw.items()}
-        return LayerWeights(**lin, ln1=_ln(view, p + names["ln1"], self.act_dtype, self.device),
-                            ln2=_ln(view, p + names["ln2"], self.act_dtype, self.device))
+        return LayerWeights(**lin, ln1=_ln(view, p + names["ln1"], self.hidden, self.act_dtype, self.device),
+                            ln2=_ln(view, p + names["ln2"], self.hidden, self.act_dtype, self.device))
 
     def _load_head(self, view: CheckpointView, config: dict):
         """Sequence-classification head, if the checkpoint is one (config `architectures`; without
@@ -136,8 +141,9 @@ class EncoderModel:
             src = key if key in view.state else alt + ".weight"
             if src not in view.state:
                 raise ModelLoadError(f"classification head weight {key!r} is missing")
-            layers.append((view.state[src].float().to(self.device),
-                           view.state[src[:-len("weight")] + "bias"].float().to(self.device), act))
+            out = None if act is None else self.hidden          # the last layer's width is the label count
+            layers.append((view.get(src, (out, self.hidden)).to(self.device),
+                           view.get(src[:-len("weight")] + "bias", (out,)).to(self.device), act))
         return layers
 
     # ---------------------------------------------------------------- forward
