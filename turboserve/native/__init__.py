@@ -4,6 +4,12 @@ The library is built with the system C compiler (`cc`, -O3 -march=native -ffast-
 ~/.cache/turboserve (or $TURBOSERVE_CACHE), keyed by the source's hash and this CPU's flags, so a
 build takes about a second once per machine. If no compiler is available, `lib()` returns None and
 the ops fall back to their PyTorch versions (set TURBOSERVE_NATIVE=0 to force that).
+
+kernels.c has three tiers, chosen at compile time from what -march=native enables: AVX-512 (with VNNI
+for the int8 dot products), AVX2 + FMA (AMD Zen 1-3, Intel before Ice Lake: 8-lane versions of the
+activations, attention and quantization, and an int16-madd int8 GEMM), and plain C that the compiler
+vectorizes as it can. TURBOSERVE_NATIVE_ISA=avx2 or =generic builds a lower tier on a CPU that has a
+higher one (the tests run the kernels' parity checks that way, so every tier is checked on one machine).
 """
 from __future__ import annotations
 
@@ -38,12 +44,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+# extra compiler flags of each kernel tier below the CPU's own (x86; elsewhere only "native" applies)
+_ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
+
+
 def _build() -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + _cpu_flags().encode() + platform.machine().encode()).hexdigest()[:16]
+    isa = _ISA_FLAGS.get(os.environ.get("TURBOSERVE_NATIVE_ISA", "native"))
+    if isa is None:
+        log.warning("TURBOSERVE_NATIVE_ISA must be one of %s; building for this CPU", ", ".join(_ISA_FLAGS))
+        isa = []
+    key = hashlib.sha256(src + _cpu_flags().encode() + platform.machine().encode()
+                         + " ".join(isa).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
     target = cache / f"kernels-{key}.so"
     if target.exists():
@@ -51,8 +66,8 @@ def _build() -> Path | None:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = Path(tmp) / "kernels.so"
-        cmd = [compiler, "-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC", "-shared",
-               str(SOURCE), "-o", str(out), "-lm"]
+        cmd = [compiler, "-O3", "-march=native", *isa, "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC",
+               "-shared", str(SOURCE), "-o", str(out), "-lm"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             log.warning("native kernels failed to build, using PyTorch ops: %s", result.stderr.strip()[:500])
@@ -94,6 +109,7 @@ def _load():
     L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64, i32]
     L.release_thread_pool.argtypes = []
     L.built_with_vnni.argtypes = []
+    L.int8_gemm_is_avx2.argtypes = []
     L.rope.argtypes = [p, i64, i64, i64, i64, p, p, i32]
     return L
 
@@ -225,6 +241,13 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
 def has_vnni() -> bool:
     """Whether the library was built with AVX-512 VNNI (int8 paged attention in dot products)."""
     return lib() is not None and bool(lib().built_with_vnni())
+
+
+def int8_gemm_everywhere() -> bool:
+    """Whether int8 linears should take the native GEMM at every row count: on CPUs with AVX2 and no
+    AVX-512 VNNI, where torch._int_mm has no fast kernel (4 GOP/s on a 2-core AMD EPYC, against the
+    native int16-madd kernel's 180 and fp32's 115 GFLOP/s: benchmarks/decode_gemm.py)."""
+    return lib() is not None and bool(lib().int8_gemm_is_avx2())
 
 
 def release_thread_pool() -> None:

@@ -7,7 +7,7 @@
  */
 #include <math.h>
 #include <omp.h>
-#ifdef __AVX512F__
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 #include <stdint.h>
@@ -71,6 +71,47 @@ static inline __m512 erf512(__m512 x) {
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y),
         _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u))));
 }
+#elif defined(__AVX2__)
+/* The same two functions in 8 lanes for AVX2-only CPUs (AMD Zen 1-3, Intel before Ice Lake), where
+ * the scalar expf / erff loops made fc1's GELU epilogue cost as much as fc1 itself. No scalef: 2^n is
+ * built in the exponent bits, so x is clamped to [-87, 88] (exp(88) = 1.7e38 instead of inf above). */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 erf256(__m256 x) {          /* A & S 7.1.28, as erf512 */
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256 ax = _mm256_andnot_ps(sign, x);
+    __m256 p = _mm256_set1_ps(0.0000430638f);
+    p = _mm256_fmadd_ps(p, ax, _mm256_set1_ps(0.0002765672f));
+    p = _mm256_fmadd_ps(p, ax, _mm256_set1_ps(0.0001520143f));
+    p = _mm256_fmadd_ps(p, ax, _mm256_set1_ps(0.0092705272f));
+    p = _mm256_fmadd_ps(p, ax, _mm256_set1_ps(0.0422820123f));
+    p = _mm256_fmadd_ps(p, ax, _mm256_set1_ps(0.0705230784f));
+    p = _mm256_fmadd_ps(p, ax, _mm256_set1_ps(1.0f));
+    p = _mm256_mul_ps(p, p);
+    p = _mm256_mul_ps(p, p);
+    p = _mm256_mul_ps(p, p);
+    p = _mm256_mul_ps(p, p);                                  /* p^16 */
+    __m256 t = _mm256_rcp_ps(p);
+    t = _mm256_mul_ps(t, _mm256_fnmadd_ps(p, t, _mm256_set1_ps(2.0f)));
+    t = _mm256_blendv_ps(t, _mm256_setzero_ps(), _mm256_cmp_ps(p, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+    const __m256 y = _mm256_sub_ps(_mm256_set1_ps(1.0f), t);
+    return _mm256_or_ps(y, _mm256_and_ps(x, sign));
+}
 #endif
 
 static void activate_row(float *v, int64_t n, int act) {
@@ -101,6 +142,30 @@ static void activate_row(float *v, int64_t n, int act) {
             _mm512_storeu_ps(v + c, _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(u2))));
         }
     }
+#elif defined(__AVX2__)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    if (act == ACT_GELU) {
+        for (; c + 8 <= n; c += 8) {
+            const __m256 x = _mm256_loadu_ps(v + c);
+            const __m256 e = erf256(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+            _mm256_storeu_ps(v + c, _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), _mm256_add_ps(e, one)));
+        }
+    } else if (act == ACT_SILU) {
+        for (; c + 8 <= n; c += 8) {
+            const __m256 x = _mm256_loadu_ps(v + c);
+            const __m256 e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), _mm256_set1_ps(80.0f)));
+            _mm256_storeu_ps(v + c, _mm256_div_ps(x, _mm256_add_ps(one, e)));
+        }
+    } else if (act == ACT_GELU_TANH) {
+        for (; c + 8 <= n; c += 8) {
+            const __m256 x = _mm256_loadu_ps(v + c);
+            const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+            const __m256 u2 = _mm256_min_ps(_mm256_mul_ps(_mm256_fmadd_ps(x3, _mm256_set1_ps(0.044715f), x),
+                                                          _mm256_set1_ps(-2.0f * 0.79788456080286536f)),
+                                            _mm256_set1_ps(80.0f));
+            _mm256_storeu_ps(v + c, _mm256_div_ps(x, _mm256_add_ps(one, exp256(u2))));
+        }
+    }
 #endif
     for (; c < n; c++) {
         const float x = v[c];
@@ -125,6 +190,14 @@ static float quantize_row(const float *v, const float *inv_smooth, int8_t *qr, i
     for (; c + 16 <= cols; c += 16)
         m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_mul_ps(_mm512_loadu_ps(v + c), _mm512_loadu_ps(inv_smooth + c))));
     amax = _mm512_reduce_max_ps(m);
+#elif defined(__AVX2__)
+    const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (; c + 8 <= cols; c += 8)
+        m = _mm256_max_ps(m, _mm256_and_ps(nosign, _mm256_mul_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(inv_smooth + c))));
+    float lane[8];
+    _mm256_storeu_ps(lane, m);
+    for (int u = 0; u < 8; u++) amax = fmaxf(amax, lane[u]);
 #endif
     for (; c < cols; c++) amax = fmaxf(amax, fabsf(v[c] * inv_smooth[c]));
     /* max ignores NaN (and -ffast-math assumes none): look for non-finite values explicitly, so a
@@ -146,6 +219,16 @@ static float quantize_row(const float *v, const float *inv_smooth, int8_t *qr, i
         const __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(v + c), _mm512_loadu_ps(inv_smooth + c)), vinv);
         const __m512i n = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(x), lo), hi);
         _mm_storeu_si128((__m128i *)(qr + c), _mm512_cvtepi32_epi8(n));
+    }
+#elif defined(__AVX2__)
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (; c + 16 <= cols; c += 16) {      /* 16 values -> 2 x 8 int32 -> 16 int16 -> 16 int8 (saturating packs) */
+        const __m256i n0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(inv_smooth + c)), vinv));
+        const __m256i n1 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(v + c + 8), _mm256_loadu_ps(inv_smooth + c + 8)), vinv));
+        const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(n0, n1), 0xD8);   /* undo the per-lane pack order */
+        __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+        b8 = _mm_max_epi8(b8, _mm_set1_epi8(-127));                                     /* -128 -> -127 */
+        _mm_storeu_si128((__m128i *)(qr + c), b8);
     }
 #endif
     for (; c < cols; c++) qr[c] = (int8_t)fminf(fmaxf(nearbyintf(v[c] * inv_smooth[c] * inv), -127.0f), 127.0f);
@@ -296,6 +379,92 @@ static float softmax_numerators_avx512(float *s, int64_t L, float scale) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* The attention micro-kernels in 8 lanes (AVX2-only CPUs). 16 ymm registers: scores and P.V take the
+ * MR rows four at a time (8 accumulators, 2 key / value loads and a broadcast in flight). */
+static void scores_avx2(const float *const q[MR], const float *kt, int64_t d, int64_t Lp, float *s) {
+    for (int r0 = 0; r0 < MR; r0 += 4)
+        for (int64_t j0 = 0; j0 < Lp; j0 += 16) {           /* Lp is a multiple of 16 */
+            __m256 a[4][2];
+            for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < d; k++) {
+                const float *kr = kt + k * Lp + j0;
+                const __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8);
+                #pragma GCC unroll 4
+                for (int r = 0; r < 4; r++) {
+                    const __m256 qv = _mm256_broadcast_ss(q[r0 + r] + k);
+                    a[r][0] = _mm256_fmadd_ps(qv, k0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(qv, k1, a[r][1]);
+                }
+            }
+            for (int r = 0; r < 4; r++) {
+                _mm256_storeu_ps(s + (r0 + r) * Lp + j0, a[r][0]);
+                _mm256_storeu_ps(s + (r0 + r) * Lp + j0 + 8, a[r][1]);
+            }
+        }
+}
+
+/* acc[r][c0 .. c0 + 16) = inv[r] * sum_j s[r][j] * v_j[c0 ..], rows r0 .. r0 + 4 */
+static inline void pv_avx2(const float *v0, int64_t row, int64_t L, const float *s, int64_t Lp,
+                           const float inv[MR], float *acc, int64_t d, int64_t c0, int r0) {
+    __m256 a[4][2];
+    for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; j++) {
+        const float *vj = v0 + j * row + c0;
+        const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8);
+        #pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m256 p = _mm256_broadcast_ss(s + (r0 + r) * Lp + j);
+            a[r][0] = _mm256_fmadd_ps(p, x0, a[r][0]);
+            a[r][1] = _mm256_fmadd_ps(p, x1, a[r][1]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int v = 0; v < 2; v++)
+            _mm256_storeu_ps(acc + (r0 + r) * d + c0 + 8 * v, _mm256_mul_ps(a[r][v], _mm256_set1_ps(inv[r0 + r])));
+}
+
+static float softmax_numerators_avx2(float *s, int64_t L, float scale) {
+    const int64_t full = L / 8 * 8;
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < full; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+    float lane[8], mx = -INFINITY, z = 0.0f;
+    _mm256_storeu_ps(lane, m);
+    for (int u = 0; u < 8; u++) mx = fmaxf(mx, lane[u]);
+    for (int64_t j = full; j < L; j++) mx = fmaxf(mx, s[j]);
+    const __m256 vmx = _mm256_set1_ps(mx), sc = _mm256_set1_ps(scale);
+    __m256 vz = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j += 8) {
+        const __m256 e = exp256(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx), sc));
+        _mm256_storeu_ps(s + j, e);
+        vz = _mm256_add_ps(vz, e);
+    }
+    _mm256_storeu_ps(lane, vz);
+    for (int u = 0; u < 8; u++) z += lane[u];
+    for (int64_t j = full; j < L; j++) { s[j] = expf((s[j] - mx) * scale); z += s[j]; }
+    return z;
+}
+
+static inline void transpose8x8(__m256 r[8]) {
+    __m256 t[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x20);
+        t[4 + i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x31);
+    }
+    for (int i = 0; i < 8; i++) r[i] = t[i];
+}
+#endif
+
 #ifdef __AVX512F__
 /* In-register transpose of 16 rows of 16 floats (unpack, then shuffles within and across lanes). */
 static inline void transpose16x16(__m512 r[16]) {
@@ -341,6 +510,18 @@ static void transpose_keys(const float *k0, int64_t row, int64_t L, int64_t Lp, 
             }
         return;
     }
+#elif defined(__AVX2__)
+    if (d % 8 == 0) {
+        for (int64_t j0 = 0; j0 < Lp; j0 += 8)
+            for (int64_t c0 = 0; c0 < d; c0 += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++)
+                    r[i] = j0 + i < L ? _mm256_loadu_ps(k0 + (j0 + i) * row + c0) : _mm256_setzero_ps();
+                transpose8x8(r);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (c0 + i) * Lp + j0, r[i]);
+            }
+        return;
+    }
 #endif
     for (int64_t k = 0; k < d; k++)
         for (int64_t j = L; j < Lp; j++) kt[k * Lp + j] = 0.0f;
@@ -362,6 +543,16 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
         int64_t c0 = 0;
         for (; c0 + 32 <= d; c0 += 32) pv_avx512(v0, row, L, s, Lp, inv, acc, d, c0, 2);
         if (c0 < d) pv_avx512(v0, row, L, s, Lp, inv, acc, d, c0, 1);
+        for (int64_t r = 0; r < nq; r++) memcpy(out + (i0 + r) * H + h * d, acc + r * d, sizeof(float) * d);
+        return;
+    }
+#elif defined(__AVX2__)
+    scores_avx2(q, kt, d, Lp, s);
+    for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx2(s + r * Lp, L, scale);
+    if (d % 16 == 0) {
+        const float *v0 = base + 2 * H + h * d;
+        for (int r0 = 0; r0 < MR; r0 += 4)
+            for (int64_t c0 = 0; c0 < d; c0 += 16) pv_avx2(v0, row, L, s, Lp, inv, acc, d, c0, r0);
         for (int64_t r = 0; r < nq; r++) memcpy(out + (i0 + r) * H + h * d, acc + r * d, sizeof(float) * d);
         return;
     }
@@ -534,6 +725,17 @@ static inline void softmax_rows(int nr, float *sc, int64_t stride, const int64_t
             z = _mm512_add_ps(z, x);
         }
         sum = _mm512_reduce_add_ps(z);
+#elif defined(__AVX2__)
+        const __m256 mx = _mm256_set1_ps(m);
+        __m256 z = _mm256_setzero_ps();
+        for (; j + 8 <= e; j += 8) {
+            const __m256 x = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mx));
+            _mm256_storeu_ps(sr + j, x);
+            z = _mm256_add_ps(z, x);
+        }
+        float lane[8];
+        _mm256_storeu_ps(lane, z);
+        for (int u = 0; u < 8; u++) sum += lane[u];
 #endif
         for (; j < e; j++) { sr[j] = expf(sr[j] - m); sum += sr[j]; }
         for (j = e; j < n; j++) sr[j] = 0.f;
@@ -541,6 +743,99 @@ static inline void softmax_rows(int nr, float *sc, int64_t stride, const int64_t
         for (j = a; j < e; j++) sr[j] *= inv;
     }
 }
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* paged_rows in 8 lanes for AVX2-only CPUs, fp32 and bf16 caches (int8 ones take the scalar version):
+ * the same steps, half the vector width, 16 instead of 32 registers, so P.V goes 16 columns per pass. */
+static inline __m256i lanes8(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 0 ? 0 : n > 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static inline __m256 kv_load8(const void *base, int64_t idx, int64_t n, __m256i m, int kind) {
+    if (kind == KV_BF16) {
+        __m128i h;
+        if (n >= 8) {
+            h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + idx));
+        } else {
+            uint16_t t[8] = {0};
+            memcpy(t, (const uint16_t *)base + idx, sizeof(uint16_t) * (size_t)(n > 0 ? n : 0));
+            h = _mm_loadu_si128((const __m128i *)t);
+        }
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return n >= 8 ? _mm256_loadu_ps((const float *)base + idx) : _mm256_maskload_ps((const float *)base + idx, m);
+}
+
+static inline __attribute__((always_inline)) void paged_rows_avx2(
+        int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+        const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
+        const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh,
+        int64_t d, int64_t bs, float scale, float *sc, int64_t stride) {
+    const int64_t es = elem_size(kind), n = hi - lo + 1;
+    enum { CS = 4 };
+    const int cs = nr >= 3 ? 2 : CS;          /* rows x chains accumulators: at most 8 */
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
+        const char *kb = k_cache + slot * d * bs * es;
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
+        for (int64_t j0 = j_first; j0 <= j_last; j0 += 8) {
+            const int64_t off = j0 - b * bs, nk = j_last - j0 + 1;
+            const __m256i m = lanes8(nk);
+            __m256 a[PA_ROWS][CS];
+            for (int r = 0; r < nr; r++)
+                for (int u = 0; u < cs; u++) a[r][u] = _mm256_setzero_ps();
+            int64_t c = 0;
+            for (; c + cs <= d; c += cs) {
+                #pragma GCC unroll 4
+                for (int u = 0; u < cs; u++) {
+                    const __m256 kv = kv_load8(kb, (c + u) * bs + off, nk, m, kind);
+                    for (int r = 0; r < nr; r++) a[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(qr[r] + c + u), kv, a[r][u]);
+                }
+            }
+            for (; c < d; c++) {
+                const __m256 kv = kv_load8(kb, c * bs + off, nk, m, kind);
+                for (int r = 0; r < nr; r++) a[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(qr[r] + c), kv, a[r][0]);
+            }
+            for (int r = 0; r < nr; r++) {
+                __m256 t = a[r][0];
+                for (int u = 1; u < cs; u++) t = _mm256_add_ps(t, a[r][u]);
+                _mm256_maskstore_ps(sc + r * stride + (j0 - lo), m, _mm256_mul_ps(t, _mm256_set1_ps(scale)));
+            }
+        }
+    }
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n);
+    const int kp = nr <= 2 ? 2 : 1;
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+        const int64_t cw = d - c0 < 16 ? d - c0 : 16;
+        const __m256i mk[2] = {lanes8(cw), lanes8(cw - 8)};
+        __m256 acc[PA_ROWS][2][2];
+        for (int r = 0; r < nr; r++)
+            for (int p = 0; p < 2; p++) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+        for (int64_t b = lo / bs; b <= hi / bs; b++) {
+            const char *vb = v_cache + ((int64_t)table[b] * kv_heads + kh) * bs * d * es;
+            const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
+#define V_KEY(P, j) do { \
+                const int64_t off = (j) - b * bs; \
+                const __m256 x0 = kv_load8(vb, off * d + c0, cw, mk[0], kind); \
+                const __m256 x1 = cw > 8 ? kv_load8(vb, off * d + c0 + 8, cw - 8, mk[1], kind) : _mm256_setzero_ps(); \
+                for (int r = 0; r < nr; r++) { \
+                    const __m256 pj = _mm256_broadcast_ss(sc + r * stride + ((j) - lo)); \
+                    acc[r][P][0] = _mm256_fmadd_ps(pj, x0, acc[r][P][0]); \
+                    acc[r][P][1] = _mm256_fmadd_ps(pj, x1, acc[r][P][1]); \
+                } } while (0)
+            int64_t j = j_first;
+            if (kp == 2)
+                for (; j + 1 <= j_last; j += 2) { V_KEY(0, j); V_KEY(1, j + 1); }
+            for (; j <= j_last; j++) V_KEY(0, j);
+#undef V_KEY
+        }
+        for (int r = 0; r < nr; r++) {
+            _mm256_maskstore_ps(dst[r] + c0, mk[0], _mm256_add_ps(acc[r][0][0], acc[r][1][0]));
+            if (cw > 8) _mm256_maskstore_ps(dst[r] + c0 + 8, mk[1], _mm256_add_ps(acc[r][0][1], acc[r][1][1]));
+        }
+    }
+}
+#endif
 
 /* The reference version of a row group (see paged_rows), any element type, scalar: machines without
  * AVX-512, and int8 caches where VNNI or a block size that is a multiple of 16 is missing. */
@@ -889,6 +1184,15 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
 #ifdef __AVX512F__
                 if (kind == KV_F32) { BY_ROWS(F32_ROWS); continue; }
                 if (kind == KV_BF16) { BY_ROWS(BF16_ROWS); continue; }
+#elif defined(__AVX2__)
+#undef F32_ROWS
+#undef BF16_ROWS
+#define F32_ROWS(NR) paged_rows_avx2(KV_F32, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                     (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+#define BF16_ROWS(NR) paged_rows_avx2(KV_BF16, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                      (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+                if (kind == KV_F32) { BY_ROWS(F32_ROWS); continue; }
+                if (kind == KV_BF16) { BY_ROWS(BF16_ROWS); continue; }
 #endif
                 paged_rows_scalar(kind, nr, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache,
                                   (const char *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, block_size,
@@ -983,6 +1287,92 @@ static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *xu, i
 #undef VT_PREFETCH
 #endif
 
+#if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512VNNI__))
+/* AVX2 without VNNI: no 8-bit dot product that is exact (vpmaddubsw saturates at int16), so the
+ * weights are widened to int16 on the fly (vpmovsxbw) and multiplied by vpmaddwd, two exact products
+ * per int32 lane: 16 multiply-adds per instruction against an fp32 FMA's 8, from a quarter of fp32's
+ * weight bytes. The packed layout is the VNNI one: 16 bytes at k group g hold 4 columns x 4 k, which
+ * widen to lanes (col c, k 0-1), (col c, k 2-3); the row's 4 int16 x at g, broadcast, meet them, and
+ * the two lanes of a column are added at the end. torch._int_mm on such a CPU ran at 4 GOP/s against
+ * fp32's 90 GFLOP/s. Tile: ROWS <= 6 rows x 8 columns (chunk of a 64-column block), 12 accumulators. */
+#define AT_ROW(r) do { if (ROWS > r) { int64_t four; memcpy(&four, x16 + r * ldx16 + 4 * g, 8); \
+        const __m256i xb = _mm256_set1_epi64x(four); \
+        a##r##0 = _mm256_add_epi32(a##r##0, _mm256_madd_epi16(w0, xb)); \
+        a##r##1 = _mm256_add_epi32(a##r##1, _mm256_madd_epi16(w1, xb)); } } while (0)
+#define AT_STORE(r) do { if (ROWS > r) { \
+        /* hadd: [c0 c1 c4 c5 | c2 c3 c6 c7] -> column order */ \
+        const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a##r##0, a##r##1), 0xD8); \
+        int32_t *o = acc + r * lda; \
+        if (cols >= 8) { _mm256_storeu_si256((__m256i *)o, sum); } \
+        else { int32_t lane[8]; _mm256_storeu_si256((__m256i *)lane, sum); memcpy(o, lane, sizeof(int32_t) * (size_t)cols); } \
+        } } while (0)
+static inline __attribute__((always_inline)) void avx2_tile(const int16_t *x16, int64_t ldx16, const int8_t *wc,
+                                                            int64_t K4, int32_t *acc, int64_t lda, int64_t cols,
+                                                            const int ROWS) {
+    /* named accumulators, not an array: with a[4][2] GCC spilled one to the stack and the loop ran at a
+     * third of this speed */
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+    __m256i a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    if (ROWS == 6) {
+        /* the whole k loop in assembly, on all 16 ymm registers: 12 accumulators (ymm4-15), two widened
+         * weight vectors, a broadcast and a product. GCC 12, given the same steps in intrinsics, kept
+         * 9 of the 12 accumulators on the stack (94 against 230 GOP/s at [4096, 384] x [384, 1536]) */
+        __m256i out[12];
+        const int16_t *x3 = x16 + 3 * ldx16;
+        const int8_t *w = wc;
+        int64_t n = K4, ld = ldx16 * (int64_t)sizeof(int16_t);
+        const int16_t *x0 = x16;
+#define AT_ASM_ROW(addr, a0, a1) \
+            "vpbroadcastq " addr ", %%ymm2\n\t" \
+            "vpmaddwd %%ymm2, %%ymm0, %%ymm3\n\t" \
+            "vpaddd %%ymm3, %%" a0 ", %%" a0 "\n\t" \
+            "vpmaddwd %%ymm2, %%ymm1, %%ymm3\n\t" \
+            "vpaddd %%ymm3, %%" a1 ", %%" a1 "\n\t"
+        __asm__ volatile(
+            "vpxor %%xmm4, %%xmm4, %%xmm4\n\t" "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"
+            "vpxor %%xmm6, %%xmm6, %%xmm6\n\t" "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"
+            "vpxor %%xmm8, %%xmm8, %%xmm8\n\t" "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
+            "vpxor %%xmm10, %%xmm10, %%xmm10\n\t" "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
+            "vpxor %%xmm12, %%xmm12, %%xmm12\n\t" "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+            "vpxor %%xmm14, %%xmm14, %%xmm14\n\t" "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"
+            "1:\n\t"
+            "vpmovsxbw (%[w]), %%ymm0\n\t"
+            "vpmovsxbw 16(%[w]), %%ymm1\n\t"
+            AT_ASM_ROW("(%[x0])", "ymm4", "ymm5") AT_ASM_ROW("(%[x0],%[ld])", "ymm6", "ymm7")
+            AT_ASM_ROW("(%[x0],%[ld],2)", "ymm8", "ymm9") AT_ASM_ROW("(%[x3])", "ymm10", "ymm11")
+            AT_ASM_ROW("(%[x3],%[ld])", "ymm12", "ymm13") AT_ASM_ROW("(%[x3],%[ld],2)", "ymm14", "ymm15")
+            "addq $256, %[w]\n\t"
+            "addq $8, %[x0]\n\t"
+            "addq $8, %[x3]\n\t"
+            "decq %[n]\n\t"
+            "jnz 1b\n\t"
+            "vmovdqu %%ymm4, (%[out])\n\t" "vmovdqu %%ymm5, 32(%[out])\n\t"
+            "vmovdqu %%ymm6, 64(%[out])\n\t" "vmovdqu %%ymm7, 96(%[out])\n\t"
+            "vmovdqu %%ymm8, 128(%[out])\n\t" "vmovdqu %%ymm9, 160(%[out])\n\t"
+            "vmovdqu %%ymm10, 192(%[out])\n\t" "vmovdqu %%ymm11, 224(%[out])\n\t"
+            "vmovdqu %%ymm12, 256(%[out])\n\t" "vmovdqu %%ymm13, 288(%[out])\n\t"
+            "vmovdqu %%ymm14, 320(%[out])\n\t" "vmovdqu %%ymm15, 352(%[out])\n\t"
+            : [w] "+r"(w), [x0] "+r"(x0), [x3] "+r"(x3), [n] "+r"(n)
+            : [ld] "r"(ld), [out] "r"(out)
+            : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+              "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+#undef AT_ASM_ROW
+        a00 = out[0]; a01 = out[1]; a10 = out[2]; a11 = out[3]; a20 = out[4]; a21 = out[5];
+        a30 = out[6]; a31 = out[7]; a40 = out[8]; a41 = out[9]; a50 = out[10]; a51 = out[11];
+    } else {
+        for (int64_t g = 0; g < K4; g++) {
+            const int8_t *w = wc + g * 256;
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+            AT_ROW(0); AT_ROW(1); AT_ROW(2); AT_ROW(3); AT_ROW(4);
+        }
+    }
+    AT_STORE(0); AT_STORE(1); AT_STORE(2); AT_STORE(3); AT_STORE(4); AT_STORE(5);
+}
+#undef AT_ROW
+#undef AT_STORE
+#endif
+
 void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int32_t *colsum, int32_t *acc,
                       int64_t M, int64_t K, int64_t N, int threads) {
     const int64_t K4 = (K + 3) / 4, blocks = (N + 63) / 64;
@@ -1020,6 +1410,39 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
         }
     }
     free(xu);
+#elif defined(__AVX2__)
+    /* x widened to int16 once, rows padded to 4 * K4 with zeros (they meet zero weights) */
+    const int64_t ldx16 = K4 * 4;
+    int16_t *x16 = malloc(sizeof(int16_t) * (size_t)(M * ldx16) + 64);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k++) x16[m * ldx16 + k] = x[m * ldx + k];
+        for (int64_t k = K; k < ldx16; k++) x16[m * ldx16 + k] = 0;
+    }
+    const int64_t tiles = (M + 5) / 6;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t cb = 0; cb < blocks; cb++) {
+        const int64_t n0 = cb * 64;
+        const int8_t *wb = wp + cb * K4 * 256;
+        for (int64_t t = 0, m0 = 0; t < tiles; t++) {
+            const int64_t mr = M / tiles + (t < M % tiles);
+            for (int64_t c8 = 0; c8 < 8 && n0 + 8 * c8 < N; c8++) {
+                const int64_t cols = N - n0 - 8 * c8;
+#define TILE(R) avx2_tile(x16 + m0 * ldx16, ldx16, wb + 32 * c8, K4, acc + m0 * N + n0 + 8 * c8, N, cols, R)
+                switch (mr) {
+                    case 1: TILE(1); break;
+                    case 2: TILE(2); break;
+                    case 3: TILE(3); break;
+                    case 4: TILE(4); break;
+                    case 5: TILE(5); break;
+                    default: TILE(6);
+                }
+#undef TILE
+            }
+            m0 += mr;
+        }
+    }
+    free(x16);
+    (void)colsum;
 #else
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t cb = 0; cb < blocks; cb++)
@@ -1065,6 +1488,13 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
         __m512 mx = _mm512_setzero_ps();
         for (; c + 16 <= d; c += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(src + c)));
         amax = _mm512_reduce_max_ps(mx);
+#elif defined(__AVX2__)
+        const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 mx = _mm256_setzero_ps();
+        for (; c + 8 <= d; c += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(nosign, _mm256_loadu_ps(src + c)));
+        float lane[8];
+        _mm256_storeu_ps(lane, mx);
+        for (int u = 0; u < 8; u++) amax = lane[u] > amax ? lane[u] : amax;
 #endif
         for (; c < d; c++) amax = fabsf(src[c]) > amax ? fabsf(src[c]) : amax;
         const float s = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
@@ -1079,13 +1509,27 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
             _mm_storeu_si128((__m128i *)qv, _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(n, lo), hi)));
             for (int u = 0; u < 16; u++) ((int8_t *)part)[AT(c + u)] = qv[u];
         }
+#elif defined(__AVX2__)
+        int32_t qv[8];
+        const __m256 vs = _mm256_set1_ps(s);
+        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+        for (; c + 8 <= d; c += 8) {
+            __m256 x = _mm256_loadu_ps(src + c);
+            __asm__("vdivps %1, %0, %0" : "+x"(x) : "x"(vs));     /* a division GCC cannot rewrite */
+            const __m256i n = _mm256_cvtps_epi32(x);                /* MXCSR's round-half-even */
+            _mm256_storeu_si256((__m256i *)qv, _mm256_min_epi32(_mm256_max_epi32(n, lo), hi));
+            for (int u = 0; u < 8; u++) ((int8_t *)part)[AT(c + u)] = (int8_t)qv[u];
+        }
 #endif
         for (; c < d; c++) {
 #ifdef __AVX512F__
             float q = nearbyintf(_mm_cvtss_f32(_mm_div_round_ss(_mm_set_ss(src[c]), _mm_set_ss(s),
                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#elif defined(__SSE__)
+            float q = nearbyintf(_mm_cvtss_f32(_mm_div_ss(_mm_set_ss(src[c]), _mm_set_ss(s))));
 #else
-            float q = nearbyintf(src[c] / s);
+            volatile float sv = s;                                  /* no hoisted reciprocal */
+            float q = nearbyintf(src[c] / sv);
 #endif
             q = q > 127.f ? 127.f : q < -127.f ? -127.f : q;
             ((int8_t *)part)[AT(c)] = (int8_t)q;
@@ -1121,6 +1565,16 @@ int release_thread_pool(void) { return omp_pause_resource_all(omp_pause_soft); }
 /* Whether this build has the VNNI kernels (int8 paged attention, int8_gemm_packed's fast path). */
 int built_with_vnni(void) {
 #ifdef HAVE_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when int8_gemm_packed is the AVX2 int16-madd kernel: on such CPUs torch._int_mm has no fast path
+ * either, so int8 linears use this kernel at every row count */
+int int8_gemm_is_avx2(void) {
+#if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512VNNI__))
     return 1;
 #else
     return 0;

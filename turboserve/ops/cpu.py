@@ -190,8 +190,10 @@ class Int8Linear:
         self.bias = (torch.zeros(w.shape[0]) if bias is None else bias.detach().float()).contiguous()
         self.in_features, self.out_features = self.weight_q.shape
         self.dtype = torch.float32
-        # small_rows (decoder linears): a second copy of the weights in the packed kernel's layout
-        self.packed, self.colsum = pack_vnni(self.weight_q) if small_rows else (None, None)
+        # small_rows (decoder linears), or a CPU where the native kernel serves every row count: a second
+        # copy of the weights in the packed kernel's layout
+        self.native_rows = native.int8_gemm_everywhere()
+        self.packed, self.colsum = pack_vnni(self.weight_q) if small_rows or self.native_rows else (None, None)
 
     def resliced(self) -> None:
         """Re-derive the packed copy after weight_q was cut (a tensor-parallel shard)."""
@@ -204,8 +206,8 @@ class Int8Linear:
         return self.weight_q.numel() + packed + 4 * (self.weight_scale.numel() + self.bias.numel() + self.inv_smooth.numel())
 
     def _int_mm(self, q: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
-        if (self.packed is not None and (q.shape[0] <= self.PACKED_ROWS or self.out_features >= self.WIDE_COLS)
-                and native.lib() is not None):
+        if (self.packed is not None and native.lib() is not None
+                and (self.native_rows or q.shape[0] <= self.PACKED_ROWS or self.out_features >= self.WIDE_COLS)):
             out = acc if acc is not None else torch.empty(q.shape[0], self.out_features, dtype=torch.int32)
             return native.int8_gemm_packed(q, self.packed, self.colsum, self.out_features, out)
         return torch._int_mm(q, self.weight_q, out=acc) if acc is not None else torch._int_mm(q, self.weight_q)
