@@ -286,7 +286,8 @@ def _paged_case(kv_dtype, window, bs=4, seed=0, d=64):
 def test_paged_attention_native_matches_torch(kv_dtype, window, bs, d):
     """The native kernel against gather + SDPA over the same cache contents, in each KV dtype. The
     int8 VNNI kernel (block size 16) quantizes the query (two bytes an element) and the probabilities
-    times the value scales (one byte, per 16 keys): within 4e-3 of the reference's largest output.
+    times the value scales (one byte, per 16 keys): within 4e-3 of the reference's largest output;
+    the AVX2 one (block sizes of 8) the query only, to int16: within 2e-4.
     Head dim 40: the vector kernels' column tails (AVX2 passes of 16, AVX-512 masks of 8 lanes)."""
     from turboserve import native
     from turboserve.ops import cpu
@@ -300,6 +301,8 @@ def test_paged_attention_native_matches_torch(kv_dtype, window, bs, d):
     ref = cpu._paged_attention_torch(q, cache, *args, torch.empty(q.shape[0], q.shape[1]))
     if kv_dtype == "int8" and bs == 16 and native.has_vnni():
         assert rel_err(fast, ref) < 4e-3
+    elif kv_dtype == "int8" and bs == 16:
+        assert rel_err(fast, ref) < 2e-4          # AVX2: the query in int16 (4e-5 measured); scalar: exact
     else:
         assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
 
