@@ -1,12 +1,16 @@
-"""int8 GEMMs at decoder sizes: oneDNN's torch._int_mm against turboserve's VNNI kernel on packed
-weights (kernels.c `int8_gemm_packed`), on GPT-2 small's weight shapes, same run, same inputs.
+"""int8 GEMMs at decoder sizes: oneDNN's torch._int_mm against turboserve's kernel on packed weights
+(kernels.c `int8_gemm_packed`: VNNI dot products, or int16 multiply-adds on CPUs with AVX2 and no
+VNNI), on GPT-2 small's weight shapes, same run, same inputs, with fp32 torch.mm on the same shape as
+the rate int8 has to beat.
 
     .venv/bin/python benchmarks/decode_gemm.py [--rows 1,4,16,32,64,128,512] [--threads 2]
 
-Prints per shape and row count the time of each (best of 30) and the weight bytes read per second,
-and checks the two give the same int32 results (both are exact). `--cold N` cycles through N copies
+Prints per shape and row count the time of each (best of 30), the weight bytes read per second and
+the multiply-add rate (GOP/s, 2 operations each), and checks the two int8 ones give the same int32
+results (both are exact). `--cold N` cycles through N copies
 of each weight per timed call, so the weights come from memory as in a decode step, not from cache
-(the LM head is skipped there: N copies of it do not fit the budget of a quick run). Ops/cpu.py's
+(the LM head is skipped there: N copies of it do not fit the budget of a quick run; the fp32 column
+stays one warm copy). Ops/cpu.py's
 Int8Linear.PACKED_ROWS and WIDE_COLS, which decide when decoders use the native kernel, come from
 this table.
 """
@@ -20,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from encoder import timed  # noqa: E402
+
+from encoder import machine  # noqa: E402
 
 from turboserve import native  # noqa: E402
 from turboserve.ops.cpu import pack_vnni  # noqa: E402
@@ -38,10 +44,12 @@ def main() -> None:
     copies = max(1, args.cold)
     if native.lib() is None:
         raise SystemExit("the native kernels are not built (no C compiler)")
+    kernel = "int16 madd (AVX2)" if native.int8_gemm_everywhere() else "VNNI" if native.has_vnni() else "scalar"
+    print(f"# machine: {machine()}; native kernel: {kernel}")
     print(f"# {args.threads} threads; time per call (best of 30; --cold: best of 5 over {copies} weight copies), "
-          "weight GB/s in brackets")
-    print("| shape | rows | torch._int_mm | native packed | same result |")
-    print("|---|---:|---:|---:|---|")
+          "weight GB/s and GOP/s in brackets")
+    print("| shape | rows | torch._int_mm | native packed | fp32 torch.mm | same result |")
+    print("|---|---:|---:|---:|---:|---|")
     g = torch.Generator().manual_seed(0)
     for name, (k, n) in SHAPES.items():
         if args.cold and "lm head" in name:
@@ -61,12 +69,17 @@ def main() -> None:
             def run_new():
                 for p, c in packs:
                     native.int8_gemm_packed(x, p, c, n, out)
+            xf, wf = x.float(), w.float()
             t_ref = timed(run_ref, 5 if args.cold else 30) / copies
             t_new = timed(run_new, 5 if args.cold else 30) / copies
+            t_fp = timed(lambda: torch.mm(xf, wf), 5 if args.cold else 30)
             native.int8_gemm_packed(x, packed, colsum, n, out)
             same = torch.equal(out, ref)
-            gbs = k * n / 1e9
-            print(f"| {name} | {m} | {t_ref * 1e3:.3f} ms ({gbs / t_ref:.0f}) | {t_new * 1e3:.3f} ms ({gbs / t_new:.0f}) "
+            gbs, gop = k * n / 1e9, 2 * m * k * n / 1e9
+
+            def cell(t, nbytes):
+                return f"{t * 1e3:.3f} ms ({nbytes / t:.0f} GB/s, {gop / t:.0f} GOP/s)"
+            print(f"| {name} | {m} | {cell(t_ref, gbs)} | {cell(t_new, gbs)} | {cell(t_fp, 4 * gbs)} "
                   f"| {'yes' if same else 'NO'} |", flush=True)
 
 

@@ -3,9 +3,14 @@
     .venv/bin/python benchmarks/isa_peak.py
 
 Measures, on one core and on all cores (one OpenMP thread per core), the throughput of
-  fp32 FMA      vfmadd231ps zmm   (16 multiply-adds)
+  fp32 FMA      vfmadd231ps zmm   (16 multiply-adds)                                  needs avx512f
   bf16 dot      vdpbf16ps zmm     (32 bf16 pair products summed into 16 fp32 lanes)   needs avx512_bf16
   int8 dot      vpdpbusd zmm      (64 u8 x s8 products summed into 16 int32 lanes)   needs avx512_vnni
+and on a CPU without AVX-512 (AMD Zen 1-3, Intel before Ice Lake) the AVX2 instructions turboserve's
+kernels use there:
+  fp32 FMA      vfmadd231ps ymm   (8 multiply-adds)
+  int16 madd    vpmaddwd ymm      (16 int16 products summed pairwise into 8 int32 lanes: the int8
+                GEMM's step on such CPUs, kernels.c avx2_tile, whose vpaddd runs on other ports)
 with 12 independent accumulator chains (enough to cover each instruction's latency) and an empty asm
 barrier per step so the compiler cannot fold the loop. Each multiply-add counts as 2 operations, so
 the figures compare with GEMM GFLOP/s. This is the ceiling a GEMM on this machine can approach; the
@@ -36,7 +41,7 @@ static double NAME(void) {                                                      
     _Pragma("omp parallel reduction(max:t)")                                          \
     {                                                                                 \
         volatile int seed = 0x3f803f80;                                               \
-        const __m512i x = _mm512_set1_epi32(seed);                                    \
+        const XVEC x = XSET(seed);                                                    \
         VEC a0 = ZERO, a1 = ZERO, a2 = ZERO, a3 = ZERO, a4 = ZERO, a5 = ZERO;         \
         VEC a6 = ZERO, a7 = ZERO, a8 = ZERO, a9 = ZERO, a10 = ZERO, a11 = ZERO;       \
         _Pragma("omp barrier")                                                        \
@@ -52,8 +57,19 @@ static double NAME(void) {                                                      
     }                                                                                 \
     return t;                                                                         \
 }
+#ifdef __AVX512F__
+#define XVEC __m512i
+#define XSET _mm512_set1_epi32
 #define FMA(a) _mm512_fmadd_ps(_mm512_castsi512_ps(x), _mm512_castsi512_ps(x), a)
 KERNEL(run_fma, __m512, _mm512_setzero_ps(), FMA)
+#else
+#define XVEC __m256i
+#define XSET _mm256_set1_epi32
+#define FMA(a) _mm256_fmadd_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(x), a)
+KERNEL(run_fma, __m256, _mm256_setzero_ps(), FMA)
+#define MADD(a) _mm256_madd_epi16(a, x)      /* chained on a: madd(x, x) would be hoisted out */
+KERNEL(run_madd, __m256i, _mm256_setzero_si256(), MADD)
+#endif
 #ifdef __AVX512BF16__
 #define BF16(a) _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)x)
 KERNEL(run_bf16, __m512, _mm512_setzero_ps(), BF16)
@@ -76,7 +92,12 @@ static void report(const char *name, double ops, double (*run)(void)) {
     printf("%s: %.0f GOP/s on one core, %.0f on %d cores\n", name, one, all, n);
 }
 int main(void) {
-    report("fp32 FMA (vfmadd231ps, 16 multiply-adds)", 32, run_fma);
+#ifdef __AVX512F__
+    report("fp32 FMA (vfmadd231ps zmm, 16 multiply-adds)", 32, run_fma);
+#else
+    report("fp32 FMA (vfmadd231ps ymm, 8 multiply-adds)", 16, run_fma);
+    report("int16 madd (vpmaddwd ymm, 16 multiply-adds)", 32, run_madd);
+#endif
 #ifdef __AVX512BF16__
     report("bf16 dot (vdpbf16ps, 32 multiply-adds)", 64, run_bf16);
 #else
@@ -99,7 +120,7 @@ def main() -> int:
         cc = os.environ.get("CC", "cc")
         subprocess.run([cc, "-O2", "-march=native", "-fopenmp", str(src), "-o", str(exe)], check=True)
         flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-        print("# CPU features: " + " ".join(f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+        print("# CPU features: " + " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
                                          if f in flags.split()))
         sys.stdout.flush()
         return subprocess.run([str(exe)]).returncode
