@@ -165,3 +165,14 @@ def test_weights_that_disagree_with_config_fail_at_load(tmp_path, model_dirs, de
     (d / "config.json").write_text(json.dumps({**cfg, field: value}))
     with pytest.raises(ModelLoadError, match=f"{weight}' is .* but config.json implies"):
         (LLM if arch in decoder_dirs else Encoder).load(d)
+
+
+def test_batch_budget_that_cannot_fit_in_memory_is_refused_at_load(model_dirs):
+    """max_batch_tokens whose planned activations exceed the memory available is an error at load that
+    gives both figures (it was accepted, and a large batch would have been killed); 0 is refused too."""
+    with pytest.raises(InvalidInputError, match=r"max_batch_tokens 1000000000 needs .* GiB of activations, but .* "
+                                                r"GiB of memory is available"):
+        Encoder.load(model_dirs["bert"], max_batch_tokens=10**9)
+    with pytest.raises(InvalidInputError, match="positive integer"):
+        Encoder.load(model_dirs["bert"], max_batch_tokens=0)
+    assert Encoder.load(model_dirs["bert"], max_batch_tokens=8192).embed(["fits"]).shape == (1, 64)

@@ -15,6 +15,7 @@ from .loader import POOLING_MODES, PoolingConfig, load_checkpoint, read_pooling,
 from .model import EncoderModel, sentence_embedding
 from .packing import PackedBatch, pack_tokens
 from .tokenizer import Encoded, TextTokenizer
+from .workspace import available_memory
 
 log = logging.getLogger("turboserve")
 
@@ -30,6 +31,18 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _check_batch_fits(model, max_batch_tokens: int) -> None:
+    """Refuse a batch budget whose activations cannot fit in memory, at load and with the figures
+    (--max-batch-tokens 100000000 was accepted, and the first large batch would have been killed)."""
+    if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise InvalidInputError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
+    free = available_memory(model.device)
+    need = model.workspace.bytes_for(max_batch_tokens)
+    if free is not None and need > free:
+        raise InvalidInputError(f"max_batch_tokens {max_batch_tokens} needs {need / 2**30:.1f} GiB of activations, "
+                                f"but {free / 2**30:.1f} GiB of memory is available: lower max_batch_tokens")
 
 
 class Encoder:
@@ -105,6 +118,7 @@ class Encoder:
             quantize.quantize_(model, view, stats, alpha=int8_alpha, keep=int8_keep)
         elif dtype == "auto":
             enc._plan_precision(view, quality_bound, calibration, int8_alpha, replan)
+        _check_batch_fits(model, max_batch_tokens)
         if tensor_parallel != 1:
             enc.model = parallel.start(enc.model, tensor_parallel, threads)
         return enc

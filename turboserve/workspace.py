@@ -28,6 +28,10 @@ class Workspace:
         return [UsageRecord(name, first, last, tokens * cols * torch.empty(0, dtype=dtype).element_size())
                 for name, (first, last, cols, dtype) in self.specs.items()]
 
+    def bytes_for(self, tokens: int) -> int:
+        """Memory the activations of a `tokens`-token batch take (the plan's footprint)."""
+        return self.plan_for(tokens).footprint
+
     def plan_for(self, tokens: int) -> Plan:
         bucket = max(1, math.ceil(tokens / self.bucket_tokens)) * self.bucket_tokens
         if bucket not in self._plans:
@@ -66,4 +70,23 @@ class NoWorkspace:
         return {name: torch.empty(tokens, cols, dtype=dtype, device=self.device)
                 for name, (cols, dtype) in self.specs.items()}
 
+    def bytes_for(self, tokens: int) -> int:
+        return sum(tokens * cols * torch.empty(0, dtype=dtype).element_size() for cols, dtype in self.specs.values())
+
     reserved_bytes = 0
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes free for new allocations: the kernel's MemAvailable on the CPU, the driver's free memory on
+    a GPU; None where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
