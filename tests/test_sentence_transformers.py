@@ -153,3 +153,20 @@ def test_pooling_without_the_prompt_is_refused_when_the_model_has_prompts(tmp_pa
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "include_prompt": False}))
     with pytest.raises(ModelLoadError, match="include_prompt"):
         Encoder.load(d)
+
+
+def test_tokenize_route_applies_the_prompt_as_embed_does(tmp_path):
+    """TEI's /tokenize shows the tokens /embed runs: the model's default prompt, or the named one,
+    before the text (it tokenized the bare text); an unknown prompt_name is a 422."""
+    import httpx
+    from serving import running
+    from turboserve.server import ServerConfig, make_app
+    st, d = st_model(tmp_path, "tokprompts", prompts={"query": "query: ", "passage": "passage: "},
+                     default_prompt_name="query")
+    enc = Encoder.load(d)
+    with running(make_app(ServerConfig(model=str(d)), encoder=enc)) as url:
+        for body, text in (({}, "query: x y"), ({"prompt_name": "passage"}, "passage: x y")):
+            (toks,) = httpx.post(url + "/tokenize", json={"inputs": "x y", **body}).json()
+            assert [t["id"] for t in toks] == enc.tokenize([text])[0].ids
+        r = httpx.post(url + "/tokenize", json={"inputs": "x", "prompt_name": "nope"})
+        assert r.status_code == 422 and "unknown prompt_name" in r.text

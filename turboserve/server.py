@@ -239,14 +239,18 @@ def _tei_inputs(body, state: State) -> tuple[dict, list, bool]:
     if "inputs" not in body:
         raise ApiError(422, "`inputs` is required")
     inputs = _inputs(body["inputs"], "inputs", state.config.max_client_batch_size, "tei")
+    return body, _prompted(body, inputs, state), _bool(body, "truncate", state.config.auto_truncate, "tei")
+
+
+def _prompted(body: dict, inputs, state: State) -> list:
+    """TEI's `prompt_name` (else the model's default prompt) before each text input."""
     prompt_name = body.get("prompt_name")
     if prompt_name is not None and not isinstance(prompt_name, str):
         raise ApiError(422, "`prompt_name` must be a string")
     try:
-        inputs = state.encoder.with_prompt(inputs, prompt_name)
+        return state.encoder.with_prompt(inputs, prompt_name)
     except InvalidInputError as exc:
         raise ApiError(422, str(exc)) from None
-    return body, inputs, _bool(body, "truncate", state.config.auto_truncate, "tei")
 
 
 def parse_tei_embed(body, state: State) -> Parsed:
@@ -543,6 +547,7 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
             if len(texts) > config.max_client_batch_size:
                 raise ApiError(413, f"at most {config.max_client_batch_size} inputs per request")
             add = _bool(body, "add_special_tokens", True, "tei")
+            texts = _prompted(body, texts, state)     # the tokens /embed would run, as TEI counts them
             loop = asyncio.get_running_loop()
             out = await loop.run_in_executor(None, state.encoder.tokenizer.tokenize_detailed, texts, add)
             metrics.requests.labels("/tokenize", "200").inc()
@@ -623,6 +628,22 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
 SWITCH_INTERVAL = 0.0002
 
 
+# ServerConfig fields only one kind of model reads, and their flags
+ENCODER_ONLY = {"quality_bound": "--quality-bound", "calibration": "--calibration",
+                "max_queued_tokens": "--max-queued-tokens", "max_client_batch_size": "--max-client-batch-size",
+                "policy": "--batch-policy", "lazy_timeout": "--lazy-timeout-ms", "auto_truncate": "--auto-truncate",
+                "pipeline": "--no-pipeline", "max_input_length": "--max-input-length"}
+DECODER_ONLY = {"kv_dtype": "--kv-dtype", "cuda_graphs": "--no-cuda-graphs"}
+
+
+def unused_flags(config: ServerConfig, decoder: bool) -> list[str]:
+    """The flags set away from their defaults that this kind of model does not read (they were
+    ignored silently)."""
+    default = ServerConfig()
+    fields = ENCODER_ONLY if decoder else DECODER_ONLY
+    return [flag for name, flag in fields.items() if getattr(config, name) != getattr(default, name)]
+
+
 def serve(config: ServerConfig) -> int:
     """Run the server until SIGINT/SIGTERM: then stop accepting, finish in-flight requests, exit 0.
     A tensor-parallel rank that dies stops it the same way, exiting 1."""
@@ -630,7 +651,12 @@ def serve(config: ServerConfig) -> int:
 
     from .arch import is_decoder
     from .loader import read_config, resolve_model_dir
-    if is_decoder(read_config(resolve_model_dir(config.model))):
+    decoder = is_decoder(read_config(resolve_model_dir(config.model)))
+    unused = unused_flags(config, decoder)
+    if unused:
+        log.warning("%s apply to %s models only: ignored for this %s", ", ".join(unused),
+                    "encoder" if decoder else "decoder", "decoder" if decoder else "encoder")
+    if decoder:
         from .gen_server import make_gen_app
         app = make_gen_app(config)
     else:
