@@ -476,12 +476,12 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
                                      max_queued_tokens=config.max_queued_tokens, policy=config.policy,
                                      lazy_timeout=config.lazy_timeout, cost_table=table, metrics=metrics,
                                      pipeline=config.pipeline)
-        plan = enc.model.workspace.plan_for(config.max_batch_tokens) if enc.model.use_planner else None
         weights = enc.model.weight_bytes
         log.info("ready: model %s (%s), dtype %s, threads %d, memory budget: weights %.0f MiB + activation "
                  "workspace %.0f MiB at %d batch tokens; queue <= %d requests / %d tokens",
                  enc.model_dir, enc.model.spec.model_type, enc.dtype, torch.get_num_threads(), weights / 2**20,
-                 (plan.footprint if plan else 0) / 2**20, config.max_batch_tokens, config.max_queued_requests,
+                 enc.model.workspace.bytes_for(config.max_batch_tokens) / 2**20, config.max_batch_tokens,
+                 config.max_queued_requests,
                  config.max_queued_tokens)
         state.status = "ready"
 

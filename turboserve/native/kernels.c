@@ -14,6 +14,41 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef __AVX2__
+/* Horizontal max / sum of 8 fp32 lanes, and the 8 column sums of two int32 vectors whose lanes hold
+ * pairs of partial sums (lanes 2c, 2c + 1 of a: column c of 0-3, of b: column 4 + c), as vpmaddwd
+ * leaves them; hadd interleaves the 128-bit halves, the permute puts the columns back in order. */
+static inline float hmax8(__m256 v) {
+    float lane[8];
+    _mm256_storeu_ps(lane, v);
+    float m = lane[0];
+    for (int u = 1; u < 8; u++) m = lane[u] > m ? lane[u] : m;
+    return m;
+}
+
+static inline float hsum8(__m256 v) {
+    float lane[8], z = 0.0f;
+    _mm256_storeu_ps(lane, v);
+    for (int u = 0; u < 8; u++) z += lane[u];
+    return z;
+}
+
+static inline __m256i pair_sums8(__m256i a, __m256i b) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
+}
+
+/* the first min(n, 8) int32 lanes of v (n > 0) at o */
+static inline void store_i32_lanes(int32_t *o, __m256i v, int64_t n) {
+    if (n >= 8) {
+        _mm256_storeu_si256((__m256i *)o, v);
+    } else {
+        int32_t lane[8];
+        _mm256_storeu_si256((__m256i *)lane, v);
+        memcpy(o, lane, sizeof(int32_t) * (size_t)n);
+    }
+}
+#endif
+
 /* Everything between two GEMMs, one pass per row (TurboTransformers' fusion):
  *   v   = src                                   (fp32 GEMM output, bias already added), or
  *   v   = src_i32 * row_scale[r] * col_scale + bias   (int8 GEMM output)
@@ -195,9 +230,7 @@ static float quantize_row(const float *v, const float *inv_smooth, int8_t *qr, i
     __m256 m = _mm256_setzero_ps();
     for (; c + 8 <= cols; c += 8)
         m = _mm256_max_ps(m, _mm256_and_ps(nosign, _mm256_mul_ps(_mm256_loadu_ps(v + c), _mm256_loadu_ps(inv_smooth + c))));
-    float lane[8];
-    _mm256_storeu_ps(lane, m);
-    for (int u = 0; u < 8; u++) amax = fmaxf(amax, lane[u]);
+    amax = fmaxf(amax, hmax8(m));
 #endif
     for (; c < cols; c++) amax = fmaxf(amax, fabsf(v[c] * inv_smooth[c]));
     /* max ignores NaN (and -ffast-math assumes none): look for non-finite values explicitly, so a
@@ -428,9 +461,7 @@ static float softmax_numerators_avx2(float *s, int64_t L, float scale) {
     const int64_t full = L / 8 * 8;
     __m256 m = _mm256_set1_ps(-INFINITY);
     for (int64_t j = 0; j < full; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
-    float lane[8], mx = -INFINITY, z = 0.0f;
-    _mm256_storeu_ps(lane, m);
-    for (int u = 0; u < 8; u++) mx = fmaxf(mx, lane[u]);
+    float mx = hmax8(m);
     for (int64_t j = full; j < L; j++) mx = fmaxf(mx, s[j]);
     const __m256 vmx = _mm256_set1_ps(mx), sc = _mm256_set1_ps(scale);
     __m256 vz = _mm256_setzero_ps();
@@ -439,8 +470,7 @@ static float softmax_numerators_avx2(float *s, int64_t L, float scale) {
         _mm256_storeu_ps(s + j, e);
         vz = _mm256_add_ps(vz, e);
     }
-    _mm256_storeu_ps(lane, vz);
-    for (int u = 0; u < 8; u++) z += lane[u];
+    float z = hsum8(vz);
     for (int64_t j = full; j < L; j++) { s[j] = expf((s[j] - mx) * scale); z += s[j]; }
     return z;
 }
@@ -733,9 +763,7 @@ static inline void softmax_rows(int nr, float *sc, int64_t stride, const int64_t
             _mm256_storeu_ps(sr + j, x);
             z = _mm256_add_ps(z, x);
         }
-        float lane[8];
-        _mm256_storeu_ps(lane, z);
-        for (int u = 0; u < 8; u++) sum += lane[u];
+        sum = hsum8(z);
 #endif
         for (; j < e; j++) { sr[j] = expf(sr[j] - m); sum += sr[j]; }
         for (j = e; j < n; j++) sr[j] = 0.f;
@@ -883,7 +911,7 @@ static void paged_rows_i8_avx2(int nr, const float *const qr[PA_ROWS], float *co
             memcpy(kscale, ks + off, sizeof(float) * (size_t)nk);
             const __m256 kv = _mm256_loadu_ps(kscale);
             for (int r = 0; r < nr; r++) {
-                const __m256i dot = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a[r][0], a[r][1]), 0xD8);
+                const __m256i dot = pair_sums8(a[r][0], a[r][1]);
                 const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), kv), _mm256_set1_ps(qsc[r] * scale));
                 _mm256_maskstore_ps(sc + r * stride + (j0 - lo), lanes8(nk), v);
             }
@@ -1429,12 +1457,7 @@ static inline __attribute__((always_inline)) void vnni_tile(const uint8_t *xu, i
         a##r##0 = _mm256_add_epi32(a##r##0, _mm256_madd_epi16(w0, xb)); \
         a##r##1 = _mm256_add_epi32(a##r##1, _mm256_madd_epi16(w1, xb)); } } while (0)
 #define AT_STORE(r) do { if (ROWS > r) { \
-        /* hadd: [c0 c1 c4 c5 | c2 c3 c6 c7] -> column order */ \
-        const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a##r##0, a##r##1), 0xD8); \
-        int32_t *o = acc + r * lda; \
-        if (cols >= 8) { _mm256_storeu_si256((__m256i *)o, sum); } \
-        else { int32_t lane[8]; _mm256_storeu_si256((__m256i *)lane, sum); memcpy(o, lane, sizeof(int32_t) * (size_t)cols); } \
-        } } while (0)
+        store_i32_lanes(acc + r * lda, pair_sums8(a##r##0, a##r##1), cols); } } while (0)
 static inline __attribute__((always_inline)) void avx2_tile(const int16_t *x16, int64_t ldx16, const int8_t *wc,
                                                             int64_t K4, int32_t *acc, int64_t lda, int64_t cols,
                                                             const int ROWS) {
@@ -1527,15 +1550,7 @@ static inline __attribute__((always_inline)) void avx2_tile_narrow(const int16_t
         const int r = ROWS == 1 ? 0 : i % 2, c = ROWS == 1 ? i : i / 2;
         const int64_t left = cols - 8 * c;
         if (left <= 0) continue;
-        const __m256i sum = _mm256_permute4x64_epi64(_mm256_hadd_epi32(sums[i][0], sums[i][1]), 0xD8);
-        int32_t *o = acc + r * lda + 8 * c;
-        if (left >= 8) {
-            _mm256_storeu_si256((__m256i *)o, sum);
-        } else {
-            int32_t lane[8];
-            _mm256_storeu_si256((__m256i *)lane, sum);
-            memcpy(o, lane, sizeof(int32_t) * (size_t)left);
-        }
+        store_i32_lanes(acc + r * lda + 8 * c, pair_sums8(sums[i][0], sums[i][1]), left);
     }
 }
 #undef AT_ROW
@@ -1672,9 +1687,7 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
         const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
         __m256 mx = _mm256_setzero_ps();
         for (; c + 8 <= d; c += 8) mx = _mm256_max_ps(mx, _mm256_and_ps(nosign, _mm256_loadu_ps(src + c)));
-        float lane[8];
-        _mm256_storeu_ps(lane, mx);
-        for (int u = 0; u < 8; u++) amax = lane[u] > amax ? lane[u] : amax;
+        amax = hmax8(mx);
 #endif
         for (; c < d; c++) amax = fabsf(src[c]) > amax ? fabsf(src[c]) : amax;
         const float s = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
