@@ -162,6 +162,49 @@ def test_native_epilogue_equals_torch(act):
         assert torch.allclose(q.scale, ref_scale, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k,n", [(64, 48), (30, 37), (200, 130), (7, 5)])
+def test_native_fp32_gemm_equals_torch(k, n):
+    """fp32 linears on the native GEMM (AVX2 CPUs without AVX-512): every tile height (1-6 rows and
+    uneven tails), N not a multiple of 16 (a partial last panel), with and without bias, a fused
+    activation, output into a wider row-strided view (a workspace slice) that stays untouched past
+    its columns; results within 1e-5 of torch's (summation order differs), weight_t read back exact."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if not native.f32_gemm_native():
+        pytest.skip("fp32 linears take torch's GEMM on this CPU")
+    g = torch.Generator().manual_seed(k * n)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    for bias in (b, None):
+        lin = cpu.DenseLinear(w, bias, torch.float32)
+        assert lin.packed is not None and torch.equal(lin.weight_t, w.t())
+        for m in (1, 2, 3, 4, 5, 6, 7, 13, 37):
+            x = torch.randn(m, k, generator=g)
+            for act in (None, "gelu", "relu", "silu"):
+                wide = torch.full((m, n + 9), float("nan"))
+                y, _ = lin(x, out=wide[:, :n], act=act)
+                ref = torch.nn.functional.linear(x, w, bias)
+                ref = ref if act is None else cpu.activation_(ref, act)
+                assert (y - ref).abs().max() <= 1e-5 * ref.abs().max().clamp(min=1e-6), (m, act)
+                assert wide[:, n:].isnan().all()
+
+
+def test_native_lm_head_equals_torch():
+    """A decoder's fp32 LM head as stored ([V, H], the tied embedding) on the native kernel: tiles of
+    1-3 rows, V not a multiple of 4, H not a multiple of 8 (masked tail loads) or 16 (the prefetching
+    loop's tail), within 1e-5 of torch."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if not native.f32_gemm_native():
+        pytest.skip("fp32 LM heads take torch's GEMM on this CPU")
+    g = torch.Generator().manual_seed(11)
+    for h, v in ((7, 5), (37, 1001), (768, 130), (16, 4)):
+        w = torch.randn(v, h, generator=g)
+        for m in (1, 2, 3, 4, 5, 8):
+            x = torch.randn(m, h, generator=g)
+            ref = x @ w.t()
+            assert (cpu.lm_head(x, w) - ref).abs().max() <= 1e-5 * ref.abs().max(), (h, v, m)
+
+
 def test_native_quantization_of_a_non_finite_row_is_nan_not_minus_127():
     """A NaN or inf in a row that is quantized for the next int8 GEMM gives a NaN row scale, as the
     PyTorch version does (max ignores NaN: it was a finite scale and the NaN a silent -127)."""
@@ -194,6 +237,16 @@ def test_native_bindings_refuse_what_would_read_or_write_out_of_bounds():
         native.int8_gemm_packed(x, packed, colsum, 8, torch.empty(4, 8, dtype=torch.int32))
     with pytest.raises(ValueError, match="disagree"):
         native.int8_gemm_packed(x[:, :16].contiguous(), packed, colsum, 8, torch.empty(1, 8, dtype=torch.int32))
+    if native.f32_gemm_native():
+        panels = cpu.pack_panels(torch.randn(64, 20))
+        with pytest.raises(ValueError, match="disagree"):
+            native.f32_gemm_packed(torch.randn(3, 32), panels, None, 20, torch.empty(3, 20))
+        with pytest.raises(ValueError, match="disagree"):
+            native.f32_gemm_packed(torch.randn(3, 64), panels, torch.zeros(16), 20, torch.empty(3, 20))
+        with pytest.raises(ValueError, match="contiguous rows"):
+            native.f32_gemm_packed(torch.randn(64, 3).t(), panels, None, 20, torch.empty(3, 20))
+        with pytest.raises(ValueError, match="disagree"):
+            native.f32_gemm_nt(torch.randn(3, 32), torch.randn(20, 64), torch.empty(3, 20))
     qkv = torch.randn(5, 3 * 32)
     with pytest.raises(ValueError, match="int64"):
         native.varlen_attention(qkv, torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0]), 2, 5,

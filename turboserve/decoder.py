@@ -256,7 +256,7 @@ class DecoderModel:
         if self.lm_head_int8 is not None:
             logits = ops.linear(self.lm_head_int8, h).float()     # bf16 on the GPU's W8A16 path
         else:
-            logits = (h @ self.lm_head.t()).float()
+            logits = ops.lm_head(h, self.lm_head).float()
         return logits if tp is None else tp.gather_vocab(logits)
 
 

@@ -7,7 +7,8 @@ the ops fall back to their PyTorch versions (set TURBOSERVE_NATIVE=0 to force th
 
 kernels.c has three tiers, chosen at compile time from what -march=native enables: AVX-512 (with VNNI
 for the int8 dot products), AVX2 + FMA (AMD Zen 1-3, Intel before Ice Lake: 8-lane versions of the
-activations, attention and quantization, and an int16-madd int8 GEMM), and plain C that the compiler
+activations, attention and quantization, an int16-madd int8 GEMM, and fp32 GEMMs for linears and
+LM heads, where MKL is slow at decode row counts), and plain C that the compiler
 vectorizes as it can. TURBOSERVE_NATIVE_ISA=avx2 or =generic builds a lower tier on a CPU that has a
 higher one (the tests run the kernels' parity checks that way, so every tier is checked on one machine).
 """
@@ -110,6 +111,10 @@ def _load():
     L.release_thread_pool.argtypes = []
     L.built_with_vnni.argtypes = []
     L.int8_gemm_is_avx2.argtypes = []
+    L.f32_gemm_is_native.argtypes = []
+    if L.f32_gemm_is_native():
+        L.f32_gemm_packed.argtypes = [p, i64, p, p, i32, p, i64, i64, i64, i64, i32]
+        L.f32_gemm_nt.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i32]
     L.rope.argtypes = [p, i64, i64, i64, i64, p, p, i32]
     return L
 
@@ -208,6 +213,37 @@ def int8_gemm_packed(x: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor
     return out
 
 
+def f32_gemm_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int, out: torch.Tensor,
+                    activation: str | None = None) -> torch.Tensor:
+    """out [M, n] = act(x [M, K] @ W + bias), W packed in 16-column panels (ops.cpu.pack_panels);
+    only where f32_gemm_native() (see kernels.c)."""
+    _check(packed, *(() if bias is None else (bias,)))
+    m, k = x.shape
+    _require(x.dtype == torch.float32 and out.dtype == torch.float32 and x.stride(1) == 1 and out.stride(1) == 1
+             and x.stride(0) >= k and out.stride(0) >= n and x.device.type == out.device.type == "cpu",
+             "f32_gemm_packed: fp32 CPU x and out with contiguous rows")
+    _require(packed.shape == (-(-n // 16), k, 16) and out.shape == (m, n) and (bias is None or bias.numel() == n),
+             f"f32_gemm_packed: x [{m}, {k}], out {tuple(out.shape)} and the weights packed for {n} columns disagree")
+    _require(activation in ACTIVATIONS and activation != "silu_mul", f"f32_gemm_packed: activation {activation!r}")
+    lib().f32_gemm_packed(_ptr(x), x.stride(0), _ptr(packed), _opt(bias), ACTIVATIONS[activation], _ptr(out),
+                          out.stride(0), m, k, n, _threads())
+    return out
+
+
+def f32_gemm_nt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ w^T for w [N, K] as stored (a tied LM head); only where f32_gemm_native()."""
+    m, k = x.shape
+    _require(x.dtype == w.dtype == out.dtype == torch.float32 and x.stride(1) == 1 and w.stride(1) == 1
+             and out.stride(1) == 1 and x.stride(0) >= k and w.stride(0) >= k
+             and x.device.type == w.device.type == out.device.type == "cpu",
+             "f32_gemm_nt: fp32 CPU tensors with contiguous rows")
+    n = w.shape[0]
+    _require(w.shape[1] == k and out.shape == (m, n) and out.stride(0) >= n,
+             f"f32_gemm_nt: x [{m}, {k}], w {tuple(w.shape)} and out {tuple(out.shape)} disagree")
+    lib().f32_gemm_nt(_ptr(x), x.stride(0), _ptr(w), w.stride(0), _ptr(out), out.stride(0), m, k, n, _threads())
+    return out
+
+
 def kv_write(cache, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor) -> None:
     """Store K and V ([n, kv_heads, d] fp32 views with contiguous rows) at their cache slots; see kernels.c."""
     _check(cache.k, cache.v, slot_blocks, slot_offsets, *(t for t in (cache.k_scale, cache.v_scale) if t is not None))
@@ -248,6 +284,12 @@ def int8_gemm_everywhere() -> bool:
     AVX-512 VNNI, where torch._int_mm has no fast kernel (4 GOP/s on a 2-core AMD EPYC, against the
     native int16-madd kernel's 180 and fp32's 115 GFLOP/s: benchmarks/decode_gemm.py)."""
     return lib() is not None and bool(lib().int8_gemm_is_avx2())
+
+
+def f32_gemm_native() -> bool:
+    """Whether fp32 linears should take the native GEMM (kernels.c f32_gemm_packed): on CPUs with AVX2
+    and no AVX-512, where MKL's sgemm runs decode-sized row counts at a fraction of the FMA peak."""
+    return lib() is not None and bool(lib().f32_gemm_is_native())
 
 
 def release_thread_pool() -> None:

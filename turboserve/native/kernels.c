@@ -1651,6 +1651,138 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
 #endif
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* fp32 GEMM for CPUs with AVX2 and no AVX-512, out[M, N] = act(x[M, K] @ W + bias), W packed by
+ * ops/cpu.py pack_panels: [ceil(N / 16)][K][16] floats (16 columns side by side at each k, zeros past
+ * N). On a 2-core AMD EPYC (benchmarks/decode_gemm.py, GPT-2's 768 x 2304 qkv weight) MKL's sgemm ran
+ * 12 GFLOP/s at 4 rows, 39 at 16 and 86-112 at 256-1024, against this kernel's 79, 118 and 141-163;
+ * MiniLM's encoder, all linears on it, gained 1-10% over addmm. Micro-kernel: ROWS <= 6 rows x 16 columns,
+ * 12 accumulators, per k two weight loads and a broadcast per row: 12 FMAs, no spills (GCC keeps
+ * named accumulators in registers). Threads take whole 64-column blocks; a block's rows go in tiles
+ * of 6, each tile a pass over the block's 4 panels (from L2 after the first tile). A row's result
+ * never depends on the other rows. */
+#define FT_ROW(r) if (ROWS > r) { const __m256 a = _mm256_broadcast_ss(x + r * ldx + k); \
+        c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0); c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1); }
+#define FT_STORE(r) if (ROWS > r) { float *o = out + r * ldo; \
+        const __m256 v0 = _mm256_add_ps(c##r##0, bias0), v1 = _mm256_add_ps(c##r##1, bias1); \
+        if (cols >= 16) { _mm256_storeu_ps(o, v0); _mm256_storeu_ps(o + 8, v1); } \
+        else { float t[16]; _mm256_storeu_ps(t, v0); _mm256_storeu_ps(t + 8, v1); memcpy(o, t, sizeof(float) * cols); } \
+        if (act) activate_row(o, cols < 16 ? cols : 16, act); }
+static inline __attribute__((always_inline)) void f32_tile(const float *x, int64_t ldx, const float *w, int64_t K,
+                                                           const float *bias, int act, float *out, int64_t ldo,
+                                                           int64_t cols, const int ROWS) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    #pragma GCC unroll 4
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(w + 16 * k), b1 = _mm256_loadu_ps(w + 16 * k + 8);
+        FT_ROW(0) FT_ROW(1) FT_ROW(2) FT_ROW(3) FT_ROW(4) FT_ROW(5)
+    }
+    float bt[16] = {0};                                   /* the bias of this tile's columns, zeros past N */
+    if (bias) memcpy(bt, bias, sizeof(float) * (cols < 16 ? cols : 16));
+    const __m256 bias0 = _mm256_loadu_ps(bt), bias1 = _mm256_loadu_ps(bt + 8);
+    FT_STORE(0) FT_STORE(1) FT_STORE(2) FT_STORE(3) FT_STORE(4) FT_STORE(5)
+}
+#undef FT_ROW
+#undef FT_STORE
+
+/* bias: NULL or [N]; act: ACT_NONE, _GELU, _GELU_TANH, _RELU or _SILU */
+void f32_gemm_packed(const float *x, int64_t ldx, const float *wp, const float *bias, int act, float *out,
+                     int64_t ldo, int64_t M, int64_t K, int64_t N, int threads) {
+    const int64_t panels = (N + 15) / 16, blocks = (panels + 3) / 4;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t cb = 0; cb < blocks; cb++)
+        for (int64_t m0 = 0; m0 < M; m0 += 6) {
+            const int64_t mr = M - m0 < 6 ? M - m0 : 6;
+            for (int64_t p = 4 * cb; p < 4 * cb + 4 && p < panels; p++) {
+#define TILE(R) f32_tile(x + m0 * ldx, ldx, wp + p * K * 16, K, bias ? bias + 16 * p : NULL, act, \
+                         out + m0 * ldo + 16 * p, ldo, N - 16 * p, R)
+                switch (mr) {
+                    case 1: TILE(1); break;
+                    case 2: TILE(2); break;
+                    case 3: TILE(3); break;
+                    case 4: TILE(4); break;
+                    case 5: TILE(5); break;
+                    default: TILE(6);
+                }
+#undef TILE
+            }
+        }
+}
+#endif
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* out[M, N] = x[M, K] @ w^T for a weight stored as [N, K] rows (a decoder's LM head, tied to the
+ * token embedding, so it is not repacked), on CPUs with AVX2 and no AVX-512. MKL multiplied GPT-2's
+ * 768 x 50257 head at 5-9 GFLOP/s for 1-16 rows (17 ms for one row, 138 for 16). Tiles of up to 3
+ * rows x 4 weight rows, the 8 lanes over k, 12 accumulators added across lanes at the end; threads
+ * take groups of 4 weight rows, and every row of x passes over a group while it is in L1, so the
+ * weight is read from memory once per call. */
+#define NT_FMA(r, j) if (ROWS > r) c##r##j = _mm256_fmadd_ps(x##r, w##j, c##r##j);
+#define NT_STEP(LOAD) do { \
+        const __m256 x0 = LOAD(xr + k), x1 = ROWS > 1 ? LOAD(xr + ldx + k) : x0, x2 = ROWS > 2 ? LOAD(xr + 2 * ldx + k) : x0; \
+        const __m256 w0 = LOAD(wr[0] + k); NT_FMA(0, 0) NT_FMA(1, 0) NT_FMA(2, 0) \
+        const __m256 w1 = LOAD(wr[1] + k); NT_FMA(0, 1) NT_FMA(1, 1) NT_FMA(2, 1) \
+        const __m256 w2 = LOAD(wr[2] + k); NT_FMA(0, 2) NT_FMA(1, 2) NT_FMA(2, 2) \
+        const __m256 w3 = LOAD(wr[3] + k); NT_FMA(0, 3) NT_FMA(1, 3) NT_FMA(2, 3) } while (0)
+#define NT_LOAD(ptr) _mm256_loadu_ps(ptr)
+#define NT_LOAD_TAIL(ptr) _mm256_maskload_ps(ptr, tail)
+static inline __attribute__((always_inline)) void nt_tile(const float *xr, int64_t ldx, const float *const wr[4],
+                                                          int64_t K, float *o, int64_t ldo, int64_t cols,
+                                                          const float *const pf[4], const int ROWS) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+    __m256 c20 = c00, c21 = c00, c22 = c00, c23 = c00;
+    int64_t k = 0;
+    if (pf) {
+        /* the next group's 4 weight rows into L2, a line of each per 16 k: short rows (3 KB for K = 768)
+         * end before the hardware prefetcher has picked them up (7 GB/s without this, at 1 row) */
+        for (; k + 16 <= K; k += 16) {
+            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(pf[j] + k), _MM_HINT_T1);
+            NT_STEP(NT_LOAD);
+            k += 8;
+            NT_STEP(NT_LOAD);
+            k -= 8;
+        }
+    }
+    for (; k + 8 <= K; k += 8) NT_STEP(NT_LOAD);
+    if (k < K) {
+        const __m256i tail = lanes8(K - k);
+        NT_STEP(NT_LOAD_TAIL);
+    }
+    const float s[3][4] = {{hsum8(c00), hsum8(c01), hsum8(c02), hsum8(c03)},
+                           {hsum8(c10), hsum8(c11), hsum8(c12), hsum8(c13)},
+                           {hsum8(c20), hsum8(c21), hsum8(c22), hsum8(c23)}};
+    for (int r = 0; r < ROWS; r++)
+        for (int64_t j = 0; j < cols; j++) o[r * ldo + j] = s[r][j];
+}
+#undef NT_FMA
+#undef NT_STEP
+#undef NT_LOAD
+#undef NT_LOAD_TAIL
+
+void f32_gemm_nt(const float *x, int64_t ldx, const float *w, int64_t ldw, float *out, int64_t ldo,
+                 int64_t M, int64_t K, int64_t N, int threads) {
+    const int64_t groups = (N + 3) / 4;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t n0 = 4 * gi, cols = N - n0 < 4 ? N - n0 : 4;
+        const float *wr[4], *next[4];
+        for (int j = 0; j < 4; j++) {
+            wr[j] = w + (n0 + (j < cols ? j : 0)) * ldw;           /* past N: a repeat, not stored */
+            next[j] = w + (n0 + 4 + j < N ? n0 + 4 + j : N - 1) * ldw;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += 3) {
+            const float *xr = x + m0 * ldx;
+            float *o = out + m0 * ldo + n0;
+            const float *const *pf = m0 == 0 ? next : NULL;
+            if (M - m0 >= 3) nt_tile(xr, ldx, wr, K, o, ldo, cols, pf, 3);
+            else if (M - m0 == 2) nt_tile(xr, ldx, wr, K, o, ldo, cols, pf, 2);
+            else nt_tile(xr, ldx, wr, K, o, ldo, cols, pf, 1);
+        }
+    }
+}
+#endif
+
 /* Store n tokens' K and V (fp32, head h of token t at k + t * k_stride + h * d, likewise v) into their
  * cache slots (block slot_blocks[t], offset slot_offsets[t]) in the cache's element type (see
  * paged_attention for the layouts). int8: per token and head, scale = max(max |x|, 1e-8) / 127 and
@@ -1768,6 +1900,16 @@ int built_with_vnni(void) {
  * either, so int8 linears use this kernel at every row count */
 int int8_gemm_is_avx2(void) {
 #if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512VNNI__))
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when f32_gemm_packed exists: AVX2 without AVX-512, where MKL's sgemm runs small row counts at a
+ * fraction of the FMA peak (with AVX-512 it runs at the peak, so fp32 linears keep torch's GEMM) */
+int f32_gemm_is_native(void) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
     return 1;
 #else
     return 0;

@@ -113,31 +113,57 @@ def activation_(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class DenseLinear:
-    """y = x @ W^T + b in fp32 or bf16, then the epilogue in place."""
+    """y = x @ W^T + b in fp32 or bf16, then the epilogue in place.
+
+    fp32 on a CPU where native.f32_gemm_native() (AVX2 without AVX-512): the weight is held only in the
+    native GEMM's panel layout (pack_panels, the same bytes as the [K, N] copy it replaces) and every
+    row count takes that kernel, with a lone activation applied as each tile is stored. `weight_t`
+    stays readable and assignable (tensor-parallel sharding slices it) through the property below."""
     takes_int8 = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.weight_t = weight.detach().to(dtype).t().contiguous()    # [K, N]
-        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
-        self.in_features, self.out_features = self.weight_t.shape
         self.dtype = dtype
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        self.weight_t = weight.detach().to(dtype).t().contiguous()    # [K, N]
+
+    @property
+    def weight_t(self) -> torch.Tensor:
+        return self._weight_t if self.packed is None else unpack_panels(self.packed, self.out_features)
+
+    @weight_t.setter
+    def weight_t(self, w: torch.Tensor) -> None:
+        self.in_features, self.out_features = w.shape
+        if self.dtype == torch.float32 and native.f32_gemm_native():
+            self.packed, self._weight_t = pack_panels(w), None
+        else:
+            self.packed, self._weight_t = None, w
 
     @property
     def nbytes(self) -> int:
-        return self.weight_t.numel() * self.weight_t.element_size()
+        w = self._weight_t if self.packed is None else self.packed
+        return w.numel() * w.element_size()
 
     def __call__(self, x: torch.Tensor, xq: Quantized | None = None, *, out: torch.Tensor | None, **epi):
+        rest = {k: v for k, v in epi.items() if v is not None}
+        if self.packed is not None and x.dtype == torch.float32:
+            fused = rest.get("act") if list(rest) == ["act"] else None
+            if out is None:
+                out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+            native.f32_gemm_packed(x, self.packed, self.bias, self.out_features, out, fused)
+            if fused is not None or not rest:
+                return out, None
+            return epilogue(out, out=out, **epi)
+        weight_t = self.weight_t
         if x.dtype != self.dtype:
             # a bf16 linear inside an fp32 model (a layer-wise precision plan): cast in, GEMM, cast out
-            y = torch.mm(x.to(self.dtype), self.weight_t) if self.bias is None else \
-                torch.addmm(self.bias, x.to(self.dtype), self.weight_t)
+            y = torch.mm(x.to(self.dtype), weight_t) if self.bias is None else \
+                torch.addmm(self.bias, x.to(self.dtype), weight_t)
             out = y.to(x.dtype) if out is None else out.copy_(y)
         elif self.bias is None:
-            out = torch.mm(x, self.weight_t, out=out) if out is not None else torch.mm(x, self.weight_t)
+            out = torch.mm(x, weight_t, out=out) if out is not None else torch.mm(x, weight_t)
         else:
-            out = torch.addmm(self.bias, x, self.weight_t, out=out) if out is not None else \
-                torch.addmm(self.bias, x, self.weight_t)
-        rest = {k: v for k, v in epi.items() if v is not None}
+            out = torch.addmm(self.bias, x, weight_t, out=out) if out is not None else \
+                torch.addmm(self.bias, x, weight_t)
         if not rest:
             return out, None
         if list(rest) == ["act"]:
@@ -145,6 +171,22 @@ class DenseLinear:
             # (2.3 ms against 5.0 ms at [4096, 1536]); the epilogue pays off when it fuses more
             return activation_(out, rest["act"]), None
         return epilogue(out, out=out, **epi)
+
+
+def pack_panels(weight_t: torch.Tensor) -> torch.Tensor:
+    """fp32 [K, N] -> [ceil(N / 16), K, 16]: 16 columns side by side at each k, zeros past N
+    (native.f32_gemm_packed's weight operand)."""
+    k, n = weight_t.shape
+    panels = -(-n // 16)
+    padded = torch.zeros(k, panels * 16, dtype=torch.float32)
+    padded[:, :n] = weight_t
+    return padded.view(k, panels, 16).transpose(0, 1).contiguous()
+
+
+def unpack_panels(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """pack_panels' inverse: [K, n]."""
+    panels, k, _ = packed.shape
+    return packed.transpose(0, 1).reshape(k, panels * 16)[:, :n].contiguous()
 
 
 def pack_vnni(weight_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +333,15 @@ def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
     if dtype == "int8":
         return Int8Linear(weight, bias, small_rows=True)
     return DenseLinear(weight, bias, torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits h [T, H] @ weight^T for an fp32 / bf16 LM head stored [V, H] (often the token embedding
+    itself, so it is used as stored): the native kernel where fp32 linears take it (MKL ran GPT-2's
+    head at 5-9 GFLOP/s for 1-16 rows on an AVX2 EPYC: kernels.c f32_gemm_nt)."""
+    if h.dtype == weight.dtype == torch.float32 and native.f32_gemm_native():
+        return native.f32_gemm_nt(h.contiguous(), weight, torch.empty(h.shape[0], weight.shape[0]))
+    return h @ weight.t()
 
 
 def linear(lin, x, act: str | None = None, quant_for=None):

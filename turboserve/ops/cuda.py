@@ -181,6 +181,11 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int
 
 
 # ---------------------------------------------------------------------- decoder ops
+def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits h [T, H] @ weight^T for an LM head stored [V, H] (cuBLAS takes the transpose as is)."""
+    return h @ weight.t()
+
+
 def linear(lin, x: torch.Tensor, act: str | None = None, quant_for=None) -> torch.Tensor:
     """A fresh [T, N] output of a DenseLinear / Int8WeightOnlyLinear, in the linear's dtype, `act`
     applied in the bias epilogue. No linear here takes int8 input, so quant_for must be None."""
