@@ -2,9 +2,10 @@
 (kernels.c `int8_gemm_packed`: VNNI dot products, or int16 multiply-adds on CPUs with AVX2 and no
 VNNI), on GPT-2 small's weight shapes, same run, same inputs, with fp32 torch.mm on the same shape as
 the rate int8 has to beat, and, where fp32 linears take it (AVX2 without AVX-512), turboserve's fp32
-kernel (`f32_gemm_packed`) against that torch.mm.
+kernel (`f32_gemm_packed`) against that torch.mm; for the LM head both fp32 columns multiply by the
+weight as a decoder holds it, [vocab, hidden] (the tied embedding): `x @ w.t()` and `f32_gemm_nt`.
 
-    .venv/bin/python benchmarks/decode_gemm.py [--rows 1,4,16,32,64,128,512] [--threads 2]
+    .venv/bin/python benchmarks/decode_gemm.py [--rows 1,4,16,32,64,128,512] [--threads 2] [--shapes "lm head"]
 
 Prints per shape and row count the time of each (best of 30), the weight bytes read per second and
 the multiply-add rate (GOP/s, 2 operations each), and checks the two int8 ones give the same int32
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,32,64,128,512")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cold", type=int, default=0, help="cycle through this many copies of each weight")
+    ap.add_argument("--shapes", default="", help="comma list of shape name prefixes to run (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     copies = max(1, args.cold)
@@ -55,7 +57,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|" + ("---:|---:|" if f32 else "") + "---|")
     g = torch.Generator().manual_seed(0)
     for name, (k, n) in SHAPES.items():
-        if args.cold and "lm head" in name:
+        if args.cold and "lm head" in name or args.shapes and not any(name.startswith(p) for p in args.shapes.split(",")):
             continue
         ws = [torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g) for _ in range(copies)]
         packs = [pack_vnni(w) for w in ws]
@@ -73,17 +75,20 @@ def main() -> None:
                 for p, c in packs:
                     native.int8_gemm_packed(x, p, c, n, out)
             xf, wf = x.float(), w.float()
+            head = "lm head" in name
+            wv = wf.t().contiguous() if head else None                 # [vocab, hidden], as decoders hold it
             gbs, gop = k * n / 1e9, 2 * m * k * n / 1e9
 
             def cell(t, nbytes):
                 return f"{t * 1e3:.3f} ms ({nbytes / t:.0f} GB/s, {gop / t:.0f} GOP/s)"
             t_ref = timed(run_ref, 5 if args.cold else 30) / copies
             t_new = timed(run_new, 5 if args.cold else 30) / copies
-            t_fp = timed(lambda: torch.mm(xf, wf), 5 if args.cold else 30)
+            t_fp = timed((lambda: xf @ wv.t()) if head else (lambda: torch.mm(xf, wf)), 5 if args.cold else 30)
             f32_cells = ""
             if f32:
-                panels, fout = pack_panels(wf), torch.empty(m, n)
-                t_f32 = timed(lambda: native.f32_gemm_packed(xf, panels, None, n, fout), 5 if args.cold else 30)
+                panels, fout = (None if head else pack_panels(wf)), torch.empty(m, n)
+                t_f32 = timed((lambda: native.f32_gemm_nt(xf, wv, fout)) if head else
+                              (lambda: native.f32_gemm_packed(xf, panels, None, n, fout)), 5 if args.cold else 30)
                 ref_f = torch.mm(xf, wf)
                 err = ((fout - ref_f).abs().max() / ref_f.abs().max()).item()
                 f32_cells = f" {cell(t_f32, 4 * gbs)} | {err:.1e} |"
