@@ -1369,6 +1369,11 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
     free(item_q0);
 }
 
+/* a tile call T(R) with its height R as a compile-time constant 1-6 (each height its own copy of the
+ * tile's loop), for mr rows */
+#define TILE_HEIGHTS(mr, T) do { switch (mr) { case 1: T(1); break; case 2: T(2); break; case 3: T(3); break; \
+        case 4: T(4); break; case 5: T(5); break; default: T(6); } } while (0)
+
 /* int8 GEMM on weights packed once at load: acc[m][n] = sum_k x[m][k] * w[k][n] in exact int32, the
  * same numbers as torch._int_mm. Decoder linears run it at every row count of a decode step: at 1-16
  * rows oneDNN's int8 GEMM read GPT-2's weights at about 10 GB/s, a quarter of this machine's
@@ -1581,14 +1586,7 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
             int32_t *at = acc + m0 * N + n0;
             const int8_t *pf = t == 0 && cb + 1 < blocks ? wb + K4 * 256 : NULL;
 #define TILE(R) vnni_tile(xt, ldu, wb, K4, colsum + n0, at, N, cols, pf, R)
-            switch (mr) {
-                case 1: TILE(1); break;
-                case 2: TILE(2); break;
-                case 3: TILE(3); break;
-                case 4: TILE(4); break;
-                case 5: TILE(5); break;
-                default: TILE(6);
-            }
+            TILE_HEIGHTS(mr, TILE);
 #undef TILE
             m0 += mr;
         }
@@ -1625,14 +1623,7 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
             for (int64_t c8 = 0; c8 < 8 && n0 + 8 * c8 < N; c8++) {
                 const int64_t cols = N - n0 - 8 * c8;
 #define TILE(R) avx2_tile(x16 + m0 * ldx16, ldx16, wb + 32 * c8, K4, acc + m0 * N + n0 + 8 * c8, N, cols, R)
-                switch (mr) {
-                    case 1: TILE(1); break;
-                    case 2: TILE(2); break;
-                    case 3: TILE(3); break;
-                    case 4: TILE(4); break;
-                    case 5: TILE(5); break;
-                    default: TILE(6);
-                }
+                TILE_HEIGHTS(mr, TILE);
 #undef TILE
             }
             m0 += mr;
@@ -1699,14 +1690,7 @@ void f32_gemm_packed(const float *x, int64_t ldx, const float *wp, const float *
             for (int64_t p = 4 * cb; p < 4 * cb + 4 && p < panels; p++) {
 #define TILE(R) f32_tile(x + m0 * ldx, ldx, wp + p * K * 16, K, bias ? bias + 16 * p : NULL, act, \
                          out + m0 * ldo + 16 * p, ldo, N - 16 * p, R)
-                switch (mr) {
-                    case 1: TILE(1); break;
-                    case 2: TILE(2); break;
-                    case 3: TILE(3); break;
-                    case 4: TILE(4); break;
-                    case 5: TILE(5); break;
-                    default: TILE(6);
-                }
+                TILE_HEIGHTS(mr, TILE);
 #undef TILE
             }
         }
