@@ -186,6 +186,8 @@ def test_native_fp32_gemm_equals_torch(k, n):
                 ref = ref if act is None else cpu.activation_(ref, act)
                 assert (y - ref).abs().max() <= 1e-5 * ref.abs().max().clamp(min=1e-6), (m, act)
                 assert wide[:, n:].isnan().all()
+        xt = torch.randn(k, 5, generator=g).t()               # columns not contiguous: copied, not refused
+        assert torch.allclose(lin(xt, out=None)[0], torch.nn.functional.linear(xt, w, bias), rtol=1e-4, atol=1e-5)
 
 
 def test_native_lm_head_equals_torch():

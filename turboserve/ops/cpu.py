@@ -151,6 +151,7 @@ class DenseLinear:
             fused = rest.get("act") if list(rest) == ["act"] else None
             if out is None:
                 out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+            x = x if x.stride(1) == 1 else x.contiguous()          # the kernel reads whole rows
             native.f32_gemm_packed(x, self.packed, self.bias, self.out_features, out, fused)
             if fused is not None or not rest:
                 return out, None
