@@ -33,6 +33,7 @@ from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .kv_cache import BlockManager, CacheFull
 from .loader import read_json
 from .sampling import SamplingParams, StopChecker, sample
+from .workspace import available_memory
 
 log = logging.getLogger("turboserve")
 
@@ -385,14 +386,10 @@ def default_kv_budget(bytes_per_token: int, max_num_seqs: int, max_context: int,
     size), or on a GPU 80% of its free memory, which the cache is there to use. May be less than one
     full context: the engine then cuts its context to what fits."""
     want = bytes_per_token * max_num_seqs * max_context
+    avail = available_memory(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return min(want, int(free * 0.8))
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        avail = 8 << 30
+        return min(want, int(avail * 0.8))
+    avail = 8 << 30 if avail is None else avail
     return min(want, avail // (4 * max(1, local_ranks)))
 
 
