@@ -773,7 +773,7 @@ static inline void softmax_rows(int nr, float *sc, int64_t stride, const int64_t
 }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-/* paged_rows in 8 lanes for AVX2-only CPUs, fp32 and bf16 caches (int8 ones take the scalar version):
+/* paged_rows in 8 lanes for AVX2-only CPUs, fp32 and bf16 caches (int8 ones: paged_rows_i8_avx2):
  * the same steps, half the vector width, 16 instead of 32 registers, so P.V goes 16 columns per pass. */
 static inline __m256i lanes8(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 0 ? 0 : n > 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -875,7 +875,8 @@ static void paged_rows_i8_avx2(int nr, const float *const qr[PA_ROWS], float *co
                                const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
                                const int8_t *k_cache, const int8_t *v_cache, const float *k_scale,
                                const float *v_scale, const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d,
-                               int64_t bs, float scale, float *sc, int64_t stride, int16_t *q16) {
+                               int64_t bs, float scale, float *sc, int64_t stride, int16_t *q16,
+                               int16_t *wbuf) {
     float qsc[PA_ROWS];
     for (int r = 0; r < nr; r++) {
         float amax = 0.f;
@@ -923,8 +924,8 @@ static void paged_rows_i8_avx2(int nr, const float *const qr[PA_ROWS], float *co
      * to int16: lanes (dim c, keys 0-1), (dim c, keys 2-3). int32 sums flush to fp32 every 256 keys
      * (each lane then holds at most 128 products of 32767 x 127). */
     float wsc[PA_ROWS];
-    const int64_t nw = (hi - lo + 4) / 4 * 4 + 8;     /* keys lo .. hi, and room to start at a group edge */
-    int16_t *wbuf = malloc(sizeof(int16_t) * (size_t)(nr * nw));
+    /* keys lo .. hi, and room to start at a group edge: nr * nw <= PA_ROWS * stride, the caller's wbuf */
+    const int64_t nw = (hi - lo + 4) / 4 * 4 + 8;
     const int64_t base = lo / 4 * 4;                  /* wbuf[r][j - base]: key j's weight, 0 outside lo .. hi */
     for (int r = 0; r < nr; r++) {
         float wmax = 0.f;
@@ -982,7 +983,6 @@ static void paged_rows_i8_avx2(int nr, const float *const qr[PA_ROWS], float *co
             _mm256_storeu_ps(dst[r] + c0, _mm256_mul_ps(sum, _mm256_set1_ps(wsc[r])));
         }
     }
-    free(wbuf);
 }
 #endif
 
@@ -1293,6 +1293,9 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         uint8_t *qb = malloc((size_t)(gsize * PA_ROWS * 2 * d));
         float *qs = malloc(sizeof(float) * (size_t)(gsize * PA_ROWS));
         float *acc = malloc(sizeof(float) * (size_t)(gsize * PA_ROWS * d));
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        int16_t *wbuf = malloc(sizeof(int16_t) * (size_t)(PA_ROWS * stride));    /* paged_rows_i8_avx2's P.V weights */
+#endif
         #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < n_items * n_groups; w++) {
             const int64_t it = w / n_groups, kh = (w % n_groups) * gsize, s = item_seq[it];
@@ -1347,7 +1350,7 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                 if (kind == KV_I8 && block_size % 8 == 0 && d % 8 == 0 && d <= 1024) {
                     paged_rows_i8_avx2(nr, qr, dst, row_lo, row_hi, lo, hi, (const int8_t *)k_cache,
                                        (const int8_t *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d,
-                                       block_size, scale, sc, stride, (int16_t *)qb);
+                                       block_size, scale, sc, stride, (int16_t *)qb, wbuf);
                     continue;
                 }
 #endif
@@ -1364,6 +1367,9 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         free(qb);
         free(qs);
         free(acc);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        free(wbuf);
+#endif
     }
     free(item_seq);
     free(item_q0);
@@ -1700,7 +1706,7 @@ void f32_gemm_packed(const float *x, int64_t ldx, const float *wp, const float *
 #if defined(__AVX2__) && !defined(__AVX512F__)
 /* out[M, N] = x[M, K] @ w^T for a weight stored as [N, K] rows (a decoder's LM head, tied to the
  * token embedding, so it is not repacked), on CPUs with AVX2 and no AVX-512. MKL multiplied GPT-2's
- * 768 x 50257 head at 5-9 GFLOP/s for 1-16 rows (17 ms for one row, 138 for 16). Tiles of up to 3
+ * 768 x 50257 head at 5-6 GFLOP/s for 1-4 rows and 20 at 16 (16 ms for one row, 60 for 16). Tiles of up to 3
  * rows x 4 weight rows, the 8 lanes over k, 12 accumulators added across lanes at the end; threads
  * take groups of 4 weight rows, and every row of x passes over a group while it is in L1, so the
  * weight is read from memory once per call (19-20 GB/s at one row, this VM's read bandwidth).
