@@ -10,7 +10,8 @@ and on a CPU without AVX-512 (AMD Zen 1-3, Intel before Ice Lake) the AVX2 instr
 kernels use there:
   fp32 FMA      vfmadd231ps ymm   (8 multiply-adds)
   int16 madd    vpmaddwd ymm      (16 int16 products summed pairwise into 8 int32 lanes: the int8
-                GEMM's step on such CPUs, kernels.c avx2_tile, whose vpaddd runs on other ports)
+                GEMM's step on such CPUs, kernels.c avx2_tile, which adds each product to its
+                accumulator with a vpaddd: no accumulating form without VNNI)
 with 12 independent accumulator chains (enough to cover each instruction's latency) and an empty asm
 barrier per step so the compiler cannot fold the loop. Each multiply-add counts as 2 operations, so
 the figures compare with GEMM GFLOP/s. This is the ceiling a GEMM on this machine can approach; the

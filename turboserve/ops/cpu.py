@@ -4,8 +4,8 @@ Everything runs on [T, H] tensors of real tokens. GEMMs go through oneDNN/MKL vi
 a pre-transposed, contiguous weight (measured on this Ice Lake machine: 210-280 GFLOP/s at 2 threads,
 the same as oneDNN's prepacked `_linear_pointwise`, which has no `out=` and so cannot write into the
 memory planner's workspace). On CPUs with AVX2 and no AVX-512 fp32 linears and LM heads take the
-native fp32 GEMMs instead (DenseLinear, lm_head: on a 2-core AMD EPYC MKL ran decode row counts at 8-50 GFLOP/s
-against an FMA peak of 182). int8 linears are W8A8: per-output-channel weight scales, per-token
+native fp32 GEMMs instead (DenseLinear, lm_head: on a 2-core AMD EPYC MKL ran 4-64 rows at 8-82
+GFLOP/s against an FMA peak of 182). int8 linears are W8A8: per-output-channel weight scales, per-token
 activation scales, `torch._int_mm` (VNNI; exact int32 accumulation). Rows are quantized
 independently, so a text's result never depends on its batch neighbours.
 
@@ -341,7 +341,7 @@ def make_decoder_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: 
 def lm_head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Logits h [T, H] @ weight^T for an fp32 / bf16 LM head stored [V, H] (often the token embedding
     itself, so it is used as stored): the native kernel where fp32 linears take it (MKL ran GPT-2's
-    head at 5-9 GFLOP/s for 1-16 rows on an AVX2 EPYC: kernels.c f32_gemm_nt)."""
+    head at 5-6 GFLOP/s for 1-4 rows and 20 at 16 on an AVX2 EPYC: kernels.c f32_gemm_nt)."""
     if h.dtype == weight.dtype == torch.float32 and native.f32_gemm_native():
         return native.f32_gemm_nt(h.contiguous(), weight, torch.empty(h.shape[0], weight.shape[0]))
     return h @ weight.t()
