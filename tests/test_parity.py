@@ -179,7 +179,7 @@ def test_native_fp32_gemm_equals_torch(k, n):
         assert lin.packed is not None and torch.equal(lin.weight_t, w.t())
         for m in (1, 2, 3, 4, 5, 6, 7, 13, 37):
             x = torch.randn(m, k, generator=g)
-            for act in (None, "gelu", "relu", "silu"):
+            for act in (None, "gelu", "gelu_tanh", "relu", "silu"):
                 wide = torch.full((m, n + 9), float("nan"))
                 y, _ = lin(x, out=wide[:, :n], act=act)
                 ref = torch.nn.functional.linear(x, w, bias)
