@@ -1657,19 +1657,24 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
  * 12 GFLOP/s at 4 rows, 39 at 16 and 86-112 at 256-1024, against this kernel's 79, 118 and 141-163;
  * MiniLM's encoder, all linears on it, gained 1-10% over addmm. Micro-kernel: ROWS <= 6 rows x 16 columns,
  * 12 accumulators, per k two weight loads and a broadcast per row: 12 FMAs, no spills (GCC keeps
- * named accumulators in registers). Threads take whole 64-column blocks; a block's rows go in tiles
- * of 6, each tile a pass over the block's 4 panels (from L2 after the first tile). A row's result
- * never depends on the other rows. The activation runs once a tile's 4 panels are stored, over its
- * 6 x 64 block (still in L1): applied to each 16-column panel as it was stored, GELU's erf (a
- * dependent chain of ~20 operations) had 2 vectors to overlap and ran latency-bound, 8% of MiniLM's
- * whole fp32 forward (perf); over 64 columns fc1 + GELU ran 20-35% faster (interleaved runs). */
-#define FT_ROW(r) if (ROWS > r) { const __m256 a = _mm256_broadcast_ss(x + r * ldx + k); \
+ * named accumulators in registers). x is first repacked in tiles of 6 rows, [ceil(M / 6)][K][6]
+ * (pack_rows6, 8 x 8 register transposes; a malloc per call, which keep_freed_memory's settings serve
+ * from malloc's free lists), so a tile's broadcasts walk one contiguous run instead of 6 rows ldx
+ * apart: 5-10% faster at MiniLM's qkv and fc1 and at 16-64 rows of GPT-2's, level at 1 row and where
+ * N is 384 (interleaved runs; blocking K in chunks of 512 on top of it changed nothing). Threads take
+ * whole 64-column blocks; a block's row tiles each make a pass over the block's 4 panels (from L2
+ * after the first tile). A row's result never depends on the other rows. The activation runs once a
+ * tile's 4 panels are stored, over its 6 x 64 block (still in L1): applied to each 16-column panel
+ * as it was stored, GELU's erf (a dependent chain of ~20 operations) had 2 vectors to overlap and ran
+ * latency-bound, 8% of MiniLM's whole fp32 forward (perf); over 64 columns fc1 + GELU ran 20-35%
+ * faster (interleaved runs). */
+#define FT_ROW(r) if (ROWS > r) { const __m256 a = _mm256_broadcast_ss(xp + 6 * k + r); \
         c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0); c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1); }
 #define FT_STORE(r) if (ROWS > r) { float *o = out + r * ldo; \
         const __m256 v0 = _mm256_add_ps(c##r##0, bias0), v1 = _mm256_add_ps(c##r##1, bias1); \
         if (cols >= 16) { _mm256_storeu_ps(o, v0); _mm256_storeu_ps(o + 8, v1); } \
         else { float t[16]; _mm256_storeu_ps(t, v0); _mm256_storeu_ps(t + 8, v1); memcpy(o, t, sizeof(float) * cols); } }
-static inline __attribute__((always_inline)) void f32_tile(const float *x, int64_t ldx, const float *w, int64_t K,
+static inline __attribute__((always_inline)) void f32_tile(const float *xp, const float *w, int64_t K,
                                                            const float *bias, float *out, int64_t ldo,
                                                            int64_t cols, const int ROWS) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
@@ -1679,7 +1684,7 @@ static inline __attribute__((always_inline)) void f32_tile(const float *x, int64
         const __m256 b0 = _mm256_loadu_ps(w + 16 * k), b1 = _mm256_loadu_ps(w + 16 * k + 8);
         FT_ROW(0) FT_ROW(1) FT_ROW(2) FT_ROW(3) FT_ROW(4) FT_ROW(5)
     }
-    float bt[16] = {0};                                   /* the bias of this tile's columns, zeros past N */
+    float bt[16] = {0};
     if (bias) memcpy(bt, bias, sizeof(float) * (cols < 16 ? cols : 16));
     const __m256 bias0 = _mm256_loadu_ps(bt), bias1 = _mm256_loadu_ps(bt + 8);
     FT_STORE(0) FT_STORE(1) FT_STORE(2) FT_STORE(3) FT_STORE(4) FT_STORE(5)
@@ -1687,16 +1692,34 @@ static inline __attribute__((always_inline)) void f32_tile(const float *x, int64
 #undef FT_ROW
 #undef FT_STORE
 
-/* bias: NULL or [N]; act: ACT_NONE, _GELU, _GELU_TANH, _RELU or _SILU */
+static void pack_rows6(const float *x, int64_t ldx, int64_t mr, int64_t K, float *d) {
+    int64_t k = 0;
+    if (mr == 6)
+        for (; k + 8 < K; k += 8) {        /* not the last 8: their spill would reach the next tile */
+            __m256 r[8];
+            for (int i = 0; i < 6; i++) r[i] = _mm256_loadu_ps(x + i * ldx + k);
+            r[6] = r[7] = _mm256_setzero_ps();
+            transpose8x8(r);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(d + 6 * (k + i), r[i]);   /* 8 floats: 2 spill into the next k's */
+        }
+    for (; k < K; k++)
+        for (int r = 0; r < 6; r++) d[6 * k + r] = r < mr ? x[r * ldx + k] : 0.0f;
+}
+
 void f32_gemm_packed(const float *x, int64_t ldx, const float *wp, const float *bias, int act, float *out,
                      int64_t ldo, int64_t M, int64_t K, int64_t N, int threads) {
-    const int64_t panels = (N + 15) / 16, blocks = (panels + 3) / 4;
-    #pragma omp parallel for schedule(static) num_threads(threads)
+    const int64_t panels = (N + 15) / 16, blocks = (panels + 3) / 4, tiles = (M + 5) / 6;
+    float *xp = malloc(sizeof(float) * tiles * K * 6);
+    #pragma omp parallel num_threads(threads)
+    {
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) pack_rows6(x + 6 * t * ldx, ldx, M - 6 * t < 6 ? M - 6 * t : 6, K, xp + t * K * 6);
+    #pragma omp for schedule(static)
     for (int64_t cb = 0; cb < blocks; cb++)
-        for (int64_t m0 = 0; m0 < M; m0 += 6) {
-            const int64_t mr = M - m0 < 6 ? M - m0 : 6;
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t m0 = 6 * t, mr = M - m0 < 6 ? M - m0 : 6;
             for (int64_t p = 4 * cb; p < 4 * cb + 4 && p < panels; p++) {
-#define TILE(R) f32_tile(x + m0 * ldx, ldx, wp + p * K * 16, K, bias ? bias + 16 * p : NULL, \
+#define TILE(R) f32_tile(xp + t * K * 6, wp + p * K * 16, K, bias ? bias + 16 * p : NULL, \
                          out + m0 * ldo + 16 * p, ldo, N - 16 * p, R)
                 TILE_HEIGHTS(mr, TILE);
 #undef TILE
@@ -1706,6 +1729,8 @@ void f32_gemm_packed(const float *x, int64_t ldx, const float *wp, const float *
                 for (int64_t r = 0; r < mr; r++) activate_row(out + (m0 + r) * ldo + c0, cols, act);
             }
         }
+    }
+    free(xp);
 }
 #endif
 
