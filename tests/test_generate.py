@@ -261,13 +261,13 @@ def test_bad_requests_raise_clear_errors(decoder_dirs):
     assert not llm.engine.has_work()
 
 
-def _paged_case(kv_dtype, window, bs=4, seed=0, d=64):
+def _paged_case(kv_dtype, window, bs=4, seed=0, d=64, heads=(8, 2)):
     """A cache of random K/V written through write_kv (blocks scattered), and its queries: decode, full
-    prefill, decode and chunked prefill side by side, GQA (8 heads over 2), page size 4 or 16 (the
-    engine's; int8 runs its VNNI kernel there, the scalar one at 4)."""
+    prefill, decode and chunked prefill side by side, GQA (by default 8 heads over 2), page size 4 or 16
+    (the engine's; int8 runs its VNNI kernel there, the scalar one at 4)."""
     from turboserve.ops import cpu
     g = torch.Generator().manual_seed(seed)
-    nh, kvh, nb = 8, 2, 40
+    (nh, kvh), nb = heads, 40
     cache = cpu.allocate_kv_cache(1, nb, kvh, bs, d, kv_dtype)[0]
     slots = torch.arange(nb * bs)
     cpu.write_kv(cache, torch.randn(nb * bs, kvh, d, generator=g), torch.randn(nb * bs, kvh, d, generator=g),
@@ -305,6 +305,23 @@ def test_paged_attention_native_matches_torch(kv_dtype, window, bs, d):
         assert rel_err(fast, ref) < 2e-4          # AVX2: the query in int16 (4e-5 measured); scalar: exact
     else:
         assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(3, 3), (6, 2)])
+@pytest.mark.parametrize("d", [64, 40])
+def test_paged_attention_native_row_tails(kv_dtype, heads, d):
+    """Work items of 1, 2 and 3 rows as well as 4 (no GQA: one row per decode token; groups of 3):
+    the vector kernels size their P.V passes by the row count (64 columns for one row), so every
+    count and a head dim that is not a multiple of the pass (40) is checked against gather + SDPA."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None:
+        pytest.skip("no C compiler")
+    q, cache, args, max_ctx = _paged_case(kv_dtype, 0, 16, d=d, heads=heads)
+    fast = native.paged_attention(q, cache, *args, max_ctx, torch.empty(q.shape[0], q.shape[1]))
+    ref = cpu._paged_attention_torch(q, cache, *args, torch.empty(q.shape[0], q.shape[1]))
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("seqs,kvh,g", [(1, 3, 1), (12, 4, 1), (12, 2, 4)])
