@@ -1,12 +1,14 @@
 """Encoder throughput and quality: turboserve against transformers, ONNX Runtime and CTranslate2.
 
-    .venv/bin/python benchmarks/encoder.py [--models minilm,bert-base] [--workloads short,longtail]
+    .venv/bin/python benchmarks/encoder.py [--models minilm,bert-base] [--workloads short,longtail] [--interleave 3]
 
 Workloads and models are the public ones of shared/DESIGN.md section 5 (token sequences of the
 workload's lengths drawn from whole words of the vocabulary). Every system gets the same sequences;
 throughput counts real (non-padding) tokens per second of wall time, 2 threads unless --threads.
-Quality is the minimum cosine, over all requests, between a system's pooled embedding and the fp32
-reference (transformers, each request alone). Peers need the `peers` extra (onnxruntime,
+With --interleave N every system is loaded first and then timed once per round in turn, N rounds, best
+round reported with the range: on a VM whose speed drifts by 20-40% over minutes, systems timed one
+after another can differ by more than they do. Quality is the minimum cosine, over all requests,
+between a system's pooled embedding and the fp32 reference (transformers, each request alone). Peers need the `peers` extra (onnxruntime,
 ctranslate2); systems whose package is missing are reported as skipped.
 The GEMM peaks are measured at start on this machine, and each system's FLOP rate (linear layers plus
 attention, real tokens only) is printed as a fraction of the peak of its arithmetic ("mixed" for
@@ -261,6 +263,9 @@ def main():
     ap.add_argument("--requests", type=int, default=512, help="requests per workload (the first N)")
     ap.add_argument("--bert-requests", type=int, default=128, help="requests per workload for bert-base")
     ap.add_argument("--systems", default="all", help="comma list of system names to run, or all")
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="load every system first, then time each once per round in turn (best round reported, "
+                         "with the range over rounds): for a VM whose speed drifts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# machine: {machine()}; threads: {args.threads}")
@@ -294,29 +299,49 @@ def main():
                 "ctranslate2 int8": (lambda: run_ctranslate2(path, seqs, mode, args.threads, "int8"), "int8"),
             }
             wanted = set(systems) if args.systems == "all" else {s.strip() for s in args.systems.split(",")}
-            print(f"\n## {name}, {wl}: {len(seqs)} requests, {tokens} real tokens")
-            print("| system | real tokens/s | vs turboserve int8 | min cosine vs fp32 | fraction of GEMM peak |")
-            print("|---|---:|---:|---:|---:|")
-            results = {}
-            for sys_name, (factory, arith) in systems.items():
-                if sys_name not in wanted:
-                    continue
-                try:
-                    go, out = factory()
-                except ImportError as exc:
-                    print(f"| {sys_name} | skipped ({exc.name} not installed) | | | |")
-                    continue
-                except Exception as exc:   # a peer that cannot load this model is reported, not fatal
-                    print(f"| {sys_name} | failed: {str(exc).splitlines()[0][:80]} | | | |")
-                    continue
-                t = timed(go, repeat=3)
+
+            def report(sys_name, t, out, arith, spread=None):
                 emb = out[0] if sys_name.startswith("turboserve") else np.stack(out)
                 results[sys_name] = (tokens / t, min_cosine(emb, ref), flops / t / peaks[arith] if arith else None)
                 tps, cos, frac = results[sys_name]
                 ours = results.get("turboserve int8", (None,))[0]
                 ratio = f"{ours / tps:.2f}x" if ours else ""
                 frac = f"{frac:.0%}" if frac is not None else "mixed"
-                print(f"| {sys_name} | {tps:,.0f} | {ratio} | {cos:.5f} | {frac} |", flush=True)
+                rounds = f" (rounds {spread})" if spread else ""
+                print(f"| {sys_name} | {tps:,.0f}{rounds} | {ratio} | {cos:.5f} | {frac} |", flush=True)
+            print(f"\n## {name}, {wl}: {len(seqs)} requests, {tokens} real tokens")
+            print("| system | real tokens/s | vs turboserve int8 | min cosine vs fp32 | fraction of GEMM peak |")
+            print("|---|---:|---:|---:|---:|")
+            results = {}
+            loaded = {}
+            for sys_name, (factory, arith) in systems.items():
+                if sys_name not in wanted:
+                    continue
+                try:
+                    loaded[sys_name] = (*factory(), arith)
+                except ImportError as exc:
+                    print(f"| {sys_name} | skipped ({exc.name} not installed) | | | |")
+                    continue
+                except Exception as exc:   # a peer that cannot load this model is reported, not fatal
+                    print(f"| {sys_name} | failed: {str(exc).splitlines()[0][:80]} | | | |")
+                    continue
+                if not args.interleave:     # timed at once, then released
+                    go, out, _ = loaded.pop(sys_name)
+                    report(sys_name, timed(go, repeat=3), out, arith)
+            if args.interleave:
+                # every system loaded and warmed, then timed once per round in turn: a drift of the VM's
+                # speed then reaches all systems alike instead of whichever happened to run during it
+                for go, _, _ in loaded.values():
+                    go()
+                times = {k: [] for k in loaded}
+                for _ in range(args.interleave):
+                    for sys_name, (go, _, _) in loaded.items():
+                        t = time.perf_counter()
+                        go()
+                        times[sys_name].append(time.perf_counter() - t)
+                for sys_name, (_, out, arith) in loaded.items():
+                    spread = f"{tokens / max(times[sys_name]):,.0f}-{tokens / min(times[sys_name]):,.0f}"
+                    report(sys_name, min(times[sys_name]), out, arith, spread)
             rows.append((name, wl, results))
     end_peaks = gemm_peaks()
     print("\n# measured GEMM peaks at the end: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in end_peaks.items())
