@@ -119,8 +119,9 @@ class DenseLinear:
 
     fp32 on a CPU where native.f32_gemm_native() (AVX2 without AVX-512): the weight is held only in the
     native GEMM's panel layout (pack_panels, the same bytes as the [K, N] copy it replaces) and every
-    row count takes that kernel, with a lone activation applied as each tile is stored. `weight_t`
-    stays readable and assignable (tensor-parallel sharding slices it) through the property below."""
+    row count takes that kernel, with a lone activation applied to each 6 x 64 block of output once
+    it is stored. `weight_t` stays readable and assignable (tensor-parallel sharding slices it)
+    through the property below."""
     takes_int8 = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
