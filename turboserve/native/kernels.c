@@ -419,6 +419,12 @@ static float softmax_numerators_avx512(float *s, int64_t L, float scale) {
  * rows' pointers in an array, GCC kept the key pointer on the stack and added to it there every
  * iteration, a store-to-load chain that held scores to 0.7 FMAs a cycle (2.2x slower than this form
  * in a micro-benchmark at MiniLM's d = 32; P.V 1.5x). */
+/* a00 .. a31 += the 4 scalars at e0 .. e3 (rows), each times the 16 values in x0 | x1 */
+#define FMA_4X16(x0, x1, e0, e1, e2, e3) do { __m256 b_ = _mm256_broadcast_ss(e0); \
+        a00 = _mm256_fmadd_ps(b_, x0, a00); a01 = _mm256_fmadd_ps(b_, x1, a01); b_ = _mm256_broadcast_ss(e1); \
+        a10 = _mm256_fmadd_ps(b_, x0, a10); a11 = _mm256_fmadd_ps(b_, x1, a11); b_ = _mm256_broadcast_ss(e2); \
+        a20 = _mm256_fmadd_ps(b_, x0, a20); a21 = _mm256_fmadd_ps(b_, x1, a21); b_ = _mm256_broadcast_ss(e3); \
+        a30 = _mm256_fmadd_ps(b_, x0, a30); a31 = _mm256_fmadd_ps(b_, x1, a31); } while (0)
 static __attribute__((noinline)) void scores_avx2(const float *const q[MR], const float *kt, int64_t d, int64_t Lp,
                                                   float *s) {
     for (int r0 = 0; r0 < MR; r0 += 4) {
@@ -429,14 +435,7 @@ static __attribute__((noinline)) void scores_avx2(const float *const q[MR], cons
             #pragma GCC unroll 4
             for (int64_t k = 0; k < d; k++, kr += Lp) {
                 const __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8);
-                __m256 b = _mm256_broadcast_ss(q0 + k);
-                a00 = _mm256_fmadd_ps(b, k0, a00); a01 = _mm256_fmadd_ps(b, k1, a01);
-                b = _mm256_broadcast_ss(q1 + k);
-                a10 = _mm256_fmadd_ps(b, k0, a10); a11 = _mm256_fmadd_ps(b, k1, a11);
-                b = _mm256_broadcast_ss(q2 + k);
-                a20 = _mm256_fmadd_ps(b, k0, a20); a21 = _mm256_fmadd_ps(b, k1, a21);
-                b = _mm256_broadcast_ss(q3 + k);
-                a30 = _mm256_fmadd_ps(b, k0, a30); a31 = _mm256_fmadd_ps(b, k1, a31);
+                FMA_4X16(k0, k1, q0 + k, q1 + k, q2 + k, q3 + k);
             }
             float *o = s + r0 * Lp + j0;
             _mm256_storeu_ps(o, a00); _mm256_storeu_ps(o + 8, a01);
@@ -456,14 +455,7 @@ static __attribute__((noinline)) void pv_avx2(const float *v0, int64_t row, int6
     #pragma GCC unroll 4
     for (int64_t j = 0; j < L; j++, vj += row) {
         const __m256 x0 = _mm256_loadu_ps(vj), x1 = _mm256_loadu_ps(vj + 8);
-        __m256 p = _mm256_broadcast_ss(s0 + j);
-        a00 = _mm256_fmadd_ps(p, x0, a00); a01 = _mm256_fmadd_ps(p, x1, a01);
-        p = _mm256_broadcast_ss(s1 + j);
-        a10 = _mm256_fmadd_ps(p, x0, a10); a11 = _mm256_fmadd_ps(p, x1, a11);
-        p = _mm256_broadcast_ss(s2 + j);
-        a20 = _mm256_fmadd_ps(p, x0, a20); a21 = _mm256_fmadd_ps(p, x1, a21);
-        p = _mm256_broadcast_ss(s3 + j);
-        a30 = _mm256_fmadd_ps(p, x0, a30); a31 = _mm256_fmadd_ps(p, x1, a31);
+        FMA_4X16(x0, x1, s0 + j, s1 + j, s2 + j, s3 + j);
     }
     float *o = acc + r0 * d + c0;
     const __m256 i0 = _mm256_set1_ps(inv[r0]), i1 = _mm256_set1_ps(inv[r0 + 1]);
@@ -473,6 +465,7 @@ static __attribute__((noinline)) void pv_avx2(const float *v0, int64_t row, int6
     _mm256_storeu_ps(o + 2 * d, _mm256_mul_ps(a20, i2)); _mm256_storeu_ps(o + 2 * d + 8, _mm256_mul_ps(a21, i2));
     _mm256_storeu_ps(o + 3 * d, _mm256_mul_ps(a30, i3)); _mm256_storeu_ps(o + 3 * d + 8, _mm256_mul_ps(a31, i3));
 }
+#undef FMA_4X16
 
 /* In place: s[j] = exp(scale * (s[j] - max)) over the L real keys, returns their sum; the lanes of
  * the last vector past L (s is Lp >= L rounded up to 16 long) are set to 0. The tail in the vector
