@@ -288,7 +288,7 @@ def test_paged_attention_native_matches_torch(kv_dtype, window, bs, d):
     int8 VNNI kernel (block size 16) quantizes the query (two bytes an element) and the probabilities
     times the value scales (one byte, per 16 keys): within 4e-3 of the reference's largest output;
     the AVX2 one (block sizes of 8) the query only, to int16: within 2e-4.
-    Head dim 40: the vector kernels' column tails (AVX2 passes of 16, AVX-512 masks of 8 lanes)."""
+    Head dim 40: the vector kernels' column tails (AVX2 passes of 16-64, AVX-512 masks of 8 lanes)."""
     from turboserve import native
     from turboserve.ops import cpu
     if native.lib() is None:

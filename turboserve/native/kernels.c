@@ -792,7 +792,8 @@ static inline void softmax_rows(int nr, float *sc, int64_t stride, const int64_t
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 /* paged_rows in 8 lanes for AVX2-only CPUs, fp32 and bf16 caches (int8 ones: paged_rows_i8_avx2):
- * the same steps, half the vector width, 16 instead of 32 registers, so P.V goes 16 columns per pass. */
+ * the same steps, half the vector width, 16 instead of 32 registers, so P.V takes 16-64 columns per
+ * pass by the row count (below). */
 static inline __m256i lanes8(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 0 ? 0 : n > 8 ? 8 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
@@ -1397,6 +1398,12 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
 #define TILE_HEIGHTS(mr, T) do { switch (mr) { case 1: T(1); break; case 2: T(2); break; case 3: T(3); break; \
         case 4: T(4); break; case 5: T(5); break; default: T(6); } } while (0)
 
+/* the first row of tile t of M rows split into `tiles` as evenly as possible (8 rows are 4 + 4, not
+ * 6 + 2); tile t holds rows tile_row0(t) .. tile_row0(t + 1) - 1 */
+static inline int64_t tile_row0(int64_t M, int64_t tiles, int64_t t) {
+    return t * (M / tiles) + (t < M % tiles ? t : M % tiles);
+}
+
 /* int8 GEMM on weights packed once at load: acc[m][n] = sum_k x[m][k] * w[k][n] in exact int32, the
  * same numbers as torch._int_mm. Decoder linears run it at every row count of a decode step: at 1-16
  * rows oneDNN's int8 GEMM read GPT-2's weights at about 10 GB/s, a quarter of this machine's
@@ -1595,21 +1602,19 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
         for (int64_t k = 0; k < K; k++) xu[m * ldu + k] = (uint8_t)(x[m * ldx + k] ^ 0x80);
         for (int64_t k = K; k < ldu; k++) xu[m * ldu + k] = 0;
     }
-    /* rows split into tiles as even as possible: 8 rows are 4 + 4, not 6 + 2 */
     const int64_t tiles = (M + 5) / 6;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t cb = 0; cb < blocks; cb++) {
         const int64_t n0 = cb * 64, cols = N - n0;
         const int8_t *wb = wp + cb * K4 * 256;
-        for (int64_t t = 0, m0 = 0; t < tiles; t++) {
-            const int64_t mr = M / tiles + (t < M % tiles);
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t m0 = tile_row0(M, tiles, t), mr = tile_row0(M, tiles, t + 1) - m0;
             const uint8_t *xt = xu + m0 * ldu;
             int32_t *at = acc + m0 * N + n0;
             const int8_t *pf = t == 0 && cb + 1 < blocks ? wb + K4 * 256 : NULL;
 #define TILE(R) vnni_tile(xt, ldu, wb, K4, colsum + n0, at, N, cols, pf, R)
             TILE_HEIGHTS(mr, TILE);
 #undef TILE
-            m0 += mr;
         }
     }
     free(xu);
@@ -1623,7 +1628,7 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
     int16_t *x16 = malloc(sizeof(int16_t) * (size_t)(M * ldx16) + 64);
     #pragma omp parallel for schedule(static) num_threads(threads) if (M * K > 65536)
     for (int64_t t = 0; t < tiles; t++) {
-        const int64_t mr = M / tiles + (t < M % tiles), m0 = t * (M / tiles) + (t < M % tiles ? t : M % tiles);
+        const int64_t m0 = tile_row0(M, tiles, t), mr = tile_row0(M, tiles, t + 1) - m0;
         int16_t *d = x16 + m0 * ldx16;
         for (int64_t r = 0; r < mr; r++) {
             const int8_t *xr = x + (m0 + r) * ldx;
@@ -1646,8 +1651,8 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
     for (int64_t cb = 0; cb < blocks; cb++) {
         const int64_t n0 = cb * 64;
         const int8_t *wb = wp + cb * K4 * 256;
-        for (int64_t t = 0, m0 = 0; t < tiles; t++) {
-            const int64_t mr = M / tiles + (t < M % tiles);
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t m0 = tile_row0(M, tiles, t), mr = tile_row0(M, tiles, t + 1) - m0;
             if (mr <= 2) {
                 const int64_t step = 4 / mr;                     /* chunks per pass */
                 for (int64_t c8 = 0; c8 < 8 && n0 + 8 * c8 < N; c8 += step) {
@@ -1656,7 +1661,6 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
                     if (mr == 1) avx2_tile_narrow(x16 + m0 * ldx16, wb + 32 * c8, K4, at, N, cols, 1);
                     else avx2_tile_narrow(x16 + m0 * ldx16, wb + 32 * c8, K4, at, N, cols, 2);
                 }
-                m0 += mr;
                 continue;
             }
             for (int64_t c8 = 0; c8 < 8 && n0 + 8 * c8 < N; c8++) {
@@ -1665,7 +1669,6 @@ void int8_gemm_packed(const int8_t *x, int64_t ldx, const int8_t *wp, const int3
                 TILE_HEIGHTS(mr, TILE);
 #undef TILE
             }
-            m0 += mr;
         }
     }
     free(x16);
