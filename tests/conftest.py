@@ -92,6 +92,11 @@ def _decoder_configs():
                   dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=2,
                        intermediate_size=128, max_position_embeddings=256, initializer_range=0.2,
                        tie_word_embeddings=True)),
+        # head_dim 32 over a hidden size of 64 in 4 heads: q is wider than the residual stream, as in Qwen3-0.6B
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM,
+                  dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                       num_hidden_layers=2, intermediate_size=128, max_position_embeddings=256,
+                       initializer_range=0.2, tie_word_embeddings=True)),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM,
                     dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                          intermediate_size=128, max_position_embeddings=256, initializer_range=0.2,
@@ -99,7 +104,7 @@ def _decoder_configs():
     }
 
 
-DECODER_ARCHS = ("gpt2", "llama", "qwen2", "mistral")
+DECODER_ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 
 
 def build_decoder(arch: str, out: Path, seed: int = 0, **overrides) -> Path:

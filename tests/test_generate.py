@@ -50,6 +50,7 @@ def test_greedy_matches_transformers_with_requests_joining_mid_flight(decoder_di
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),          # per-layer attention scales
     ("gpt2", dict(scale_attn_weights=False)),
     ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),   # window on layer 1 only
+    ("qwen3", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
     ("llama", dict(sliding_window=8)),                             # a key LLaMA's attention ignores
 ])
 def test_config_variants_match_transformers(tmp_path, arch, overrides):
@@ -368,14 +369,15 @@ def next_token_logits(llm, prompt) -> torch.Tensor:
     return eng.model.forward(step, eng.cache)[0]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("dtype,bound", [("int8", 0.02), ("bf16", 0.01)])
-def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs, dtype, bound):
+def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs, dtype, bound, arch):
     """int8 (W8A8: per-channel weights, per-token activations) and bf16 against fp32: KL divergence of next-token
     distributions over mixed prompt lengths below the stated bound, and the same greedy token."""
     for n in (1, 17, 90):
         prompt = random_sequences([n], seed=n)[0]
-        ref = next_token_logits(LLM.load(decoder_dirs["llama"]), prompt)
-        got = next_token_logits(LLM.load(decoder_dirs["llama"], dtype=dtype), prompt)
+        ref = next_token_logits(LLM.load(decoder_dirs[arch]), prompt)
+        got = next_token_logits(LLM.load(decoder_dirs[arch], dtype=dtype), prompt)
         kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                         reduction="sum")
         assert kl < bound, (n, float(kl))

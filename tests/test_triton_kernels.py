@@ -395,7 +395,7 @@ def test_encoder_forward_with_the_cuda_backend(tmp_path, monkeypatch, dtype, bou
         assert rel_err(g, r) < bound
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen3"])
 def test_generation_with_the_cuda_backend(decoder_dirs, arch, monkeypatch):
     """Greedy tokens and their logprobs from the unchanged decoder model code on the cuda backend:
     RMSNorm/LayerNorm, RoPE, SiLU-and-mul / GELU, paged GQA attention (chunked prefill, decode, and

@@ -108,7 +108,7 @@ def spec_for(config: dict) -> ArchSpec:
 class DecoderSpec:
     """A pre-norm causal decoder: embeddings (+ learned positions), N layers of
     [norm -> QKV -> (RoPE) -> causal attention over the KV cache -> O -> + residual -> norm -> MLP ->
-    + residual], final norm, LM head. GPT-2, LLaMA, Qwen2 and Mistral differ only in the fields below."""
+    + residual], final norm, LM head. GPT-2, LLaMA, Qwen2, Qwen3 and Mistral differ only in the fields below."""
     model_type: str
     base_prefix: str                 # "transformer." / "model."
     layer_prefix: str
@@ -120,6 +120,10 @@ class DecoderSpec:
     gated_mlp: bool                  # act(gate(x)) * up(x) -> down, else fc1 -> act -> fc2
     fused_qkv_conv1d: bool = False   # GPT-2: one c_attn with a Conv1D ([in, out]) weight
     conv1d: bool = False             # all linears stored [in, out]
+    qk_norm: bool = False            # Qwen3: RMSNorm over each head of q and k (weights [head_dim]), before RoPE
+    # which layers a config's sliding_window bounds: "all" (Mistral) or, with use_sliding_window, those
+    # from max_window_layers on (Qwen); a config's layer_types, where present, overrides both
+    window_layers: str = "all"
     cfg_defaults: dict = field(default_factory=dict)
 
     def config_value(self, config: dict, key: str):
@@ -153,19 +157,24 @@ _LLAMA_CFG = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads
 _LLAMA_EMB = {"word": "embed_tokens", "final_norm": "norm"}
 
 
-def _llama_like(model_type: str, windowed: bool = False, **defaults) -> DecoderSpec:
+def _llama_like(model_type: str, windowed: bool = False, qk_norm: bool = False, window_layers: str = "all",
+                **defaults) -> DecoderSpec:
     """windowed: the architecture reads `sliding_window` (LLaMA's attention ignores that key)."""
     keys = {**_LLAMA_CFG, "window": "sliding_window"} if windowed else _LLAMA_CFG
-    return DecoderSpec(model_type, "model.", "layers", _LLAMA_EMB, _LLAMA_LAYER, keys,
-                       norm="rmsnorm", rope=True, gated_mlp=True,
+    names = {**_LLAMA_LAYER, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"} if qk_norm else _LLAMA_LAYER
+    return DecoderSpec(model_type, "model.", "layers", _LLAMA_EMB, names, keys,
+                       norm="rmsnorm", rope=True, gated_mlp=True, qk_norm=qk_norm, window_layers=window_layers,
                        cfg_defaults={"act": "silu", "eps": 1e-6, "tie": False, "rope_theta": 10000.0,
                                      "rope_scaling": None, "window": None, **defaults})
 
 
 LLAMA = _llama_like("llama")
-QWEN2 = _llama_like("qwen2", windowed=True)   # Q, K, V biases (in the checkpoint); windows on some layers
+# Q, K, V biases (in the checkpoint); windows on the layers from max_window_layers on, if enabled
+QWEN2 = _llama_like("qwen2", windowed=True, window_layers="from_max_window_layers")
+# Qwen2 without the biases and with per-head q / k RMSNorm
+QWEN3 = _llama_like("qwen3", windowed=True, qk_norm=True, window_layers="from_max_window_layers")
 MISTRAL = _llama_like("mistral", windowed=True)   # sliding_window bounds attention when set
-DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, MISTRAL)}
+DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL)}
 DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": "silu", "swish": "silu"}
 
 

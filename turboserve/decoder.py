@@ -1,8 +1,8 @@
-"""The packed-token causal decoder (GPT-2, LLaMA, Qwen2, Mistral; differences are data in arch.py).
+"""The packed-token causal decoder (GPT-2, LLaMA, Qwen2, Qwen3, Mistral; differences are data in arch.py).
 
 One forward pass runs one engine step: the new tokens of every scheduled sequence, flat [T, H] with
 `cu_q` (prefill chunks and single decode tokens side by side, no padding). Per layer:
-    h = norm1(x); qkv = h @ Wqkv (+ b); RoPE on q, k (LLaMA family)
+    h = norm1(x); qkv = h @ Wqkv (+ b); RMSNorm of each q and k head (Qwen3); RoPE on q, k (LLaMA family)
     write k, v into the paged cache at each token's slot
     a = causal attention of each sequence's queries over its own cached context (paged, GQA)
     x = x + a @ Wo (+ b)
@@ -53,6 +53,8 @@ class DecoderLayer:
     norm2: tuple
     up: object          # fc1, or gate|up fused
     down: object        # fc2 / down
+    q_norm: tuple | None = None     # Qwen3: RMSNorm weights [head_dim] for every q head, and for every k head
+    k_norm: tuple | None = None
 
 
 def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +155,11 @@ class DecoderModel:
         self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
 
     # ------------------------------------------------------------------ loading
-    def _norm(self, view: CheckpointView, key: str) -> tuple:
-        bias = view.get(key + ".bias", (self.hidden,), required=False)
+    def _norm(self, view: CheckpointView, key: str, width: int | None = None) -> tuple:
+        width = width or self.hidden
+        bias = view.get(key + ".bias", (width,), required=False)
         dev, dt = self.device, self.act_dtype
-        return view.get(key + ".weight", (self.hidden,)).to(dev, dt), None if bias is None else bias.to(dev, dt)
+        return view.get(key + ".weight", (width,)).to(dev, dt), None if bias is None else bias.to(dev, dt)
 
     def _linear(self, view: CheckpointView, keys: list[str], outs: list[int], in_features: int):
         """One linear from one or more checkpoint linears stacked along the output (fused QKV / gate|up);
@@ -185,8 +188,10 @@ class DecoderModel:
             down = self._linear(view, [p + n["down"]], [H], I)
         else:
             up, down = self._linear(view, [p + n["fc1"]], [I], H), self._linear(view, [p + n["fc2"]], [H], I)
+        qk_norms = ({k: self._norm(view, p + n[k], self.head_dim) for k in ("q_norm", "k_norm")}
+                    if self.spec.qk_norm else {})
         return DecoderLayer(self._norm(view, p + n["norm1"]), qkv, self._linear(view, [p + n["o"]], [H], q),
-                            self._norm(view, p + n["norm2"]), up, down)
+                            self._norm(view, p + n["norm2"]), up, down, **qk_norms)
 
     # ------------------------------------------------------------------ cache
     def heads(self) -> tuple[int, int]:
@@ -238,6 +243,9 @@ class DecoderModel:
             h = ops.norm(x, *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv), out_dtype=adt)
             qkv = ops.linear(layer.qkv, h).to(self.attn_dtype)
             q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
+            if layer.q_norm is not None:             # per head, before RoPE; fresh q / k rows for the RoPE pass
+                q = ops.norm(q.reshape(-1, d), *layer.q_norm, self.eps, "rmsnorm").view(-1, nh * d)
+                k = ops.norm(k.reshape(-1, d), *layer.k_norm, self.eps, "rmsnorm").view(-1, kvh * d)
             ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
                          rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
             a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, window,
@@ -262,7 +270,7 @@ class DecoderModel:
 
 def _layer_windows(config: dict, spec, num_layers: int) -> list[int]:
     """Each layer's sliding window (0: full attention), as transformers reads it: `layer_types` where
-    the config has them; else Qwen2's use_sliding_window (default false) from layer
+    the config has them; else Qwen2's and Qwen3's use_sliding_window (default false) from layer
     max_window_layers on, or Mistral's sliding_window on every layer."""
     window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
     if not window:
@@ -272,7 +280,7 @@ def _layer_windows(config: dict, spec, num_layers: int) -> list[int]:
         if len(types) != num_layers or not set(types) <= {"full_attention", "sliding_attention"}:
             raise ModelLoadError(f"layer_types {types!r} is not one of full_attention / sliding_attention per layer")
         return [int(window) if t == "sliding_attention" else 0 for t in types]
-    if spec.model_type == "qwen2":
+    if spec.window_layers == "from_max_window_layers":
         if not config.get("use_sliding_window", False):
             return [0] * num_layers
         first = config.get("max_window_layers") or 0
