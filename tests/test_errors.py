@@ -34,11 +34,11 @@ def test_unreadable_weights(tmp_path, model_dirs):
 
 
 def test_unsupported_architecture_is_named_with_the_supported_list(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5EncoderModel"]}))
     with pytest.raises(UnsupportedArchitectureError) as err:
         Encoder.load(tmp_path)
     msg = str(err.value)
-    assert "'gpt2'" in msg and "bert" in msg and "distilbert" in msg and "xlm-roberta" in msg
+    assert "'t5'" in msg and "bert" in msg and "distilbert" in msg and "xlm-roberta" in msg and "qwen3" in msg
     assert "\n" not in msg
 
 

@@ -273,10 +273,10 @@ def test_a_stream_that_times_out_before_its_first_token_is_a_504(decoder_dirs):
 
 
 def test_flags_the_model_kind_does_not_read_are_named():
-    """serve() warns about flags set for the other kind of model (a decoder server ignored
+    """serve() warns about flags set for the other kind of server (a decoder server ignored
     --batch-policy, --lazy-timeout-ms and the rest silently; an encoder one --kv-dtype)."""
     from turboserve.server import ServerConfig, unused_flags
     cfg = ServerConfig(policy="dp", lazy_timeout=0.01, pipeline=False, kv_dtype="int8")
-    assert unused_flags(cfg, decoder=True) == ["--batch-policy", "--lazy-timeout-ms", "--no-pipeline"]
-    assert unused_flags(cfg, decoder=False) == ["--kv-dtype"]
-    assert unused_flags(ServerConfig(), decoder=True) == [] == unused_flags(ServerConfig(), decoder=False)
+    assert unused_flags(cfg, generation=True) == ["--batch-policy", "--lazy-timeout-ms", "--no-pipeline"]
+    assert unused_flags(cfg, generation=False) == ["--kv-dtype"]
+    assert unused_flags(ServerConfig(), generation=True) == [] == unused_flags(ServerConfig(), generation=False)

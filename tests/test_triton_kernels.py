@@ -395,6 +395,18 @@ def test_encoder_forward_with_the_cuda_backend(tmp_path, monkeypatch, dtype, bou
         assert rel_err(g, r) < bound
 
 
+def test_decoder_embeddings_with_the_cuda_backend(decoder_dirs, monkeypatch):
+    """A decoder as an embedding model (causal_encoder.py) on the cuda backend: its scratch cache, whole
+    prefills across blocks, and the pooled last tokens equal the CPU backend's in fp32."""
+    from turboserve import Encoder
+    from turboserve import decoder as decoder_mod
+    seqs = random_sequences([1, 17, 30], seed=6)
+    ref = Encoder.load(decoder_dirs["qwen3"]).embed(seqs)
+    monkeypatch.setattr(decoder_mod, "backend_for", lambda device: cuda_backend_on_cpu())
+    got = Encoder.load(decoder_dirs["qwen3"]).embed(seqs)
+    assert rel_err(got, ref) < 1e-4
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen3"])
 def test_generation_with_the_cuda_backend(decoder_dirs, arch, monkeypatch):
     """Greedy tokens and their logprobs from the unchanged decoder model code on the cuda backend:

@@ -91,15 +91,13 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 
 
 def spec_for(config: dict) -> ArchSpec:
+    """The encoder architecture of `config` (decoders, which Encoder runs as embedding models, are
+    decoder_spec_for's)."""
     model_type = config.get("model_type")
-    if model_type in DECODERS:
-        raise UnsupportedArchitectureError(
-            f"{model_type!r} is a decoder (text generation) model: load it with turboserve.LLM, or serve it"
-            f" with `turboserve serve`; encoders supported here: {', '.join(sorted(ARCHITECTURES))}")
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"
-            f" supported: {', '.join(sorted(ARCHITECTURES))}")
+            f" supported: encoders {', '.join(sorted(ARCHITECTURES))}; decoders {', '.join(sorted(DECODERS))}")
     return ARCHITECTURES[model_type]
 
 

@@ -117,7 +117,7 @@ def cmd_serve(args) -> int:
         lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
         served_name=args.served_model_name, access_log=args.access_log, pipeline=args.pipeline,
         tensor_parallel=args.tensor_parallel, kv_dtype=args.kv_dtype, device=args.device,
-        cuda_graphs=args.cuda_graphs, max_input_length=args.max_input_length))
+        cuda_graphs=args.cuda_graphs, max_input_length=args.max_input_length, task=args.task))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=port_number, default=8000)
+    s.add_argument("--task", default="auto", choices=["auto", "embed", "generate"],
+                   help="decoder models: generate (completions, chat) or embed (the embedding routes, pooled by the "
+                        "model's sentence-transformers config, else its last token); auto: embed when the "
+                        "directory has sentence-transformers' modules.json")
     s.add_argument("--kv-dtype", default=None, choices=["fp32", "bf16", "int8"],
                    help="decoder models: the KV cache's element type (default: the model's dtype)")
     s.add_argument("--max-batch-tokens", type=int, default=4096,

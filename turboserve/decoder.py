@@ -84,9 +84,12 @@ def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) ->
 
 
 class DecoderModel:
-    def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu", kv_dtype: str | None = None):
+    def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu", kv_dtype: str | None = None,
+                 with_lm_head: bool = True):
         """kv_dtype: the KV cache's element type, "fp32", "bf16" or "int8" (one scale per token and KV
-        head); default: the model's dtype (fp32 keeps results equal to transformers')."""
+        head); default: the model's dtype (fp32 keeps results equal to transformers').
+        with_lm_head: False for a model that only gives hidden states (an embedding model: no logits,
+        no int8 copy of a vocabulary-sized head)."""
         if dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         check_device(device)
@@ -141,14 +144,16 @@ class DecoderModel:
         self.pos_emb = view.get(e["pos"] + ".weight", (self.max_positions, self.hidden)).to(dev) if "pos" in e else None
         self.final_norm = self._norm(view, e["final_norm"])
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
-        head = None if spec.config_value(config, "tie") else view.get("lm_head.weight", (self.vocab_size, self.hidden),
-                                                                               required=False)
+        head = None if spec.config_value(config, "tie") or not with_lm_head else view.get(
+            "lm_head.weight", (self.vocab_size, self.hidden), required=False)
         self.word_emb = self.word_emb.to(dev, self.act_dtype).contiguous()
         self.lm_head = self.word_emb if head is None else head.to(dev, self.act_dtype).contiguous()   # tied: one copy
         # int8: the LM head too (at 64 sampled rows it was 30% of GPT-2's decode FLOPs); fp32 / bf16
         # multiply by the (possibly tied) weight as stored, with no transposed copy
         self.lm_head_int8 = None
-        if dtype == "int8":
+        if not with_lm_head:
+            self.lm_head = None
+        elif dtype == "int8":
             self.lm_head_int8, self.lm_head = self.ops.make_decoder_linear(self.lm_head, None, "int8"), None
         if spec.rope:
             self.cos, self.sin = (t.to(dev) for t in rope_tables(config, spec, self.head_dim, self.max_positions))
@@ -215,8 +220,8 @@ class DecoderModel:
         emb = self.word_emb.numel() * self.word_emb.element_size()
         if self.lm_head_int8 is not None:
             head = self.lm_head_int8.nbytes
-        elif self.lm_head.data_ptr() == self.word_emb.data_ptr():
-            head = 0                                   # tied to the embedding
+        elif self.lm_head is None or self.lm_head.data_ptr() == self.word_emb.data_ptr():
+            head = 0                                   # none, or tied to the embedding
         else:
             head = self.lm_head.numel() * self.lm_head.element_size()
         return lin + emb + head
@@ -226,6 +231,25 @@ class DecoderModel:
     def forward(self, step: StepBatch, cache) -> torch.Tensor:
         """fp32 logits [len(step.logit_rows), vocab], on the model's device."""
         step = step.to(self.device)
+        x = self._layers(step, cache)
+        h = self.ops.norm(x[step.logit_rows], *self.final_norm, self.eps, self.spec.norm,
+                          quant_for=_int8_consumer(self.lm_head_int8), out_dtype=self.act_dtype)
+        if self.lm_head_int8 is not None:
+            logits = self.ops.linear(self.lm_head_int8, h).float()     # bf16 on the GPU's W8A16 path
+        else:
+            logits = self.ops.lm_head(h, self.lm_head).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
+
+    @torch.inference_mode()
+    def hidden_states(self, step: StepBatch, cache) -> torch.Tensor:
+        """The final norm's output at every row of the step, fp32 [T, hidden], on the model's device
+        (what an embedding model pools)."""
+        step = step.to(self.device)
+        x = self._layers(step, cache)
+        return self.ops.norm(x, *self.final_norm, self.eps, self.spec.norm, out_dtype=self.act_dtype).float()
+
+    def _layers(self, step: StepBatch, cache) -> torch.Tensor:
+        """Embeddings and every layer: the fp32 residual stream [T, hidden] after the last one."""
         ops, adt, tp = self.ops, self.act_dtype, self.tp
         (nh, kvh), d = self.heads(), self.head_dim
         # tensor parallel: a vocabulary-sharded lookup, and partial sums of O and down added over the ranks
@@ -238,7 +262,7 @@ class DecoderModel:
             cos, sin = self.cos[step.positions], self.sin[step.positions]
         # int8 linears: a norm, or fc1 / gate|up and the activation, hand the next linear its int8 input
         # straight from their pass (the floats between are never written)
-        qf = lambda lin: lin if getattr(lin, "takes_int8", False) else None        # noqa: E731
+        qf = _int8_consumer
         for layer, layer_cache, window, scale in zip(self.layers, cache, self.windows, self.scales):
             h = ops.norm(x, *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv), out_dtype=adt)
             qkv = ops.linear(layer.qkv, h).to(self.attn_dtype)
@@ -259,13 +283,12 @@ class DecoderModel:
             else:
                 u = ops.linear(layer.up, h, act=self.activation, quant_for=qf(layer.down))
             x += reduce(ops.linear(layer.down, u))
-        h = ops.norm(x[step.logit_rows], *self.final_norm, self.eps, self.spec.norm,
-                     quant_for=qf(self.lm_head_int8), out_dtype=adt)
-        if self.lm_head_int8 is not None:
-            logits = ops.linear(self.lm_head_int8, h).float()     # bf16 on the GPU's W8A16 path
-        else:
-            logits = ops.lm_head(h, self.lm_head).float()
-        return logits if tp is None else tp.gather_vocab(logits)
+        return x
+
+
+def _int8_consumer(linear):
+    """The linear to quantize a pass's output for, if it takes int8 input (else None)."""
+    return linear if getattr(linear, "takes_int8", False) else None
 
 
 def _layer_windows(config: dict, spec, num_layers: int) -> list[int]:

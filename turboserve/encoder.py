@@ -11,7 +11,9 @@ import torch
 
 from .allocator import keep_freed_memory
 from .errors import InvalidInputError, ModelLoadError
-from .loader import POOLING_MODES, PoolingConfig, load_checkpoint, read_pooling, read_sentence_config
+from .arch import is_decoder, spec_for
+from .loader import (POOLING_MODES, CheckpointView, PoolingConfig, read_config, read_pooling, read_sentence_config,
+                     read_state_dict, resolve_model_dir)
 from .model import EncoderModel, sentence_embedding
 from .packing import PackedBatch, pack_tokens
 from .tokenizer import Encoded, TextTokenizer
@@ -33,16 +35,19 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _check_batch_fits(model, max_batch_tokens: int) -> None:
+def _check_batch_fits(model, max_batch_tokens: int, max_input_length: int) -> None:
     """Refuse a batch budget whose activations cannot fit in memory, at load and with the figures
-    (--max-batch-tokens 100000000 was accepted, and the first large batch would have been killed)."""
+    (--max-batch-tokens 100000000 was accepted, and the first large batch would have been killed).
+    An input longer than the budget runs as a batch of its own (decoder embedding models take
+    inputs of 8k-32k tokens), so the largest batch is the larger of the two."""
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise InvalidInputError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
     free = available_memory(model.device)
-    need = model.workspace.bytes_for(max_batch_tokens)
+    tokens, name = max((max_batch_tokens, "max_batch_tokens"), (max_input_length, "max_input_length"))
+    need = model.activation_bytes(tokens)
     if free is not None and need > free:
-        raise InvalidInputError(f"max_batch_tokens {max_batch_tokens} needs {need / 2**30:.1f} GiB of activations, "
-                                f"but {free / 2**30:.1f} GiB of memory is available: lower max_batch_tokens")
+        raise InvalidInputError(f"{name} {tokens} needs {need / 2**30:.1f} GiB of activations, "
+                                f"but {free / 2**30:.1f} GiB of memory is available: lower {name}")
 
 
 class Encoder:
@@ -63,7 +68,10 @@ class Encoder:
              int8_keep: frozenset = frozenset(), int8_alpha: float = 0.5, quality_bound: float = 0.999,
              calibration: str | os.PathLike | None = None, replan: bool = False,
              tensor_parallel: int = 1, max_input_length: int | None = None) -> "Encoder":
-        """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2).
+        """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2): an encoder (BERT,
+        RoBERTa, XLM-RoBERTa, DistilBERT), or a decoder's trunk as an embedding model (GPT-2, LLaMA,
+        Qwen2, Qwen3, Mistral; causal_encoder.py; pooled by its sentence-transformers config, else
+        the last token's state; dtype auto and tensor_parallel are for encoders only).
 
         dtype: "fp32", "bf16", "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the
         linears that stay fp32) or "auto": per linear, the fastest precision that keeps the pooled
@@ -82,14 +90,28 @@ class Encoder:
             raise InvalidInputError(f"threads must be a positive integer, not {threads!r}")
         torch.set_num_threads(threads or available_cores())
         keep_freed_memory()
-        model_dir, config, spec, view = load_checkpoint(path)
+        model_dir = resolve_model_dir(path)
+        config = read_config(model_dir)
+        causal = is_decoder(config)
         if dtype == "bf16" and not cpu_has_native_bf16():
             log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 GEMMs are emulated and "
                         "run several times slower than fp32; int8 is the fast option here")
         if dtype == "auto" and not 0.0 < quality_bound <= 1.0:
             raise InvalidInputError(f"quality_bound is a minimum cosine in (0, 1], not {quality_bound}")
-        base = "fp32" if dtype in ("int8", "auto") else dtype
-        model = EncoderModel(config, spec, view, base, device, use_planner)
+        if causal:
+            if dtype == "auto":
+                raise InvalidInputError("dtype auto (layer-wise precision plans) is for encoder models; a decoder "
+                                        "embedding model takes fp32, bf16 or int8")
+            if tensor_parallel != 1:
+                raise InvalidInputError("tensor parallelism is not supported for decoder embedding models")
+            from .causal_encoder import CausalEncoderModel
+            view = None
+            model = CausalEncoderModel(model_dir, dtype, device)
+        else:
+            spec = spec_for(config)
+            view = CheckpointView(read_state_dict(model_dir), spec, model_dir)
+            base = "fp32" if dtype in ("int8", "auto") else dtype
+            model = EncoderModel(config, spec, view, base, device, use_planner)
         if tensor_parallel != 1:
             from . import parallel
             parallel.check_shardable(model, tensor_parallel)      # before any calibration work
@@ -100,7 +122,9 @@ class Encoder:
             raise InvalidInputError(f"max_input_length must be in [1, {model.max_tokens}] (the model's positions), "
                                     f"not {limit}")
         tokenizer = TextTokenizer(model_dir, limit, model.vocab_size, sentence.lowercase)
-        pool_cfg = read_pooling(model_dir) or PoolingConfig()
+        # sentence-transformers pools a plain Hugging Face model by the mean; a decoder's last token is
+        # the one whose state has read the whole input
+        pool_cfg = read_pooling(model_dir) or PoolingConfig(mode="lasttoken" if causal else "mean")
         if sentence.prompts and not pool_cfg.include_prompt and any(sentence.prompts.values()):
             raise ModelLoadError(f"{model_dir}: pooling without the prompt's tokens (include_prompt false) is "
                                  "not supported")
@@ -110,7 +134,7 @@ class Encoder:
             pool_cfg.normalize = normalize
         enc = cls(model, tokenizer, pool_cfg, model_dir, config, max_batch_tokens)
         enc.prompts, enc.default_prompt_name = sentence.prompts, sentence.default_prompt_name
-        if dtype == "int8":
+        if dtype == "int8" and not causal:         # a decoder quantizes its own linears (W8A8) as it loads
             from . import quantize
             texts = quantize.calibration_texts(tokenizer)
             batches = [b for b, _ in enc._batches(tokenizer.encode(texts, truncate=True))]
@@ -118,7 +142,7 @@ class Encoder:
             quantize.quantize_(model, view, stats, alpha=int8_alpha, keep=int8_keep)
         elif dtype == "auto":
             enc._plan_precision(view, quality_bound, calibration, int8_alpha, replan)
-        _check_batch_fits(model, max_batch_tokens)
+        _check_batch_fits(model, max_batch_tokens, limit)
         if tensor_parallel != 1:
             enc.model = parallel.start(enc.model, tensor_parallel, threads)
         return enc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import ArchSpec, spec_for
+from .arch import ArchSpec
 from .errors import ModelLoadError
 
 
@@ -224,10 +224,3 @@ def weights_fingerprint(model_dir: Path) -> str:
 
 def resolve_model_dir(path: str | os.PathLike | None) -> Path:
     return default_model_path() if path is None else Path(path).expanduser()
-
-
-def load_checkpoint(path) -> tuple[Path, dict, ArchSpec, CheckpointView]:
-    model_dir = resolve_model_dir(path)
-    config = read_config(model_dir)
-    spec = spec_for(config)
-    return model_dir, config, spec, CheckpointView(read_state_dict(model_dir), spec, model_dir)

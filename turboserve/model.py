@@ -192,6 +192,10 @@ class EncoderModel:
         out, _ = linear(x, xq, out=out, **acc_kw)
         return self.ops.epilogue(self.tp.all_reduce(out), out=out, **epilogue)
 
+    def activation_bytes(self, tokens: int) -> int:
+        """What the workspace takes for a batch of `tokens` tokens."""
+        return self.workspace.bytes_for(tokens)
+
     @property
     def weight_bytes(self) -> int:
         emb = sum(t.numel() * t.element_size() for t in (self.word_emb, self.pos_emb, self.type_emb) if t is not None)

@@ -69,6 +69,7 @@ class ServerConfig:
     cuda_graphs: bool = True                  # decoders on cuda: decode steps replay CUDA graphs
     pipeline: bool = True                     # engine stages on their own threads (engine.py)
     max_input_length: int | None = None       # encoders: tokens per input (None: the model's own limit)
+    task: str = "auto"                        # decoders: "generate", "embed", or auto (embed with modules.json)
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_client_batch_size",
@@ -78,6 +79,8 @@ class ServerConfig:
                 raise InvalidInputError(f"{name} must be a positive integer, not {value!r}")
         if not self.request_timeout > 0:
             raise InvalidInputError(f"request_timeout must be positive, not {self.request_timeout!r}")
+        if self.task not in ("auto", "embed", "generate"):
+            raise InvalidInputError(f"task must be auto, embed or generate, not {self.task!r}")
 
 
 class ApiError(Exception):
@@ -480,7 +483,7 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         log.info("ready: model %s (%s), dtype %s, threads %d, memory budget: weights %.0f MiB + activation "
                  "workspace %.0f MiB at %d batch tokens; queue <= %d requests / %d tokens",
                  enc.model_dir, enc.model.spec.model_type, enc.dtype, torch.get_num_threads(), weights / 2**20,
-                 enc.model.workspace.bytes_for(config.max_batch_tokens) / 2**20, config.max_batch_tokens,
+                 enc.model.activation_bytes(config.max_batch_tokens) / 2**20, config.max_batch_tokens,
                  config.max_queued_requests,
                  config.max_queued_tokens)
         state.status = "ready"
@@ -628,19 +631,36 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
 SWITCH_INTERVAL = 0.0002
 
 
-# ServerConfig fields only one kind of model reads, and their flags
-ENCODER_ONLY = {"quality_bound": "--quality-bound", "calibration": "--calibration",
-                "max_queued_tokens": "--max-queued-tokens", "max_client_batch_size": "--max-client-batch-size",
-                "policy": "--batch-policy", "lazy_timeout": "--lazy-timeout-ms", "auto_truncate": "--auto-truncate",
-                "pipeline": "--no-pipeline", "max_input_length": "--max-input-length"}
-DECODER_ONLY = {"kv_dtype": "--kv-dtype", "cuda_graphs": "--no-cuda-graphs"}
+# ServerConfig fields only one kind of server reads (embedding or generation), and their flags
+EMBEDDING_SERVER_ONLY = {
+    "quality_bound": "--quality-bound", "calibration": "--calibration", "max_queued_tokens": "--max-queued-tokens",
+    "max_client_batch_size": "--max-client-batch-size", "policy": "--batch-policy",
+    "lazy_timeout": "--lazy-timeout-ms", "auto_truncate": "--auto-truncate", "pipeline": "--no-pipeline",
+    "max_input_length": "--max-input-length"}
+GENERATION_SERVER_ONLY = {"kv_dtype": "--kv-dtype", "cuda_graphs": "--no-cuda-graphs"}
 
 
-def unused_flags(config: ServerConfig, decoder: bool) -> list[str]:
-    """The flags set away from their defaults that this kind of model does not read (they were
+def serves_generation(config: ServerConfig) -> bool:
+    """Which server the model gets: a decoder generates (OpenAI completions and chat) unless `task`
+    says embed, or, with task auto, its directory is a sentence-transformers one (modules.json:
+    Qwen3-Embedding, gte-Qwen2, e5-mistral); every other model gets the embedding server."""
+    from .arch import is_decoder
+    from .loader import read_config, resolve_model_dir
+    model_dir = resolve_model_dir(config.model)
+    if not is_decoder(read_config(model_dir)):
+        if config.task == "generate":
+            raise InvalidInputError(f"task generate needs a decoder model; {model_dir} is an encoder")
+        return False
+    if config.task != "auto":
+        return config.task == "generate"
+    return not (model_dir / "modules.json").is_file()
+
+
+def unused_flags(config: ServerConfig, generation: bool) -> list[str]:
+    """The flags set away from their defaults that this kind of server does not read (they were
     ignored silently)."""
     default = ServerConfig()
-    fields = ENCODER_ONLY if decoder else DECODER_ONLY
+    fields = EMBEDDING_SERVER_ONLY if generation else GENERATION_SERVER_ONLY
     return [flag for name, flag in fields.items() if getattr(config, name) != getattr(default, name)]
 
 
@@ -649,14 +669,13 @@ def serve(config: ServerConfig) -> int:
     A tensor-parallel rank that dies stops it the same way, exiting 1."""
     import uvicorn
 
-    from .arch import is_decoder
-    from .loader import read_config, resolve_model_dir
-    decoder = is_decoder(read_config(resolve_model_dir(config.model)))
-    unused = unused_flags(config, decoder)
+    generation = serves_generation(config)
+    unused = unused_flags(config, generation)
     if unused:
-        log.warning("%s apply to %s models only: ignored for this %s", ", ".join(unused),
-                    "encoder" if decoder else "decoder", "decoder" if decoder else "encoder")
-    if decoder:
+        log.warning("%s apply to %s only: ignored for this %s", ", ".join(unused),
+                    *(("embedding servers", "generation server") if generation else
+                      ("generation servers", "embedding server")))
+    if generation:
         from .gen_server import make_gen_app
         app = make_gen_app(config)
     else:

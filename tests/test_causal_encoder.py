@@ -1,0 +1,163 @@
+"""Decoder models as embedding models (causal_encoder.py): every decoder architecture's pooled states
+against transformers' own forward at mixed lengths (across cache blocks and Mistral's window), batch
+invariance, a Qwen3-Embedding-style sentence-transformers directory against SentenceTransformer.encode,
+the low precisions' bounds, the server's routes for such a model and the refusals."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+import transformers
+
+from conftest import DECODER_ARCHS, build_decoder, random_sequences, rel_err
+from serving import running
+from turboserve import Encoder
+from turboserve.errors import InvalidInputError
+from turboserve.server import ServerConfig, make_app, serves_generation
+
+# 16 and 17 sit on both sides of a cache block; 40 and 100 are past Mistral's window of 24
+LENGTHS = [1, 7, 16, 17, 40, 100, 3]
+
+
+def hf_pooled(path, seqs, mode: str) -> torch.Tensor:
+    """transformers' base model (AutoModel: the decoder without its LM head), one sequence at a time."""
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            h = model(torch.tensor([s])).last_hidden_state[0]
+            out.append(h[-1] if mode == "lasttoken" else h.mean(0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_pooled_states_match_transformers(decoder_dirs, arch):
+    """A plain decoder directory pools its last token by default; mean pooling on request."""
+    seqs = random_sequences(LENGTHS, seed=21)
+    enc = Encoder.load(decoder_dirs[arch], max_batch_tokens=96)      # a few batches, by length
+    assert enc.pooling.mode == "lasttoken" and not enc.pooling.normalize
+    assert rel_err(enc.embed(seqs), hf_pooled(decoder_dirs[arch], seqs, "lasttoken")) < 1e-4
+    mean = Encoder.load(decoder_dirs[arch], pooling="mean")
+    assert rel_err(mean.embed(seqs), hf_pooled(decoder_dirs[arch], seqs, "mean")) < 1e-4
+
+
+def test_batch_invariance_and_per_token_states(decoder_dirs):
+    """A sequence's result alone equals its result in a batch of mixed lengths, within the rounding of
+    MKL's one-row GEMM path (a lone 1-token input is a 1-row GEMM: 1.3e-6 measured; anything that let
+    sequences see each other would move results by far more)."""
+    enc = Encoder.load(decoder_dirs["qwen3"])
+    seqs = random_sequences([50, 3, 128, 50, 17, 99, 1, 64], seed=4)
+    batched = enc.embed(seqs)
+    for i, s in enumerate(seqs):
+        assert torch.allclose(enc.embed([s])[0], batched[i], rtol=0, atol=1e-5), i
+    states = enc.hidden_states(seqs[:3])
+    assert [tuple(h.shape) for h in states] == [(50, 64), (3, 64), (128, 64)]
+    assert torch.allclose(states[1][-1], batched[1], rtol=0, atol=1e-6)
+
+
+def embedding_dir(tmp_path, arch="qwen3"):
+    """A sentence-transformers directory laid out as Qwen3-Embedding's: last-token pooling,
+    Normalize, and an instruction prompt for queries."""
+    d = build_decoder(arch, tmp_path / f"{arch}-embedding", seed=3)
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                              "pooling_mode": "lasttoken"}))
+    (d / "2_Normalize").mkdir()
+    (d / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "Instruct: find the passage that answers the question\nQuery: ", "document": ""},
+         "default_prompt_name": None}))
+    return d
+
+
+TEXTS = ["what is the capital of france?", "The quick brown fox jumps over the lazy dog " * 6, "x",
+         "Mixed CASE words and numbers 12345"]
+
+
+def test_qwen3_embedding_layout_matches_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    d = embedding_dir(tmp_path)
+    st = SentenceTransformer(str(d), device="cpu")
+    enc = Encoder.load(d)
+    assert enc.pooling.mode == "lasttoken" and enc.pooling.normalize and enc.dimension == 64
+    for prompt in (None, "query"):
+        ref = torch.tensor(st.encode(TEXTS, prompt_name=prompt))
+        ours = enc.embed(TEXTS, prompt_name=prompt)
+        assert rel_err(ours, ref) < 1e-4, prompt
+    assert not torch.allclose(enc.embed(TEXTS[:1]), enc.embed(TEXTS[:1], prompt_name="query"), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,bound", [("bf16", 0.999), ("int8", 0.99)])
+def test_low_precision_within_bound(decoder_dirs, dtype, bound):
+    """Minimum cosine of pooled states against fp32 (random weights; measured bf16 0.9998, int8 0.997)."""
+    seqs = random_sequences(LENGTHS, seed=5)
+    for arch in ("llama", "qwen3"):
+        ref = Encoder.load(decoder_dirs[arch]).embed(seqs)
+        got = Encoder.load(decoder_dirs[arch], dtype=dtype).embed(seqs)
+        assert torch.nn.functional.cosine_similarity(got, ref).min() > bound, arch
+
+
+def test_scratch_cache_is_one_layer_grown_to_the_largest_batch(decoder_dirs):
+    enc = Encoder.load(decoder_dirs["llama"])
+    model = enc.model
+    enc.embed(random_sequences([5, 20], seed=1))
+    assert model._cache_blocks == 1 + 2                  # a block per 16 tokens, each sequence from a block's start
+    enc.embed(random_sequences([3], seed=2))
+    assert model._cache_blocks == 3                      # kept, not shrunk
+    # the worst case it reports: every sequence one token, a block each
+    assert model.activation_bytes(64) > model._cache_bytes(64)
+
+
+def test_an_input_limit_past_the_batch_budget_must_fit_in_memory_too(decoder_dirs, monkeypatch):
+    """An input longer than max_batch_tokens runs as a batch of its own: the load-time memory check
+    takes the larger of the two and names the one to lower."""
+    import turboserve.encoder as encoder_mod
+    model = Encoder.load(decoder_dirs["llama"]).model
+    free = (model.activation_bytes(64) + model.activation_bytes(256)) // 2
+    monkeypatch.setattr(encoder_mod, "available_memory", lambda device: free)
+    with pytest.raises(InvalidInputError, match=r"max_input_length 256 needs .* GiB of activations, but .*lower "
+                                                r"max_input_length"):
+        Encoder.load(decoder_dirs["llama"], max_batch_tokens=64, max_input_length=256)
+    assert Encoder.load(decoder_dirs["llama"], max_batch_tokens=64, max_input_length=64).embed(["fits"]).shape == (1, 64)
+
+
+def test_refusals(decoder_dirs):
+    with pytest.raises(InvalidInputError, match="dtype auto"):
+        Encoder.load(decoder_dirs["llama"], dtype="auto")
+    with pytest.raises(InvalidInputError, match="tensor parallelism"):
+        Encoder.load(decoder_dirs["llama"], tensor_parallel=2)
+    enc = Encoder.load(decoder_dirs["llama"])
+    with pytest.raises(Exception, match="classification head"):
+        enc.classify(["a"])
+
+
+def test_server_routes_and_which_server_a_model_gets(tmp_path, decoder_dirs, model_dirs):
+    d = embedding_dir(tmp_path)
+    assert not serves_generation(ServerConfig(model=str(d)))                  # modules.json: embeddings
+    assert serves_generation(ServerConfig(model=str(d), task="generate"))
+    assert serves_generation(ServerConfig(model=str(decoder_dirs["llama"])))
+    assert not serves_generation(ServerConfig(model=str(decoder_dirs["llama"]), task="embed"))
+    assert not serves_generation(ServerConfig(model=str(model_dirs["bert"])))
+    with pytest.raises(InvalidInputError, match="needs a decoder"):
+        serves_generation(ServerConfig(model=str(model_dirs["bert"]), task="generate"))
+    with pytest.raises(InvalidInputError, match="task must be"):
+        ServerConfig(task="rerank")
+
+    enc = Encoder.load(d)
+    with running(make_app(ServerConfig(model=str(d)), encoder=enc)) as url:
+        r = httpx.post(url + "/v1/embeddings", json={"input": TEXTS})
+        assert r.status_code == 200
+        got = torch.tensor([row["embedding"] for row in r.json()["data"]])
+        assert torch.allclose(got, enc.embed(TEXTS), atol=1e-5)
+        r = httpx.post(url + "/embed", json={"inputs": TEXTS[0], "prompt_name": "query"})
+        assert r.status_code == 200
+        assert torch.allclose(torch.tensor(r.json()[0]), enc.embed(TEXTS[:1], prompt_name="query")[0], atol=1e-5)
+        info = httpx.get(url + "/info").json()
+        assert info["model_type"] == {"embedding": {"pooling": "lasttoken"}}
+        r = httpx.post(url + "/predict", json={"inputs": "a"})
+        assert r.status_code == 424
