@@ -24,10 +24,11 @@ def _configs():
                                                   type_vocab_size=1)),
         "distilbert": (tf.DistilBertConfig, dict(dim=64, n_heads=4, n_layers=2, hidden_dim=128,
                                                  max_position_embeddings=128, activation="gelu")),
+        "mpnet": (tf.MPNetConfig, dict(SMALL, max_position_embeddings=130, pad_token_id=1, hidden_act="gelu")),
     }
 
 
-ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert")
+ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 
 
 def build_model(arch: str, out: Path, head: str | None = None, num_labels: int = 3, seed: int = 0,
@@ -39,13 +40,16 @@ def build_model(arch: str, out: Path, head: str | None = None, num_labels: int =
     cls, kwargs = _configs()[arch]
     config = cls(vocab_size=30522, num_labels=num_labels, **dict(kwargs, **overrides))
     torch.manual_seed(seed)
-    name = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}[arch]
+    name = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert",
+            "mpnet": "MPNet"}[arch]
     model_cls = getattr(tf, f"{name}ForSequenceClassification" if head == "cls" else f"{name}Model")
     model = model_cls(config).eval()
     with torch.no_grad():   # random LayerNorm affine and biases, so parity checks exercise them
         for n, p in model.named_parameters():
             if n.endswith("bias") or "LayerNorm" in n or "layer_norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
+            if "relative_attention_bias" in n:      # MPNet: a bias that moves the attention (init is 0.02)
+                p.normal_(0.0, 1.0)
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         shutil.copy(MINILM / f, out / f)

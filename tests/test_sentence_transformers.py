@@ -17,13 +17,13 @@ from turboserve.errors import InvalidInputError, ModelLoadError
 TEXTS = ["a short one", "The quick brown fox jumps over the lazy dog " * 3, "x", "Mixed CASE Words here"]
 
 
-def st_model(tmp_path, name, pooling="mean", dense=None, normalize=False, **st_kwargs):
+def st_model(tmp_path, name, pooling="mean", dense=None, normalize=False, arch="bert", **st_kwargs):
     from sentence_transformers import SentenceTransformer
     try:                                           # sentence-transformers >= 6; models.* before
         from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
     except ImportError:
         from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
-    base = build_model("bert", tmp_path / (name + "-base"), seed=len(name))
+    base = build_model(arch, tmp_path / (name + "-base"), seed=len(name))
     word = Transformer(str(base))
     width = word.auto_model.config.hidden_size
     mods = [word, Pooling(width, pooling_mode=pooling)]
@@ -49,6 +49,13 @@ def test_pooling_modes_as_sentence_transformers_saves_them(tmp_path, mode):
     assert "pooling_mode" in json.loads((d / "1_Pooling" / "config.json").read_text())
     cos, diff = cosines(st, Encoder.load(d))
     assert cos > 0.99999 and diff < 1e-4, (mode, cos, diff)
+
+
+def test_all_mpnet_base_v2_layout(tmp_path):
+    """sentence-transformers' all-mpnet-base-v2 layout: MPNet, mean pooling, Normalize."""
+    st, d = st_model(tmp_path, "mpnet", normalize=True, arch="mpnet")
+    cos, diff = cosines(st, Encoder.load(d))
+    assert cos > 0.99999 and diff < 1e-5
 
 
 def test_older_boolean_pooling_keys(tmp_path):

@@ -110,6 +110,27 @@ def test_varlen_attention_matches_sdpa(head_dim, causal, dtype):
     assert rel_err(out, ref) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_attention_with_a_relative_position_bias(dtype):
+    """MPNet's bias table [heads, 2 * max_len - 1] (key j of query i: [h, max_len - 1 + j - i]), added
+    to the scaled scores, against SDPA with the per-sequence [heads, L, L] slice as its mask."""
+    gen = torch.Generator().manual_seed(17)
+    lengths, heads, head_dim = [70, 1, 33, 5], 2, 64
+    cu, T, max_len = cu_of(lengths), sum(lengths), max(lengths)
+    qkv = rand(T, 3 * heads * head_dim, dtype=dtype, gen=gen)
+    bias = rand(heads, 2 * max_len - 1, gen=gen) * 3
+    out = torch.full((T, heads * head_dim), float("nan"), dtype=dtype)
+    tk.varlen_attention(qkv, cu, torch.arange(len(lengths)), heads, max_len, out, position_bias=bias)
+    view = qkv.float().view(T, 3, heads, head_dim)
+    ref = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        pos = torch.arange(b - a)
+        mask = bias[:, max_len - 1 + pos[None, :] - pos[:, None]]
+        ref.append(F.scaled_dot_product_attention(*view[a:b].permute(1, 2, 0, 3), attn_mask=mask)
+                   .transpose(0, 1).reshape(b - a, -1))
+    assert rel_err(out, torch.cat(ref)) < BOUND[dtype]
+
+
 PAGED_CASES = [  # (query heads, kv heads, head dim, page size, window, dtype)
     (8, 2, 64, 4, 0, torch.float32),       # GQA 4
     (7, 1, 80, 16, 0, torch.bfloat16),     # GQA 7: a group padded to 8 rows
@@ -393,6 +414,18 @@ def test_encoder_forward_with_the_cuda_backend(tmp_path, monkeypatch, dtype, bou
     got = Encoder.load(path, dtype=dtype).hidden_states(texts)
     for g, r in zip(got, ref):
         assert rel_err(g, r) < bound
+
+
+def test_mpnet_encoder_with_the_cuda_backend(tmp_path, monkeypatch):
+    """MPNet (relative position bias in every layer's attention) on the cuda backend, fp32."""
+    from turboserve import Encoder
+    from turboserve import model as model_mod
+    path = build_model("mpnet", tmp_path / "mpnet")
+    seqs = random_sequences([1, 9, 70], seed=3)
+    ref = Encoder.load(path).hidden_states(seqs)
+    monkeypatch.setattr(model_mod, "backend_for", lambda device: cuda_backend_on_cpu())
+    for g, r in zip(Encoder.load(path).hidden_states(seqs), ref):
+        assert rel_err(g, r) < 1e-4
 
 
 def test_decoder_embeddings_with_the_cuda_backend(decoder_dirs, monkeypatch):

@@ -2,10 +2,11 @@
 
 Every supported model is a post-LayerNorm transformer encoder: embeddings (+ LayerNorm), then N layers
 of [fused QKV projection -> attention -> output projection -> residual + LayerNorm -> FFN up + activation
--> FFN down -> residual + LayerNorm]. What differs between BERT, RoBERTa, XLM-RoBERTa and DistilBERT is
-only: the names of the weights in the checkpoint, the config keys, how position ids are counted, whether
-token-type embeddings exist, and the shape of the classification head. Those differences live here; the
-layer code in `model.py` is shared.
+-> FFN down -> residual + LayerNorm]. What differs between BERT, RoBERTa, XLM-RoBERTa, DistilBERT and
+MPNet is only: the names of the weights in the checkpoint, the config keys, how position ids are
+counted, whether token-type embeddings exist, whether attention adds a relative position bias (MPNet),
+and the shape of the classification head. Those differences live here; the layer code in `model.py`
+is shared.
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ class ArchSpec:
     # "roberta" (dense+tanh on <s>, out_proj), "distilbert" (pre_classifier+relu, classifier).
     head: str = "bert"
     cfg_defaults: dict = field(default_factory=dict)
+    # MPNet: the checkpoint name of an Embedding [buckets, heads] whose row for the bucket of a key's
+    # offset from its query (T5's bidirectional log buckets) is added to every layer's attention scores
+    position_bias: str | None = None
 
     def config_value(self, config: dict, key: str):
         name = self.cfg_keys[key]
@@ -84,7 +88,16 @@ DISTILBERT = ArchSpec(
     head="distilbert", cfg_defaults={"eps": 1e-12, "act": "gelu"},
 )
 
-ARCHITECTURES = {spec.model_type: spec for spec in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT)}
+MPNET = ArchSpec(
+    "mpnet", "mpnet.", "encoder.layer", {k: v for k, v in _BERT_EMB.items() if k != "type"},
+    {**_BERT_LAYER, "q": "attention.attn.q", "k": "attention.attn.k", "v": "attention.attn.v",
+     "o": "attention.attn.o", "ln1": "attention.LayerNorm"},
+    {**_BERT_CFG, "buckets": "relative_attention_num_buckets"},
+    roberta_positions=True, head="roberta", position_bias="encoder.relative_attention_bias",
+    cfg_defaults={"eps": 1e-5, "act": "gelu", "buckets": 32},
+)
+
+ARCHITECTURES = {spec.model_type: spec for spec in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT, MPNET)}
 # Activation names in HF configs -> the op the runtime applies after FFN up.
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_fast": "gelu_tanh", "relu": "relu"}

@@ -69,7 +69,7 @@ class Encoder:
              calibration: str | os.PathLike | None = None, replan: bool = False,
              tensor_parallel: int = 1, max_input_length: int | None = None) -> "Encoder":
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2): an encoder (BERT,
-        RoBERTa, XLM-RoBERTa, DistilBERT), or a decoder's trunk as an embedding model (GPT-2, LLaMA,
+        RoBERTa, XLM-RoBERTa, DistilBERT, MPNet), or a decoder's trunk as an embedding model (GPT-2, LLaMA,
         Qwen2, Qwen3, Mistral; causal_encoder.py; pooled by its sentence-transformers config, else
         the last token's state; dtype auto and tensor_parallel are for encoders only).
 

@@ -12,6 +12,7 @@ the op numbers above are their lifetimes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,10 @@ class EncoderModel:
         self.type_emb = (view.get(e["type"] + ".weight", (None, H)).to(dev, adt)
                          if "type" in e and view.has(e["type"] + ".weight") else None)
         self.emb_ln = _ln(view, e["ln"], H, adt, dev)
+        self.position_bias_weight = None
+        if spec.position_bias is not None:
+            buckets = spec.config_value(config, "buckets")
+            self.position_bias_weight = view.get(spec.position_bias + ".weight", (buckets, self.num_heads)).to(dev)
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         self.head = self._load_head(view, config)
 
@@ -163,14 +168,17 @@ class EncoderModel:
         if self.type_emb is not None:
             emb.add_(torch.embedding(self.type_emb, batch.token_types))
         layers = self.layers
+        heads = self.num_heads // (tp.world if tp else 1)
+        bias = None if self.position_bias_weight is None else relative_position_bias(
+            self.position_bias_weight, batch.max_len, tp.rank * heads if tp else 0, heads)
         x, y = v["hidden_a"], v["hidden_b"]
         x, xq = ops.epilogue(emb, out=x, ln=(*self.emb_ln, self.eps), quant_for=self._int8(layers[0].qkv))
         for i, layer in enumerate(layers):
             nxt = layers[i + 1].qkv if i + 1 < len(layers) else None
             kw = self._acc(acc, layer.qkv, T)
             layer.qkv(x, xq, out=v["qkv"], **kw)
-            ops.varlen_attention(v["qkv"], batch.cu_tensor, self.num_heads // (tp.world if tp else 1), v["ctx"],
-                                 batch.longest_first, batch.max_len)
+            ops.varlen_attention(v["qkv"], batch.cu_tensor, heads, v["ctx"], batch.longest_first, batch.max_len,
+                                 position_bias=bias)
             kw = self._acc(acc, layer.o, T)
             h1, h1q = self._reduced(layer.o, v["ctx"], None, v["h1"], kw, residual=x, ln=(*layer.ln1, self.eps),
                                     quant_for=self._int8(layer.fc1))
@@ -225,6 +233,25 @@ class EncoderModel:
             elif act == "relu":
                 h = torch.relu(h)
         return h
+
+
+def relative_position_bias(weight: torch.Tensor, max_len: int, head0: int = 0, heads: int | None = None,
+                           max_distance: int = 128) -> torch.Tensor:
+    """MPNet's (T5's bidirectional) relative position bias as a table: fp32 [heads, 2 * max_len - 1],
+    entry [h, max_len - 1 + j - i] the bias of key j for query i, for heads head0 .. head0 + heads - 1
+    of `weight` [buckets, all heads]. Half the buckets are for keys after the query; within each half,
+    offsets below a quarter of the buckets get one bucket each and longer ones share log-spaced
+    buckets up to max_distance (transformers' MPNetEncoder.relative_position_bucket)."""
+    buckets = weight.shape[0] // 2
+    offset = torch.arange(-(max_len - 1), max_len, device=weight.device)      # j - i
+    bucket = (offset > 0).long() * buckets
+    n = offset.abs()
+    exact = buckets // 2
+    large = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                     * (buckets - exact)).long()
+    bucket += torch.where(n < exact, n, large.clamp(max=buckets - 1))
+    heads = weight.shape[1] - head0 if heads is None else heads
+    return weight[bucket, head0:head0 + heads].t().float().contiguous()
 
 
 def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:

@@ -320,7 +320,10 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
  * head), longest sequences first (`order`) so the last tasks are short. Per task K is copied once,
  * transposed, into a [d, Lp] scratch (Lp = L rounded up to 16, zero-filled) so 16 keys sit in one
  * register. Softmax covers only the L real keys; its 1/sum is applied to the d outputs, not the L
- * probabilities. */
+ * probabilities. A relative position bias (MPNet's, T5's: one value per head and key - query offset)
+ * comes as `bias`: [nheads, bias_stride] floats, head h's bias of key j for query i at
+ * bias[h * bias_stride + bias_center + j - i], already divided by `scale` (the softmax scales raw
+ * q.k scores), added to the scores before the softmax; NULL for none. */
 #define MR 8   /* query rows per micro-kernel */
 
 #ifdef __AVX512F__
@@ -577,14 +580,25 @@ static void transpose_keys(const float *k0, int64_t row, int64_t L, int64_t Lp, 
         for (int64_t k = 0; k < d; k++) kt[k * Lp + j] = k0[j * row + k];
 }
 
+/* s[r][j] += bias(query i0 + r, key j) for the L real keys; bh points at the head's offset-0 entry, so
+ * that bias(i, j) = bh[j - i]. Rows past nq repeat query i0 (attend_rows computes and drops them). */
+static void add_position_bias(float *s, int64_t Lp, int64_t L, const float *bh, int64_t i0, int64_t nq) {
+    for (int64_t r = 0; r < MR; r++) {
+        const float *b = bh - (i0 + (r < nq ? r : 0));
+        float *sr = s + r * Lp;
+        for (int64_t j = 0; j < L; j++) sr[j] += b[j];
+    }
+}
+
 static void attend_rows(const float *base, float *out, int64_t row, int64_t H, int64_t h, int64_t d,
                         int64_t L, int64_t Lp, int64_t i0, int64_t nq, const float *kt, float *s,
-                        float *acc, float scale) {
+                        float *acc, float scale, const float *bh) {
     const float *q[MR];
     float inv[MR];
     for (int64_t r = 0; r < MR; r++) q[r] = base + (i0 + (r < nq ? r : 0)) * row + h * d;
 #ifdef __AVX512F__
     scores_avx512(q, kt, d, Lp, s);
+    if (bh) add_position_bias(s, Lp, L, bh, i0, nq);
     for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx512(s + r * Lp, L, scale);
     if (d % 16 == 0) {
         const float *v0 = base + 2 * H + h * d;
@@ -596,6 +610,7 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
     }
 #elif defined(__AVX2__)
     scores_avx2(q, kt, d, Lp, s);
+    if (bh) add_position_bias(s, Lp, L, bh, i0, nq);
     for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx2(s + r * Lp, L, scale);
     if (d % 16 == 0) {
         const float *v0 = base + 2 * H + h * d;
@@ -611,6 +626,7 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
             for (int64_t k = 0; k < d; k++) v += q[r][k] * kt[k * Lp + j];
             s[r * Lp + j] = v;
         }
+    if (bh) add_position_bias(s, Lp, L, bh, i0, nq);
     for (int64_t r = 0; r < MR; r++) {
         float *sr = s + r * Lp, m = -INFINITY, z = 0.0f;
         for (int64_t j = 0; j < L; j++) m = fmaxf(m, sr[j]);
@@ -629,7 +645,8 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
 }
 
 void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const int64_t *order,
-                          int64_t nseq, int64_t nheads, int64_t d, float scale, int64_t max_len, int nthreads) {
+                          int64_t nseq, int64_t nheads, int64_t d, float scale, int64_t max_len,
+                          const float *bias, int64_t bias_stride, int64_t bias_center, int nthreads) {
     const int64_t H = nheads * d, row = 3 * H;
     const int64_t max_lp = (max_len + 15) / 16 * 16;
     #pragma omp parallel num_threads(nthreads)
@@ -642,10 +659,11 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
             const int64_t seq = order[task / nheads], h = task % nheads;
             const int64_t start = cu[seq], L = cu[seq + 1] - start, Lp = (L + 15) / 16 * 16;
             const float *base = qkv + start * row;
+            const float *bh = bias ? bias + h * bias_stride + bias_center : NULL;
             transpose_keys(base + H + h * d, row, L, Lp, d, kt);
             for (int64_t i0 = 0; i0 < L; i0 += MR)
                 attend_rows(base, out + start * H, row, H, h, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR,
-                            kt, s, acc, scale);
+                            kt, s, acc, scale, bh);
         }
         free(kt); free(s); free(acc);
     }

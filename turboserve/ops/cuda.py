@@ -173,11 +173,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, out: torch.Tensor,
-                     order: torch.Tensor, max_len: int, causal: bool = False) -> torch.Tensor:
+                     order: torch.Tensor, max_len: int, causal: bool = False,
+                     position_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each packed sequence over its own tokens (causal=True: each token over the ones
     before it). qkv [T, 3H]; out [T, H]; cu_seqlens int64 [B + 1]; order: the grid's sequence order
-    (longest first)."""
-    return tk.varlen_attention(qkv, cu_seqlens, order, num_heads, max_len, out, causal=causal)
+    (longest first); position_bias: MPNet's relative position bias table (see ops/cpu.py)."""
+    return tk.varlen_attention(qkv, cu_seqlens, order, num_heads, max_len, out, causal=causal,
+                               position_bias=position_bias)
 
 
 # ---------------------------------------------------------------------- decoder ops

@@ -64,11 +64,12 @@ def _activate(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT: tl.constexpr):
-    """One key block of flash attention. s is in log2 units (qk_scale includes log2 e). m_i starts
-    at a large finite negative value, so a row whose keys are all masked in this block keeps alpha = 1
-    and gets p = 0 instead of NaN."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, bias, DOT: tl.constexpr):
+    """One key block of flash attention. s is in log2 units (qk_scale includes log2 e; `bias`, added
+    to it, is in log2 units too: a [BLOCK_M, BLOCK_N] block or 0.0). m_i starts at a large finite
+    negative value, so a row whose keys are all masked in this block keeps alpha = 1 and gets p = 0
+    instead of NaN."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale + bias
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -80,9 +81,10 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT: tl.conste
 
 # ---------------------------------------------------------------------------------- varlen attention
 @triton.jit
-def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, stride_t, stride_o, qk_scale,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr):
+def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, bias_ptr, stride_t, stride_o, qk_scale,
+                             stride_bias, bias_center, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, DOT: tl.constexpr):
     qblk = tl.program_id(0)
     seq = tl.load(order_ptr + tl.program_id(1))        # longest sequences first: better tail balance
     head = tl.program_id(2)
@@ -112,7 +114,11 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, stri
         valid = offs_n[None, :] < hi
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, DOT)
+        bias = 0.0
+        if HAS_BIAS:      # relative position bias of key j for query i at [head, center + j - i]
+            rel = bias_center + offs_n[None, :] - offs_m[:, None]
+            bias = tl.load(bias_ptr + head * stride_bias + rel, mask=valid & m_mask, other=0.0) * 1.4426950408889634
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, bias, DOT)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)               # rows past the sequence end (never stored)
     out = acc / l_i[:, None]
     tl.store(o_ptr + (start + offs_m)[:, None] * stride_o + col, out.to(o_ptr.dtype.element_ty),
@@ -120,9 +126,12 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, stri
 
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.Tensor, num_heads: int,
-                     max_len: int, out: torch.Tensor, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+                     max_len: int, out: torch.Tensor, causal: bool = False, scale: float | None = None,
+                     position_bias: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [T, 3H] (Q | K | V, head-major inside each); out: [T, H]; cu_seqlens int64 [B + 1]; order:
-    sequence indices (any permutation; longest first balances the grid's tail)."""
+    sequence indices (any permutation; longest first balances the grid's tail); position_bias: None or
+    fp32 [num_heads, 2 * max_len - 1], key j of query i adding [h, max_len - 1 + j - i] to the scaled
+    scores (MPNet)."""
     hidden = qkv.shape[1] // 3
     head_dim = hidden // num_heads
     assert qkv.stride(1) == 1 and out.stride(1) == 1
@@ -130,10 +139,15 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.T
     block_m = 64 if max_len > 32 else 16
     block_n = 64 if head_dim <= 64 else 32
     grid = (triton.cdiv(max(max_len, 1), block_m), cu_seqlens.numel() - 1, num_heads)
+    if position_bias is not None:
+        assert position_bias.shape == (num_heads, 2 * max_len - 1) and position_bias.dtype == torch.float32
+        position_bias = position_bias.contiguous()
     _varlen_attention_kernel[grid](
-        qkv, qkv[:, hidden:], qkv[:, 2 * hidden:], out, cu_seqlens, order, qkv.stride(0), out.stride(0),
-        scale * LOG2E, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
-        BLOCK_N=block_n, CAUSAL=causal, DOT=_dot_precision(qkv.dtype), num_warps=4)
+        qkv, qkv[:, hidden:], qkv[:, 2 * hidden:], out, cu_seqlens, order,
+        qkv if position_bias is None else position_bias, qkv.stride(0), out.stride(0), scale * LOG2E,
+        2 * max_len - 1, max_len - 1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
+        BLOCK_N=block_n, CAUSAL=causal, HAS_BIAS=position_bias is not None, DOT=_dot_precision(qkv.dtype),
+        num_warps=4)
     return out
 
 
@@ -206,7 +220,8 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, ks_ptr, vs_ptr, o_ptr, part
             v = v.to(tl.float32) * tl.load(vs_ptr + s_off, mask=n_ok, other=0.0)[:, None]
         valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         valid = valid & ((window == 0) | (offs_n[None, :] > pos[:, None] - window))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), valid, qk_scale, DOT)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), valid, qk_scale, 0.0,
+                                             DOT)
     if NUM_SPLITS == 1:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         o_off = (q_start + tok)[:, None] * stride_o + head[:, None] * HEAD_DIM + offs_d[None, :]
