@@ -1,6 +1,6 @@
 """Encoder throughput and quality: turboserve against transformers, ONNX Runtime and CTranslate2.
 
-    .venv/bin/python benchmarks/encoder.py [--models minilm,bert-base] [--workloads short,longtail] [--interleave 3]
+    .venv/bin/python benchmarks/encoder.py [--models minilm,bert-base,mpnet-base] [--workloads short,longtail] [--interleave 3]
 
 Workloads and models are the public ones of shared/DESIGN.md section 5 (token sequences of the
 workload's lengths drawn from whole words of the vocabulary). Every system gets the same sequences;
@@ -89,17 +89,20 @@ def gemm_peaks() -> dict:
 
 # ------------------------------------------------------------------ models
 def model_dir(name: str, vocab_from: Path | None = None) -> Path:
-    """The model's directory (bert-base: built once, random weights, MiniLM's tokenizer files, taken
-    from `vocab_from` where the bundled package is not installed, as on the GPU machine)."""
+    """The model's directory (bert-base, mpnet-base: built once, random weights, MiniLM's tokenizer
+    files, taken from `vocab_from` where the bundled package is not installed, as on the GPU machine)."""
     if name == "minilm":
         return default_model_path()
-    if name == "bert-base":
-        d = CACHE / "bert-base"
+    if name in ("bert-base", "mpnet-base"):
+        d = CACHE / name
         if not (d / "config.json").exists():
             import shutil
             import transformers
             torch.manual_seed(0)
-            transformers.BertModel(transformers.BertConfig()).save_pretrained(d)   # bert-base-uncased shape
+            if name == "bert-base":
+                transformers.BertModel(transformers.BertConfig()).save_pretrained(d)   # bert-base-uncased shape
+            else:       # all-mpnet-base-v2's shape: 12 layers of 768, relative position bias
+                transformers.MPNetModel(transformers.MPNetConfig(max_position_embeddings=514)).save_pretrained(d)
             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
                 shutil.copy((vocab_from or default_model_path()) / f, d / f)
         # transformers 5 no longer writes this key; CTranslate2's converter still reads it
@@ -143,7 +146,11 @@ def padded(seqs, idx, pad_id=0):
 
 def run_transformers(path, seqs, mode, dtype, sort, batch=32):
     import transformers
-    model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval().to(dtype)
+    try:
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa")
+    except ValueError:          # no SDPA version (MPNet, whose attention adds a position bias): its own
+        model = transformers.AutoModel.from_pretrained(path)
+    model = model.eval().to(dtype)
     out = [None] * len(seqs)
 
     def go():
@@ -261,7 +268,8 @@ def main():
     ap.add_argument("--workloads", default="short,longtail")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=512, help="requests per workload (the first N)")
-    ap.add_argument("--bert-requests", type=int, default=128, help="requests per workload for bert-base")
+    ap.add_argument("--bert-requests", type=int, default=128,
+                    help="requests per workload for the base-size models (bert-base, mpnet-base)")
     ap.add_argument("--systems", default="all", help="comma list of system names to run, or all")
     ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                     help="load every system first, then time each once per round in turn (best round reported, "
@@ -280,7 +288,7 @@ def main():
         vocab = enc.tokenizer._tok.get_vocab()
         words = word_token_ids(vocab)
         for wl in args.workloads.split(","):
-            n = args.bert_requests if name == "bert-base" else args.requests
+            n = args.requests if name == "minilm" else args.bert_requests
             seqs = token_sequences(encoder_lengths(wl)[:n], words, vocab["[CLS]"], vocab["[SEP]"])
             tokens = sum(map(len, seqs))
             flops = sum(flops_per_request(config, len(s)) for s in seqs)

@@ -105,7 +105,6 @@ class Encoder:
             if tensor_parallel != 1:
                 raise InvalidInputError("tensor parallelism is not supported for decoder embedding models")
             from .causal_encoder import CausalEncoderModel
-            view = None
             model = CausalEncoderModel(model_dir, dtype, device)
         else:
             spec = spec_for(config)
