@@ -109,8 +109,9 @@ def test_scratch_cache_is_one_layer_grown_to_the_largest_batch(decoder_dirs):
     assert model._cache_blocks == 1 + 2                  # a block per 16 tokens, each sequence from a block's start
     enc.embed(random_sequences([3], seed=2))
     assert model._cache_blocks == 3                      # kept, not shrunk
-    # the worst case it reports: every sequence one token, a block each
+    # the worst case it reports: every sequence one token, a block each; one sequence: a block per 16 tokens
     assert model.activation_bytes(64) > model._cache_bytes(64)
+    assert model.activation_bytes(64) - model.activation_bytes(64, sequences=1) == model._cache_bytes(64 - 5)
 
 
 def test_an_input_limit_past_the_batch_budget_must_fit_in_memory_too(decoder_dirs, monkeypatch):
@@ -118,7 +119,7 @@ def test_an_input_limit_past_the_batch_budget_must_fit_in_memory_too(decoder_dir
     takes the larger of the two and names the one to lower."""
     import turboserve.encoder as encoder_mod
     model = Encoder.load(decoder_dirs["llama"]).model
-    free = (model.activation_bytes(64) + model.activation_bytes(256)) // 2
+    free = (model.activation_bytes(64) + model.activation_bytes(256, sequences=1)) // 2
     monkeypatch.setattr(encoder_mod, "available_memory", lambda device: free)
     with pytest.raises(InvalidInputError, match=r"max_input_length 256 needs .* GiB of activations, but .*lower "
                                                 r"max_input_length"):

@@ -47,18 +47,19 @@ class CausalEncoderModel:
     def weight_bytes(self) -> int:
         return self.decoder.weight_bytes
 
-    def activation_bytes(self, tokens: int) -> int:
-        """The most a batch of `tokens` tokens allocates besides the weights: the scratch cache at its
-        worst (every sequence one token long, a block each) and the layer's largest live activations
-        (fp32): the residual stream, its norm, and either qkv with its normed q / k, attention's output
-        and O's, or the MLP's up projection and its activation."""
+    def activation_bytes(self, tokens: int, sequences: int | None = None) -> int:
+        """The most a batch of `tokens` tokens in `sequences` sequences (default: as many as tokens, the
+        worst case) allocates besides the weights: the scratch cache (a block started per sequence) and
+        the layer's largest live activations (fp32): the residual stream, its norm, and either qkv with
+        its normed q / k, attention's output and O's, or the MLP's up projection and its activation."""
         d = self.decoder
         nh, kvh, hd = d.num_heads, d.num_kv_heads, d.head_dim
         up = 2 * d.intermediate if d.spec.gated_mlp else d.intermediate
         attention = (nh + 2 * kvh) * hd + (nh + kvh) * hd + nh * hd + d.hidden
         mlp = up + d.intermediate
         activations = 4 * tokens * (3 * d.hidden + max(attention, mlp))
-        return activations + self._cache_bytes(tokens)
+        sequences = tokens if sequences is None else sequences
+        return activations + self._cache_bytes(min(tokens, -(-tokens // self.BLOCK_SIZE) + sequences))
 
     def _cache_bytes(self, blocks: int) -> int:
         d = self.decoder

@@ -43,11 +43,12 @@ def _check_batch_fits(model, max_batch_tokens: int, max_input_length: int) -> No
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise InvalidInputError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
     free = available_memory(model.device)
-    tokens, name = max((max_batch_tokens, "max_batch_tokens"), (max_input_length, "max_input_length"))
-    need = model.activation_bytes(tokens)
-    if free is not None and need > free:
-        raise InvalidInputError(f"{name} {tokens} needs {need / 2**30:.1f} GiB of activations, "
-                                f"but {free / 2**30:.1f} GiB of memory is available: lower {name}")
+    for tokens, sequences, name in ((max_batch_tokens, None, "max_batch_tokens"), (max_input_length, 1,
+                                                                                   "max_input_length")):
+        need = model.activation_bytes(tokens, sequences)
+        if free is not None and need > free:
+            raise InvalidInputError(f"{name} {tokens} needs {need / 2**30:.1f} GiB of activations, "
+                                    f"but {free / 2**30:.1f} GiB of memory is available: lower {name}")
 
 
 class Encoder:

@@ -200,8 +200,8 @@ class EncoderModel:
         out, _ = linear(x, xq, out=out, **acc_kw)
         return self.ops.epilogue(self.tp.all_reduce(out), out=out, **epilogue)
 
-    def activation_bytes(self, tokens: int) -> int:
-        """What the workspace takes for a batch of `tokens` tokens."""
+    def activation_bytes(self, tokens: int, sequences: int | None = None) -> int:
+        """What the workspace takes for a batch of `tokens` tokens (in any number of sequences)."""
         return self.workspace.bytes_for(tokens)
 
     @property
