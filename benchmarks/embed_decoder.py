@@ -1,4 +1,4 @@
-"""Decoder embedding models (causal_encoder.py): turboserve against transformers, the engine that
+"""Decoder embedding models (prenorm_encoder.py): turboserve against transformers, the engine that
 sentence-transformers runs these models on.
 
     .venv/bin/python benchmarks/embed_decoder.py [--workloads short,longtail] [--requests 128] [--interleave 3]

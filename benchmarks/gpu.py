@@ -311,7 +311,7 @@ def bench_rows(report: Report, tk) -> None:
     line("bias+GELU", lambda: tk.bias_act(h, h_out, bias=hb, act="gelu"), lambda: F.gelu(h + hb),
          2 * h.numel() * size)
     gu = rand(setup, M, 2 * inter)
-    line("SiLU-and-mul", lambda: tk.silu_and_mul(gu), lambda: F.silu(gu[:, :inter]) * gu[:, inter:],
+    line("SiLU-and-mul", lambda: tk.act_and_mul(gu), lambda: F.silu(gu[:, :inter]) * gu[:, inter:],
          1.5 * gu.numel() * size)
     from turboserve.ops import cuda as cuda_ops
     from turboserve.ops.cpu import quantize_heads

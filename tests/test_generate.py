@@ -76,10 +76,14 @@ def test_generation_config_eos_ids_end_generation(tmp_path, decoder_dirs):
     assert out.token_ids == full[:4] and out.finish_reason == "stop"
 
 
-def test_unsupported_gated_activation_is_refused(tmp_path):
+def test_gelu_gated_mlp_matches_transformers_and_other_gates_are_refused(tmp_path):
+    """LLaMA's MLP with hidden_act gelu is GeGLU, act(gate) * up (ModernBERT's gate too)."""
     from tests.conftest import build_decoder
+    d = build_decoder("llama", tmp_path / "geglu", hidden_act="gelu")
+    prompt = random_sequences([21], seed=14)[0]
+    assert LLM.load(d).generate([prompt], GREEDY)[0].outputs[0].token_ids == hf_greedy(d, prompt, GREEDY.max_tokens)
     with pytest.raises(ModelLoadError, match="gated MLP activation"):
-        LLM.load(build_decoder("llama", tmp_path / "geglu", hidden_act="gelu"))
+        LLM.load(build_decoder("llama", tmp_path / "reglu", hidden_act="relu"))
 
 
 def test_chat_template_renders_as_transformers_does(tmp_path, decoder_dirs):

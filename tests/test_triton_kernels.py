@@ -275,9 +275,10 @@ def test_bias_act_and_residual(act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul(dtype):
+def test_act_and_mul(dtype):
     gate_up = rand(19, 2 * 150, dtype=dtype, gen=torch.Generator().manual_seed(1))
-    assert rel_err(tk.silu_and_mul(gate_up), cpu.silu_and_mul(gate_up.float())) < ELEMENTWISE_BOUND[dtype]
+    for act in ("silu", "gelu"):
+        assert rel_err(tk.act_and_mul(gate_up, act), cpu.act_and_mul(gate_up.float(), act)) < ELEMENTWISE_BOUND[dtype]
 
 
 @pytest.mark.parametrize("heads,kvh,d,kv_dtype", [(7, 1, 80, "fp32"), (4, 2, 64, "int8"), (6, 3, 128, "fp32")])
@@ -368,7 +369,7 @@ def cuda_backend_on_cpu():
 
 def test_backend_has_every_op_the_models_call():
     for name in ("make_linear", "make_decoder_linear", "epilogue", "activation_", "layer_norm", "varlen_attention",
-                 "linear", "norm", "silu_and_mul", "paged_attention", "allocate_kv_cache", "write_kv", "decoder_act_dtype",
+                 "linear", "norm", "act_and_mul", "rope_", "paged_attention", "allocate_kv_cache", "write_kv", "decoder_act_dtype",
                  "attention_dtype",
                  "kv_bytes_per_token"):
         assert callable(getattr(cuda, name)), name
@@ -428,8 +429,20 @@ def test_mpnet_encoder_with_the_cuda_backend(tmp_path, monkeypatch):
         assert rel_err(g, r) < 1e-4
 
 
+def test_modernbert_with_the_cuda_backend(modernbert_dir, monkeypatch):
+    """ModernBERT on the cuda backend: RoPE in place on q and k, bidirectional varlen attention with the
+    sliding layers' window as a bias table, GeGLU, LayerNorms without bias; fp32 against the CPU."""
+    from turboserve import Encoder
+    from turboserve import decoder as decoder_mod
+    seqs = random_sequences([1, 9, 30], seed=6)
+    ref = Encoder.load(modernbert_dir).hidden_states(seqs)
+    monkeypatch.setattr(decoder_mod, "backend_for", lambda device: cuda_backend_on_cpu())
+    for g, r in zip(Encoder.load(modernbert_dir).hidden_states(seqs), ref):
+        assert rel_err(g, r) < 1e-4
+
+
 def test_decoder_embeddings_with_the_cuda_backend(decoder_dirs, monkeypatch):
-    """A decoder as an embedding model (causal_encoder.py) on the cuda backend: its scratch cache, whole
+    """A decoder as an embedding model (prenorm_encoder.py) on the cuda backend: its scratch cache, whole
     prefills across blocks, and the pooled last tokens equal the CPU backend's in fp32."""
     from turboserve import Encoder
     from turboserve import decoder as decoder_mod
@@ -493,7 +506,7 @@ tk.paged_attention(torch.empty(2, 8 * 128, dtype=bf), cache8, cache8, torch.empt
 x = torch.empty(8, 768, dtype=bf)
 tk.row_norm(x, x[0], None, 1e-5, "rms", x, bias=x[0], act="gelu_tanh", residual=x)
 tk.bias_act(x, x, bias=x[0], act="gelu")
-tk.silu_and_mul(x)
+tk.act_and_mul(x)
 cache80 = torch.empty(9, 2, 16, 80)     # RoPE fused, fp32 (the decoder's q and K), d = 80
 tk.kv_write(torch.empty(5, 2, 80), torch.empty(5, 2, 80), cache80, cache80, None, None,
             torch.zeros(5, dtype=torch.int64), torch.arange(5), (torch.empty(5, 640), torch.empty(5, 40),

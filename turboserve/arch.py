@@ -110,16 +110,18 @@ def spec_for(config: dict) -> ArchSpec:
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"
-            f" supported: encoders {', '.join(sorted(ARCHITECTURES))}; decoders {', '.join(sorted(DECODERS))}")
+            f" supported: encoders {', '.join(sorted([*ARCHITECTURES, *PRENORM_ENCODERS]))};"
+            f" decoders {', '.join(sorted(DECODERS))}")
     return ARCHITECTURES[model_type]
 
 
 # ---------------------------------------------------------------------- decoders
 @dataclass(frozen=True)
 class DecoderSpec:
-    """A pre-norm causal decoder: embeddings (+ learned positions), N layers of
-    [norm -> QKV -> (RoPE) -> causal attention over the KV cache -> O -> + residual -> norm -> MLP ->
-    + residual], final norm, LM head. GPT-2, LLaMA, Qwen2, Qwen3 and Mistral differ only in the fields below."""
+    """A pre-norm layer stack: embeddings (+ learned positions), N layers of
+    [norm -> QKV -> (RoPE) -> attention -> O -> + residual -> norm -> MLP -> + residual], final norm,
+    LM head. The decoders (GPT-2, LLaMA, Qwen2, Qwen3, Mistral: causal attention over a KV cache) and
+    ModernBERT (bidirectional: an encoder on the same layer library) differ only in the fields below."""
     model_type: str
     base_prefix: str                 # "transformer." / "model."
     layer_prefix: str
@@ -129,12 +131,16 @@ class DecoderSpec:
     norm: str                        # "layernorm" | "rmsnorm"
     rope: bool                       # rotary positions (else learned absolute positions)
     gated_mlp: bool                  # act(gate(x)) * up(x) -> down, else fc1 -> act -> fc2
-    fused_qkv_conv1d: bool = False   # GPT-2: one c_attn with a Conv1D ([in, out]) weight
-    conv1d: bool = False             # all linears stored [in, out]
+    conv1d: bool = False             # all linears stored [in, out] (GPT-2's Conv1D)
     qk_norm: bool = False            # Qwen3: RMSNorm over each head of q and k (weights [head_dim]), before RoPE
     # which layers a config's sliding_window bounds: "all" (Mistral) or, with use_sliding_window, those
     # from max_window_layers on (Qwen); a config's layer_types, where present, overrides both
     window_layers: str = "all"
+    # ModernBERT: attention over the whole sequence (no cache; a window bounds |key - query| on the
+    # sliding layers), the first layer without its attention norm, and a RoPE base of its own for the
+    # sliding layers (cfg key "local_theta")
+    bidirectional: bool = False
+    first_norm1: bool = True
     cfg_defaults: dict = field(default_factory=dict)
 
     def config_value(self, config: dict, key: str):
@@ -154,7 +160,7 @@ GPT2 = DecoderSpec(
     {"hidden": "n_embd", "heads": "n_head", "layers": "n_layer", "intermediate": "n_inner",
      "act": "activation_function", "eps": "layer_norm_epsilon", "max_pos": "n_positions", "vocab": "vocab_size",
      "tie": "tie_word_embeddings"},
-    norm="layernorm", rope=False, gated_mlp=False, fused_qkv_conv1d=True, conv1d=True,
+    norm="layernorm", rope=False, gated_mlp=False, conv1d=True,
     cfg_defaults={"act": "gelu_new", "eps": 1e-5, "tie": True},
 )
 _LLAMA_LAYER = {"norm1": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
@@ -188,13 +194,45 @@ MISTRAL = _llama_like("mistral", windowed=True)   # sliding_window bounds attent
 DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL)}
 DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": "silu", "swish": "silu"}
 
+# Encoders on the pre-norm layer library. ModernBERT: fused Wqkv and Wi (GeGLU: gelu(input) * gate),
+# LayerNorms without bias, RoPE (160k base on the global layers, 10k on the sliding ones), every third
+# layer global and the others over +-local_attention / 2 tokens, no biases in its linears.
+MODERNBERT = DecoderSpec(
+    "modernbert", "model.", "layers",
+    {"word": "embeddings.tok_embeddings", "emb_norm": "embeddings.norm", "final_norm": "final_norm"},
+    {"norm1": "attn_norm", "qkv": "attn.Wqkv", "o": "attn.Wo", "norm2": "mlp_norm", "gate_up": "mlp.Wi",
+     "down": "mlp.Wo"},
+    {"hidden": "hidden_size", "heads": "num_attention_heads", "layers": "num_hidden_layers",
+     "intermediate": "intermediate_size", "act": "hidden_activation", "eps": "norm_eps",
+     "max_pos": "max_position_embeddings", "vocab": "vocab_size", "tie": "tie_word_embeddings",
+     "rope_theta": "global_rope_theta", "local_theta": "local_rope_theta", "rope_scaling": "rope_scaling",
+     "window": "local_attention", "global_every": "global_attn_every_n_layers"},
+    norm="layernorm", rope=True, gated_mlp=True, bidirectional=True, first_norm1=False,
+    cfg_defaults={"act": "gelu", "eps": 1e-5, "tie": True, "rope_theta": 160000.0, "local_theta": 10000.0,
+                  "rope_scaling": None, "window": 128, "global_every": 3},
+)
+PRENORM_ENCODERS = {spec.model_type: spec for spec in (MODERNBERT,)}
+
 
 def is_decoder(config: dict) -> bool:
+    """A model that generates: a causal decoder (its server is the generation one)."""
     return config.get("model_type") in DECODERS
 
 
-def decoder_spec_for(config: dict) -> DecoderSpec:
+def on_prenorm_layers(config: dict) -> bool:
+    """A model that runs on decoder.py's pre-norm layer library: the decoders, and ModernBERT."""
+    return config.get("model_type") in DECODERS or config.get("model_type") in PRENORM_ENCODERS
+
+
+def decoder_spec_for(config: dict, generation: bool = True) -> DecoderSpec:
+    """The spec of a decoder (generation) or, with generation False, of any model on the pre-norm layers."""
     model_type = config.get("model_type")
+    if model_type in PRENORM_ENCODERS and not generation:
+        return PRENORM_ENCODERS[model_type]
+    if model_type in PRENORM_ENCODERS:
+        raise UnsupportedArchitectureError(
+            f"{model_type!r} is an encoder (bidirectional attention), not a text generator: load it with "
+            "turboserve.Encoder, or serve it for embeddings")
     if model_type not in DECODERS:
         raise UnsupportedArchitectureError(
             f"unsupported decoder architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"

@@ -1,4 +1,5 @@
-"""The packed-token causal decoder (GPT-2, LLaMA, Qwen2, Qwen3, Mistral; differences are data in arch.py).
+"""The pre-norm layer library over packed tokens: the causal decoders (GPT-2, LLaMA, Qwen2, Qwen3,
+Mistral) and, bidirectional, ModernBERT; differences are data in arch.py.
 
 One forward pass runs one engine step: the new tokens of every scheduled sequence, flat [T, H] with
 `cu_q` (prefill chunks and single decode tokens side by side, no padding). Per layer:
@@ -9,6 +10,11 @@ One forward pass runs one engine step: the new tokens of every scheduled sequenc
     h = norm2(x); x = x + mlp(h)         mlp: fc2(act(fc1 h)) or down(silu(gate h) * up h)
 then the final norm and the LM head only at the rows whose logits are needed (the last token of a
 sequence that samples this step), never at every prefill position.
+
+A bidirectional model (ModernBERT; prenorm_encoder.py runs it as an encoder) has no cache: q and k
+are rotated in place and each sequence attends over all of its tokens through the encoders' varlen
+attention, a sliding layer's window (|key - query| <= half of local_attention) given to it as a
+position-bias table of 0 and -1e30; and it has no LM head.
 """
 from __future__ import annotations
 
@@ -57,11 +63,13 @@ class DecoderLayer:
     k_norm: tuple | None = None
 
 
-def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_pos, head_dim / 2] with the config's RoPE base and scaling: transformers 4 writes
-    `rope_theta` and `rope_scaling`, transformers 5 one `rope_parameters` dict holding both."""
+def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int,
+                theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_pos, head_dim / 2] with the config's RoPE base (or `theta`) and scaling: transformers
+    4 writes `rope_theta` and `rope_scaling`, transformers 5 one `rope_parameters` dict holding both."""
     params = config.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", spec.config_value(config, "rope_theta")))
+    if theta is None:
+        theta = float(params.get("rope_theta", spec.config_value(config, "rope_theta")))
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     scaling = spec.config_value(config, "rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -103,7 +111,7 @@ class DecoderModel:
         self.kv_dtype = kv_dtype
         self.model_dir = resolve_model_dir(path)
         config = read_config(self.model_dir)
-        spec = decoder_spec_for(config)
+        spec = decoder_spec_for(config, generation=with_lm_head)
         view = CheckpointView(read_state_dict(self.model_dir), spec, self.model_dir)
         self.config, self.spec, self.dtype_name = config, spec, dtype
         try:
@@ -123,8 +131,10 @@ class DecoderModel:
         self.intermediate = config.get(spec.cfg_keys["intermediate"]) or 4 * self.hidden
         if act_name not in DECODER_ACTIVATIONS:
             raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(DECODER_ACTIVATIONS)}")
-        if spec.gated_mlp and DECODER_ACTIVATIONS[act_name] != "silu":
-            raise ModelLoadError(f"gated MLP activation {act_name!r} is not supported (SiLU-gated only)")
+        if spec.gated_mlp and DECODER_ACTIVATIONS[act_name] not in ("silu", "gelu"):
+            raise ModelLoadError(f"gated MLP activation {act_name!r} is not supported (SiLU- or GELU-gated only)")
+        if spec.bidirectional and self.num_kv_heads != self.num_heads:
+            raise ModelLoadError("grouped-query attention is not supported in a bidirectional model")
         self.activation = DECODER_ACTIVATIONS[act_name]
         self.windows = _layer_windows(config, spec, self.num_layers)
         # GPT-2's attention scale: 1 / sqrt(d), or 1 (scale_attn_weights false), divided by the layer's
@@ -142,6 +152,7 @@ class DecoderModel:
         dev = self.device
         self.word_emb = view.get(e["word"] + ".weight", (self.vocab_size, self.hidden))
         self.pos_emb = view.get(e["pos"] + ".weight", (self.max_positions, self.hidden)).to(dev) if "pos" in e else None
+        self.emb_norm = self._norm(view, e["emb_norm"]) if "emb_norm" in e else None
         self.final_norm = self._norm(view, e["final_norm"])
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         head = None if spec.config_value(config, "tie") or not with_lm_head else view.get(
@@ -155,8 +166,11 @@ class DecoderModel:
             self.lm_head = None
         elif dtype == "int8":
             self.lm_head_int8, self.lm_head = self.ops.make_decoder_linear(self.lm_head, None, "int8"), None
-        if spec.rope:
-            self.cos, self.sin = (t.to(dev) for t in rope_tables(config, spec, self.head_dim, self.max_positions))
+        if spec.rope:       # per layer (cos, sin) tables, shared by the layers of one RoPE base
+            thetas = _rope_thetas(config, spec, self.windows)
+            tables = {t: tuple(x.to(dev) for x in rope_tables(config, spec, self.head_dim, self.max_positions, t))
+                      for t in set(thetas)}
+            self.rope = [tables[t] for t in thetas]
         self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
 
     # ------------------------------------------------------------------ loading
@@ -184,18 +198,20 @@ class DecoderModel:
         p = f"{self.spec.layer_prefix}.{i}."
         H, I = self.hidden, self.intermediate
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        if self.spec.fused_qkv_conv1d:
+        if "qkv" in n:                   # one fused projection in the checkpoint (GPT-2, ModernBERT)
             qkv = self._linear(view, [p + n["qkv"]], [q + 2 * kv], H)
         else:
             qkv = self._linear(view, [p + n["q"], p + n["k"], p + n["v"]], [q, kv, kv], H)
         if self.spec.gated_mlp:
-            up = self._linear(view, [p + n["gate"], p + n["up"]], [I, I], H)
+            up = self._linear(view, [p + n["gate_up"]] if "gate_up" in n else [p + n["gate"], p + n["up"]],
+                              [2 * I] if "gate_up" in n else [I, I], H)
             down = self._linear(view, [p + n["down"]], [H], I)
         else:
             up, down = self._linear(view, [p + n["fc1"]], [I], H), self._linear(view, [p + n["fc2"]], [H], I)
         qk_norms = ({k: self._norm(view, p + n[k], self.head_dim) for k in ("q_norm", "k_norm")}
                     if self.spec.qk_norm else {})
-        return DecoderLayer(self._norm(view, p + n["norm1"]), qkv, self._linear(view, [p + n["o"]], [H], q),
+        norm1 = self._norm(view, p + n["norm1"]) if i > 0 or self.spec.first_norm1 else None   # ModernBERT: none
+        return DecoderLayer(norm1, qkv, self._linear(view, [p + n["o"]], [H], q),
                             self._norm(view, p + n["norm2"]), up, down, **qk_norms)
 
     # ------------------------------------------------------------------ cache
@@ -258,32 +274,83 @@ class DecoderModel:
              tp.embedding(self.word_emb, step.input_ids)).float()
         if self.pos_emb is not None:
             x += torch.embedding(self.pos_emb, step.positions)
+        if self.emb_norm is not None:
+            x = ops.norm(x, *self.emb_norm, self.eps, self.spec.norm)
+        rotations = {}          # each RoPE table's rows at this step's positions, looked up once
         if self.spec.rope:
-            cos, sin = self.cos[step.positions], self.sin[step.positions]
+            for cos, sin in self.rope:
+                rotations.setdefault(id(cos), (cos[step.positions], sin[step.positions]))
+        bidirectional = _Bidirectional(step, nh) if self.spec.bidirectional else None
         # int8 linears: a norm, or fc1 / gate|up and the activation, hand the next linear its int8 input
         # straight from their pass (the floats between are never written)
         qf = _int8_consumer
-        for layer, layer_cache, window, scale in zip(self.layers, cache, self.windows, self.scales):
-            h = ops.norm(x, *layer.norm1, self.eps, self.spec.norm, quant_for=qf(layer.qkv), out_dtype=adt)
+        for i, (layer, layer_cache, window, scale) in enumerate(zip(self.layers, cache, self.windows, self.scales)):
+            if self.spec.rope:
+                cos, sin = rotations[id(self.rope[i][0])]
+            h = x if layer.norm1 is None else ops.norm(x, *layer.norm1, self.eps, self.spec.norm,
+                                                       quant_for=qf(layer.qkv), out_dtype=adt)
             qkv = ops.linear(layer.qkv, h).to(self.attn_dtype)
             q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + kvh) * d], qkv[:, (nh + kvh) * d:]
             if layer.q_norm is not None:             # per head, before RoPE; fresh q / k rows for the RoPE pass
                 q = ops.norm(q.reshape(-1, d), *layer.q_norm, self.eps, "rmsnorm").view(-1, nh * d)
                 k = ops.norm(k.reshape(-1, d), *layer.k_norm, self.eps, "rmsnorm").view(-1, kvh * d)
-            ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
-                         rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
-            a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, window,
-                                    scale, step.max_ctx)
+            if bidirectional is not None:
+                a = bidirectional.attend(ops, qkv, cos, sin, window)
+            else:
+                ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
+                             rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
+                a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, window,
+                                        scale, step.max_ctx)
             x += reduce(ops.linear(layer.o, a.to(adt)))
             h = ops.norm(x, *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up), out_dtype=adt)
             if self.spec.gated_mlp and qf(layer.down) is not None:
-                u = ops.linear(layer.up, h, act="silu_mul", quant_for=layer.down)
+                u = ops.linear(layer.up, h, act=f"{self.activation}_mul", quant_for=layer.down)
             elif self.spec.gated_mlp:
-                u = ops.silu_and_mul(ops.linear(layer.up, h))
+                u = ops.act_and_mul(ops.linear(layer.up, h), self.activation)
             else:
                 u = ops.linear(layer.up, h, act=self.activation, quant_for=qf(layer.down))
             x += reduce(ops.linear(layer.down, u))
         return x
+
+
+class _Bidirectional:
+    """A bidirectional model's attention over one step (every sequence whole): the sequences' work
+    order, and each window's bias table, made once for all layers."""
+
+    def __init__(self, step: StepBatch, num_heads: int):
+        self.step, self.num_heads = step, num_heads
+        self.order = torch.argsort(step.ctx_len, descending=True)
+        self.bias = {}
+
+    def attend(self, ops, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int) -> torch.Tensor:
+        nh, step = self.num_heads, self.step
+        hd = qkv.shape[1] // 3
+        ops.rope_(qkv[:, :hd], cos, sin, nh)                 # q and k in place, inside qkv
+        ops.rope_(qkv[:, hd:2 * hd], cos, sin, nh)
+        if window and window not in self.bias:
+            # key j of query i: 0 within |j - i| <= window, else -1e30 (finite: the kernels' fast math)
+            offsets = torch.arange(-(step.max_ctx - 1), step.max_ctx, device=qkv.device).abs()
+            row = torch.where(offsets <= window, 0.0, -1e30)
+            self.bias[window] = row.expand(nh, -1).contiguous()
+        out = torch.empty(qkv.shape[0], hd, dtype=qkv.dtype, device=qkv.device)
+        return ops.varlen_attention(qkv, step.cu_q, nh, out, self.order, step.max_ctx,
+                                    position_bias=self.bias.get(window) if window else None)
+
+
+def _rope_thetas(config: dict, spec: DecoderSpec, windows: list[int]) -> list[float | None]:
+    """Each layer's RoPE base: None (the config's own, which rope_tables reads), or for a model with
+    a base per layer kind (ModernBERT: global and local) the base of the layer's kind, from transformers
+    5's rope_parameters per layer type or transformers 4's global_rope_theta / local_rope_theta."""
+    if "local_theta" not in spec.cfg_keys:
+        return [None] * len(windows)
+    params = config.get("rope_parameters") or {}
+
+    def base(layer_type: str, key: str) -> float:
+        own = params.get(layer_type)
+        return float(own["rope_theta"] if isinstance(own, dict) and "rope_theta" in own
+                     else spec.config_value(config, key))
+    full, sliding = base("full_attention", "rope_theta"), base("sliding_attention", "local_theta")
+    return [sliding if w else full for w in windows]
 
 
 def _int8_consumer(linear):
@@ -298,7 +365,15 @@ def _layer_windows(config: dict, spec, num_layers: int) -> list[int]:
     window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
     if not window:
         return [0] * num_layers
-    types = config.get("layer_types")
+    if spec.bidirectional:
+        # ModernBERT: local_attention tokens centred on the query, i.e. |j - i| <= local_attention / 2;
+        # the layers global every global_attn_every_n_layers from the first
+        window //= 2
+        every = spec.config_value(config, "global_every")
+        types = config.get("layer_types") or ["sliding_attention" if i % every else "full_attention"
+                                              for i in range(num_layers)]
+    else:
+        types = config.get("layer_types")
     if types:
         if len(types) != num_layers or not set(types) <= {"full_attention", "sliding_attention"}:
             raise ModelLoadError(f"layer_types {types!r} is not one of full_attention / sliding_attention per layer")

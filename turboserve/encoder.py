@@ -11,7 +11,7 @@ import torch
 
 from .allocator import keep_freed_memory
 from .errors import InvalidInputError, ModelLoadError
-from .arch import is_decoder, spec_for
+from .arch import is_decoder, on_prenorm_layers, spec_for
 from .loader import (POOLING_MODES, CheckpointView, PoolingConfig, read_config, read_pooling, read_sentence_config,
                      read_state_dict, resolve_model_dir)
 from .model import EncoderModel, sentence_embedding
@@ -70,9 +70,10 @@ class Encoder:
              calibration: str | os.PathLike | None = None, replan: bool = False,
              tensor_parallel: int = 1, max_input_length: int | None = None) -> "Encoder":
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2): an encoder (BERT,
-        RoBERTa, XLM-RoBERTa, DistilBERT, MPNet), or a decoder's trunk as an embedding model (GPT-2, LLaMA,
-        Qwen2, Qwen3, Mistral; causal_encoder.py; pooled by its sentence-transformers config, else
-        the last token's state; dtype auto and tensor_parallel are for encoders only).
+        RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT on the pre-norm layers), or a decoder's trunk
+        as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral; prenorm_encoder.py; pooled by its
+        sentence-transformers config, else the last token's state). dtype auto and tensor_parallel are
+        for the post-LN encoders only.
 
         dtype: "fp32", "bf16", "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the
         linears that stay fp32) or "auto": per linear, the fastest precision that keeps the pooled
@@ -93,20 +94,21 @@ class Encoder:
         keep_freed_memory()
         model_dir = resolve_model_dir(path)
         config = read_config(model_dir)
-        causal = is_decoder(config)
+        prenorm, causal = on_prenorm_layers(config), is_decoder(config)
         if dtype == "bf16" and not cpu_has_native_bf16():
             log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 GEMMs are emulated and "
                         "run several times slower than fp32; int8 is the fast option here")
         if dtype == "auto" and not 0.0 < quality_bound <= 1.0:
             raise InvalidInputError(f"quality_bound is a minimum cosine in (0, 1], not {quality_bound}")
-        if causal:
+        if prenorm:
+            kind = "decoder embedding" if causal else config.get("model_type")
             if dtype == "auto":
-                raise InvalidInputError("dtype auto (layer-wise precision plans) is for encoder models; a decoder "
-                                        "embedding model takes fp32, bf16 or int8")
+                raise InvalidInputError(f"dtype auto (layer-wise precision plans) is for the BERT-family encoders; a "
+                                        f"{kind} model takes fp32, bf16 or int8")
             if tensor_parallel != 1:
-                raise InvalidInputError("tensor parallelism is not supported for decoder embedding models")
-            from .causal_encoder import CausalEncoderModel
-            model = CausalEncoderModel(model_dir, dtype, device)
+                raise InvalidInputError(f"tensor parallelism is not supported for {kind} models")
+            from .prenorm_encoder import PreNormEncoderModel
+            model = PreNormEncoderModel(model_dir, dtype, device)
         else:
             spec = spec_for(config)
             view = CheckpointView(read_state_dict(model_dir), spec, model_dir)
@@ -134,7 +136,7 @@ class Encoder:
             pool_cfg.normalize = normalize
         enc = cls(model, tokenizer, pool_cfg, model_dir, config, max_batch_tokens)
         enc.prompts, enc.default_prompt_name = sentence.prompts, sentence.default_prompt_name
-        if dtype == "int8" and not causal:         # a decoder quantizes its own linears (W8A8) as it loads
+        if dtype == "int8" and not prenorm:        # the pre-norm layers quantize their own linears (W8A8) as they load
             from . import quantize
             texts = quantize.calibration_texts(tokenizer)
             batches = [b for b, _ in enc._batches(tokenizer.encode(texts, truncate=True))]

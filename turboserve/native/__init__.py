@@ -139,7 +139,9 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(f"native kernel: {message}")
 
 
-ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "silu_mul": 5}
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "silu_mul": 5, "gelu_mul": 6}
+# gated activations: the row is gate | up, the result act(gate) * up, half as wide
+GATED = {"silu_mul": "silu", "gelu_mul": "gelu"}
 
 
 def _opt(t: torch.Tensor | None) -> int | None:
@@ -148,8 +150,8 @@ def _opt(t: torch.Tensor | None) -> int | None:
 
 def row_epilogue(src: torch.Tensor, *, row_scale=None, col_scale=None, bias=None, activation=None,
                  residual=None, ln=None, rms=False, out=None, inv_smooth=None, q=None, qscale=None) -> None:
-    """See kernels.c: dequantize (src int32) or copy (src fp32), activation ("silu_mul" halves the
-    row: silu(gate) * up), + residual, LayerNorm (RMSNorm with rms), store to `out`, quantize to
+    """See kernels.c: dequantize (src int32) or copy (src fp32), activation ("silu_mul" / "gelu_mul"
+    halve the row: act(gate) * up), + residual, LayerNorm (RMSNorm with rms), store to `out`, quantize to
     `q`/`qscale` with `inv_smooth`. ln: (gamma, beta, eps); beta None with rms."""
     rows, cols = src.shape
     gamma, beta, eps = ln if ln is not None else (None, None, 0.0)
@@ -233,7 +235,7 @@ def f32_gemm_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
              "f32_gemm_packed: fp32 CPU x and out with contiguous rows")
     _require(packed.shape == (-(-n // 16), k, 16) and out.shape == (m, n) and (bias is None or bias.numel() == n),
              f"f32_gemm_packed: x [{m}, {k}], out {tuple(out.shape)} and the weights packed for {n} columns disagree")
-    _require(activation in ACTIVATIONS and activation != "silu_mul", f"f32_gemm_packed: activation {activation!r}")
+    _require(activation in ACTIVATIONS and activation not in GATED, f"f32_gemm_packed: activation {activation!r}")
     lib().f32_gemm_packed(_ptr(x), x.stride(0), _ptr(packed), _opt(bias), ACTIVATIONS[activation], _ptr(out),
                           out.stride(0), m, k, n, _threads())
     return out

@@ -52,12 +52,12 @@ def epilogue(src, *, out: torch.Tensor | None = None, act: str | None = None, re
              rms: bool = False, quant_for=None) -> tuple[torch.Tensor | None, Quantized | None]:
     """out = LN(act(src) + residual), and its int8 form for `quant_for` (an Int8Linear) if given.
 
-    src: a float tensor (a GEMM output with bias) or an IntAccumulator. act "silu_mul": src is
-    gate | up and the result silu(gate) * up, half as wide. ln: (gamma, beta, eps); with rms, RMSNorm
+    src: a float tensor (a GEMM output with bias) or an IntAccumulator. act "silu_mul" / "gelu_mul":
+    src is gate | up and the result act(gate) * up, half as wide. ln: (gamma, beta, eps); with rms, RMSNorm
     (beta None). `out` may alias src or residual. Returns (out, Quantized or None)."""
     inv_smooth = None if quant_for is None else quant_for.inv_smooth
     rows, cols = (src.acc if isinstance(src, IntAccumulator) else src).shape
-    out_cols = cols // 2 if act == "silu_mul" else cols
+    out_cols = cols // 2 if act in native.GATED else cols
     q = torch.empty(rows, out_cols, dtype=torch.int8) if inv_smooth is not None else None
     qscale = torch.empty(rows, 1, dtype=torch.float32) if inv_smooth is not None else None
     if isinstance(src, IntAccumulator):
@@ -83,8 +83,8 @@ def _epilogue_torch(src, out, act, residual, ln, inv_smooth, rms=False):
         v = torch.addcmul(src.bias, src.acc.float() * src.row_scale, src.col_scale)
     else:
         v = src.float()
-    if act == "silu_mul":
-        v = silu_and_mul(v)
+    if act in native.GATED:
+        v = _act_and_mul_torch(v, native.GATED[act])
     elif act is not None:
         v = activation_(v.clone() if v is src else v, act)
     if residual is not None:
@@ -392,12 +392,17 @@ def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: 
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]: fp32 in one native pass."""
+def act_and_mul(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """[T, 2I] (gate | up) -> act(gate) * up, [T, I] (SwiGLU with silu, GeGLU with gelu): fp32 in one
+    native pass."""
     if gate_up.dtype == torch.float32 and gate_up.is_contiguous() and native.lib() is not None:
-        return epilogue(gate_up, out=torch.empty(gate_up.shape[0], gate_up.shape[1] // 2), act="silu_mul")[0]
+        return epilogue(gate_up, out=torch.empty(gate_up.shape[0], gate_up.shape[1] // 2), act=f"{act}_mul")[0]
+    return _act_and_mul_torch(gate_up, act)
+
+
+def _act_and_mul_torch(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
+    return activation_(gate.clone(), act).mul_(up)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:

@@ -204,9 +204,22 @@ def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: 
                        torch.empty_like(x, dtype=out_dtype or x.dtype))
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
-    return tk.silu_and_mul(gate_up)
+def act_and_mul(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """[T, 2I] (gate | up) -> act(gate) * up, [T, I] (SwiGLU, GeGLU)."""
+    return tk.act_and_mul(gate_up, act)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
+    """Rotary embedding in place (rotate-half), x: [T, num_heads * d] (a view), cos / sin: [T, d / 2].
+    Bidirectional encoders (ModernBERT) rotate q and k before varlen attention; decoders rotate inside
+    write_kv instead."""
+    xh = x.view(x.shape[0], num_heads, -1)
+    half = xh.shape[-1] // 2
+    x1, x2 = xh[..., :half], xh[..., half:]
+    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    r1 = x1 * c - x2 * s
+    x2.copy_(x2 * c + x1 * s)
+    x1.copy_(r1)
 
 
 class PagedKV(NamedTuple):

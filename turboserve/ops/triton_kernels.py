@@ -20,7 +20,7 @@ Kernels
                       the token's queries rotated in place, its keys on the way into the cache
   row_norm            one pass per row: act(x + bias) + residual, then LayerNorm or RMSNorm
   bias_act            elementwise act(x + bias) (+ residual): bias+GELU after a GEMM
-  silu_and_mul        [T, 2I] (gate | up) -> silu(gate) * up
+  act_and_mul         [T, 2I] (gate | up) -> act(gate) * up (silu: SwiGLU, gelu: GeGLU)
   w8_matmul           x @ dequant(W_int8): per-output-channel scales, the int8 -> float conversion
                       inside the K loop, fp32 accumulation; split-K (_w8_reduce_kernel adds the
                       partial sums) when decode's few output tiles cannot fill the GPU
@@ -497,25 +497,26 @@ def bias_act(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, o_ptr, M, N, stride_x, stride_o, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, o_ptr, M, N, stride_x, stride_o, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     src = x_ptr + rows[:, None] * stride_x + cols[None, :]
     gate = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(src + N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(o_ptr + rows[:, None] * stride_o + cols[None, :], (_activate(gate, "silu") * up).to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + rows[:, None] * stride_o + cols[None, :], (_activate(gate, ACT) * up).to(o_ptr.dtype.element_ty),
              mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
+def act_and_mul(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    """[T, 2I] (gate | up) -> act(gate) * up, [T, I]; act "silu" or "gelu"."""
     M, two_n = gate_up.shape
     assert gate_up.stride(1) == 1
     out = torch.empty(M, two_n // 2, dtype=gate_up.dtype, device=gate_up.device)
     grid = (triton.cdiv(M, 16), triton.cdiv(two_n // 2, 128))
-    _silu_and_mul_kernel[grid](gate_up, out, M, two_n // 2, gate_up.stride(0), out.stride(0),
-                               BLOCK_M=16, BLOCK_N=128, num_warps=4)
+    _act_and_mul_kernel[grid](gate_up, out, M, two_n // 2, gate_up.stride(0), out.stride(0), ACT=act,
+                              BLOCK_M=16, BLOCK_N=128, num_warps=4)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Decoder models as embedding models (causal_encoder.py): every decoder architecture's pooled states
+"""Decoder models as embedding models (prenorm_encoder.py): every decoder architecture's pooled states
 against transformers' own forward at mixed lengths (across cache blocks and Mistral's window), batch
 invariance, a Qwen3-Embedding-style sentence-transformers directory against SentenceTransformer.encode,
 the low precisions' bounds, the server's routes for such a model and the refusals."""
@@ -162,3 +162,66 @@ def test_server_routes_and_which_server_a_model_gets(tmp_path, decoder_dirs, mod
         assert info["model_type"] == {"embedding": {"pooling": "lasttoken"}}
         r = httpx.post(url + "/predict", json={"inputs": "a"})
         assert r.status_code == 424
+
+
+# ---------------------------------------------------------------------- ModernBERT
+MB_LENGTHS = [1, 5, 8, 9, 17, 30, 100, 3]        # around and past the +-8 window of the sliding layers
+
+
+def test_modernbert_hidden_states_match_transformers(modernbert_dir):
+    seqs = random_sequences(MB_LENGTHS, seed=2)
+    ref = transformers.AutoModel.from_pretrained(modernbert_dir, attn_implementation="eager").eval()
+    enc = Encoder.load(modernbert_dir, max_batch_tokens=64)
+    assert enc.pooling.mode == "mean" and enc.model.decoder.windows == [0, 8, 8, 0]
+    with torch.no_grad():
+        for s, ours in zip(seqs, enc.hidden_states(seqs)):
+            assert rel_err(ours, ref(torch.tensor([s])).last_hidden_state[0]) < 1e-4, len(s)
+    batched = enc.embed(seqs)
+    for i, s in enumerate(seqs):
+        assert torch.allclose(enc.embed([s])[0], batched[i], rtol=0, atol=1e-5), i
+
+
+def test_modernbert_config_of_transformers_4_loads_the_same(tmp_path, modernbert_dir):
+    """Checkpoints saved before transformers 5 carry global_rope_theta / local_rope_theta /
+    global_attn_every_n_layers instead of rope_parameters and layer_types."""
+    import shutil
+    d = tmp_path / "mb4"
+    shutil.copytree(modernbert_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["layer_types"], cfg["rope_parameters"]
+    cfg.update(global_rope_theta=160000.0, local_rope_theta=10000.0, global_attn_every_n_layers=3)
+    (d / "config.json").write_text(json.dumps(cfg))
+    seqs = random_sequences(MB_LENGTHS, seed=4)
+    assert torch.equal(Encoder.load(d).embed(seqs), Encoder.load(modernbert_dir).embed(seqs))
+
+
+def test_modernbert_sentence_transformers_layout_and_low_precision(tmp_path, modernbert_dir):
+    """mean pooling + Normalize as sentence-transformers saves a ModernBERT embedder (gte-modernbert,
+    modernbert-embed), against SentenceTransformer.encode; bf16 / int8 within their bounds."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    word = Transformer(str(modernbert_dir))
+    st = SentenceTransformer(modules=[word, Pooling(64, pooling_mode="mean"), Normalize()], device="cpu")
+    st.save(str(tmp_path / "st"))
+    enc = Encoder.load(tmp_path / "st")
+    assert rel_err(enc.embed(TEXTS), torch.tensor(st.encode(TEXTS))) < 1e-4
+    seqs = random_sequences(MB_LENGTHS, seed=5)
+    ref = enc.embed(seqs)
+    for dtype, bound in (("bf16", 0.999), ("int8", 0.99)):
+        got = Encoder.load(tmp_path / "st", dtype=dtype).embed(seqs)
+        assert torch.nn.functional.cosine_similarity(got, ref).min() > bound, dtype
+
+
+def test_modernbert_is_served_for_embeddings_and_refused_for_generation(modernbert_dir):
+    from turboserve import LLM
+    from turboserve.errors import UnsupportedArchitectureError
+    assert not serves_generation(ServerConfig(model=str(modernbert_dir)))
+    with pytest.raises(InvalidInputError, match="needs a decoder"):
+        serves_generation(ServerConfig(model=str(modernbert_dir), task="generate"))
+    with pytest.raises(UnsupportedArchitectureError, match="is an encoder"):
+        LLM.load(modernbert_dir)
+    with pytest.raises(InvalidInputError, match="tensor parallelism"):
+        Encoder.load(modernbert_dir, tensor_parallel=2)
