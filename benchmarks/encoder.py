@@ -1,6 +1,7 @@
 """Encoder throughput and quality: turboserve against transformers, ONNX Runtime and CTranslate2.
 
-    .venv/bin/python benchmarks/encoder.py [--models minilm,bert-base,mpnet-base] [--workloads short,longtail] [--interleave 3]
+    .venv/bin/python benchmarks/encoder.py [--models minilm,bert-base,mpnet-base,modernbert-base] [--workloads short,longtail]
+                                           [--interleave 3]
 
 Workloads and models are the public ones of shared/DESIGN.md section 5 (token sequences of the
 workload's lengths drawn from whole words of the vocabulary). Every system gets the same sequences;
@@ -89,11 +90,12 @@ def gemm_peaks() -> dict:
 
 # ------------------------------------------------------------------ models
 def model_dir(name: str, vocab_from: Path | None = None) -> Path:
-    """The model's directory (bert-base, mpnet-base: built once, random weights, MiniLM's tokenizer
-    files, taken from `vocab_from` where the bundled package is not installed, as on the GPU machine)."""
+    """The model's directory (bert-base, mpnet-base, modernbert-base: built once, random weights, MiniLM's
+    tokenizer files, taken from `vocab_from` where the bundled package is not installed, as on the GPU
+    machine)."""
     if name == "minilm":
         return default_model_path()
-    if name in ("bert-base", "mpnet-base"):
+    if name in ("bert-base", "mpnet-base", "modernbert-base"):
         d = CACHE / name
         if not (d / "config.json").exists():
             import shutil
@@ -101,8 +103,10 @@ def model_dir(name: str, vocab_from: Path | None = None) -> Path:
             torch.manual_seed(0)
             if name == "bert-base":
                 transformers.BertModel(transformers.BertConfig()).save_pretrained(d)   # bert-base-uncased shape
-            else:       # all-mpnet-base-v2's shape: 12 layers of 768, relative position bias
+            elif name == "mpnet-base":      # all-mpnet-base-v2's shape: 12 layers of 768, relative position bias
                 transformers.MPNetModel(transformers.MPNetConfig(max_position_embeddings=514)).save_pretrained(d)
+            else:       # ModernBERT-base: 22 layers of 768, GeGLU 1152, RoPE, a window of 128 on 2 layers in 3
+                transformers.ModernBertModel(transformers.ModernBertConfig()).save_pretrained(d)
             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
                 shutil.copy((vocab_from or default_model_path()) / f, d / f)
         # transformers 5 no longer writes this key; CTranslate2's converter still reads it
@@ -116,7 +120,8 @@ def model_dir(name: str, vocab_from: Path | None = None) -> Path:
 
 def flops_per_request(config: dict, length: int) -> float:
     h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    linear = 2 * length * (4 * h * h + 2 * h * i)
+    gated = config.get("model_type") == "modernbert"          # GeGLU: an up projection twice as wide
+    linear = 2 * length * (4 * h * h + (3 if gated else 2) * h * i)
     attention = 4 * length * length * h
     return layers * (linear + attention)
 
@@ -269,7 +274,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=512, help="requests per workload (the first N)")
     ap.add_argument("--bert-requests", type=int, default=128,
-                    help="requests per workload for the base-size models (bert-base, mpnet-base)")
+                    help="requests per workload for the base-size models (bert-base, mpnet-base, modernbert-base)")
     ap.add_argument("--systems", default="all", help="comma list of system names to run, or all")
     ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                     help="load every system first, then time each once per round in turn (best round reported, "
