@@ -417,40 +417,24 @@ def test_encoder_forward_with_the_cuda_backend(tmp_path, monkeypatch, dtype, bou
         assert rel_err(g, r) < bound
 
 
-def test_mpnet_encoder_with_the_cuda_backend(tmp_path, monkeypatch):
-    """MPNet (relative position bias in every layer's attention) on the cuda backend, fp32."""
+@pytest.mark.parametrize("kind", ["mpnet", "modernbert", "qwen3-embedding"])
+def test_other_encoders_with_the_cuda_backend(kind, tmp_path, modernbert_dir, decoder_dirs, monkeypatch):
+    """Per-token states on the cuda backend equal the CPU's (fp32) for the encoders beyond BERT: MPNet
+    (relative position bias in every layer's attention), ModernBERT (RoPE in place on q and k,
+    bidirectional varlen attention with the sliding layers' window as a bias table, GeGLU, LayerNorms
+    without bias) and a decoder as an embedding model (its scratch cache, whole prefills across blocks)."""
     from turboserve import Encoder
+    from turboserve import decoder as decoder_mod
     from turboserve import model as model_mod
-    path = build_model("mpnet", tmp_path / "mpnet")
-    seqs = random_sequences([1, 9, 70], seed=3)
+    if kind == "mpnet":
+        path, module = build_model("mpnet", tmp_path / "mpnet"), model_mod
+    else:
+        path, module = modernbert_dir if kind == "modernbert" else decoder_dirs["qwen3"], decoder_mod
+    seqs = random_sequences([1, 9, 17, 30], seed=6)
     ref = Encoder.load(path).hidden_states(seqs)
-    monkeypatch.setattr(model_mod, "backend_for", lambda device: cuda_backend_on_cpu())
+    monkeypatch.setattr(module, "backend_for", lambda device: cuda_backend_on_cpu())
     for g, r in zip(Encoder.load(path).hidden_states(seqs), ref):
         assert rel_err(g, r) < 1e-4
-
-
-def test_modernbert_with_the_cuda_backend(modernbert_dir, monkeypatch):
-    """ModernBERT on the cuda backend: RoPE in place on q and k, bidirectional varlen attention with the
-    sliding layers' window as a bias table, GeGLU, LayerNorms without bias; fp32 against the CPU."""
-    from turboserve import Encoder
-    from turboserve import decoder as decoder_mod
-    seqs = random_sequences([1, 9, 30], seed=6)
-    ref = Encoder.load(modernbert_dir).hidden_states(seqs)
-    monkeypatch.setattr(decoder_mod, "backend_for", lambda device: cuda_backend_on_cpu())
-    for g, r in zip(Encoder.load(modernbert_dir).hidden_states(seqs), ref):
-        assert rel_err(g, r) < 1e-4
-
-
-def test_decoder_embeddings_with_the_cuda_backend(decoder_dirs, monkeypatch):
-    """A decoder as an embedding model (prenorm_encoder.py) on the cuda backend: its scratch cache, whole
-    prefills across blocks, and the pooled last tokens equal the CPU backend's in fp32."""
-    from turboserve import Encoder
-    from turboserve import decoder as decoder_mod
-    seqs = random_sequences([1, 17, 30], seed=6)
-    ref = Encoder.load(decoder_dirs["qwen3"]).embed(seqs)
-    monkeypatch.setattr(decoder_mod, "backend_for", lambda device: cuda_backend_on_cpu())
-    got = Encoder.load(decoder_dirs["qwen3"]).embed(seqs)
-    assert rel_err(got, ref) < 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen3"])
