@@ -56,18 +56,20 @@ def build_model(arch: str, out: Path, head: str | None = None, num_labels: int =
     return out
 
 
-def build_modernbert(out: Path, seed: int = 0, **overrides) -> Path:
+def build_modernbert(out: Path, seed: int = 0, head: bool = False, **overrides) -> Path:
     """A random-weight ModernBERT (4 layers: global, sliding, sliding, global; a window of +-8 tokens,
-    so mixed lengths cross it) with MiniLM's tokenizer."""
+    so mixed lengths cross it) with MiniLM's tokenizer; head: ModernBertForSequenceClassification
+    (overrides: num_labels, classifier_pooling, ...)."""
     import transformers as tf
     torch.manual_seed(seed)
     cfg = dict(vocab_size=30522, hidden_size=64, num_attention_heads=4, num_hidden_layers=4, intermediate_size=96,
                max_position_embeddings=256, local_attention=16, pad_token_id=0, bos_token_id=101, eos_token_id=102,
                cls_token_id=101, sep_token_id=102, initializer_range=0.2)
-    model = tf.ModernBertModel(tf.ModernBertConfig(**{**cfg, **overrides})).eval()
+    cls = tf.ModernBertForSequenceClassification if head else tf.ModernBertModel
+    model = cls(tf.ModernBertConfig(**{**cfg, **overrides})).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "norm" in n:
+            if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):

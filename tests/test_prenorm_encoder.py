@@ -225,3 +225,29 @@ def test_modernbert_is_served_for_embeddings_and_refused_for_generation(modernbe
         LLM.load(modernbert_dir)
     with pytest.raises(InvalidInputError, match="tensor parallelism"):
         Encoder.load(modernbert_dir, tensor_parallel=2)
+
+
+@pytest.mark.parametrize("labels,pooling", [(1, "cls"), (3, "mean")])
+def test_modernbert_classifier_and_reranker(tmp_path, labels, pooling):
+    """ModernBertForSequenceClassification (gte-reranker-modernbert-base's kind): pooled state -> dense
+    -> GELU -> LayerNorm -> classifier, against transformers' logits; one label serves /rerank."""
+    from conftest import build_modernbert
+    d = build_modernbert(tmp_path / "mbc", head=True, num_labels=labels, classifier_pooling=pooling, seed=7)
+    seqs = random_sequences([3, 30, 9], seed=8)
+    ref_model = transformers.AutoModelForSequenceClassification.from_pretrained(d).eval()
+    with torch.no_grad():
+        ref = torch.cat([ref_model(input_ids=torch.tensor([s])).logits for s in seqs])
+    enc = Encoder.load(d)
+    assert enc.model.num_labels == labels
+    assert rel_err(enc.classify(seqs), ref) < 1e-4
+    if labels == 1:
+        scores = enc.rerank("what is the capital of france?", ["paris is the capital", "a cat sat"])
+        pairs = enc.tokenize(["what is the capital of france?"] * 2, ["paris is the capital", "a cat sat"])
+        with torch.no_grad():
+            want = [torch.sigmoid(ref_model(input_ids=torch.tensor([p.ids])).logits[0, 0]).item() for p in pairs]
+        assert scores == pytest.approx(want, abs=1e-5)
+        with running(make_app(ServerConfig(model=str(d)), encoder=enc)) as url:
+            r = httpx.post(url + "/rerank", json={"query": "what is the capital of france?",
+                                                   "texts": ["paris is the capital", "a cat sat"]})
+            assert r.status_code == 200 and len(r.json()) == 2
+            assert httpx.get(url + "/info").json()["model_type"]["reranker"] is not None

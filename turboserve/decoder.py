@@ -93,11 +93,12 @@ def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int,
 
 class DecoderModel:
     def __init__(self, path=None, dtype: str = "fp32", device: str = "cpu", kv_dtype: str | None = None,
-                 with_lm_head: bool = True):
+                 with_lm_head: bool = True, extra_weights=None):
         """kv_dtype: the KV cache's element type, "fp32", "bf16" or "int8" (one scale per token and KV
         head); default: the model's dtype (fp32 keeps results equal to transformers').
         with_lm_head: False for a model that only gives hidden states (an embedding model: no logits,
-        no int8 copy of a vocabulary-sized head)."""
+        no int8 copy of a vocabulary-sized head). extra_weights: called with the checkpoint (and the
+        config) while it is open, its result kept as `extra` (an encoder's classification head)."""
         if dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         check_device(device)
@@ -155,6 +156,7 @@ class DecoderModel:
         self.emb_norm = self._norm(view, e["emb_norm"]) if "emb_norm" in e else None
         self.final_norm = self._norm(view, e["final_norm"])
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
+        self.extra = None if extra_weights is None else extra_weights(view, config)
         head = None if spec.config_value(config, "tie") or not with_lm_head else view.get(
             "lm_head.weight", (self.vocab_size, self.hidden), required=False)
         self.word_emb = self.word_emb.to(dev, self.act_dtype).contiguous()

@@ -205,6 +205,11 @@ class EncoderModel:
         return self.workspace.bytes_for(tokens)
 
     @property
+    def num_labels(self) -> int | None:
+        """The classification head's outputs (1: a reranker), or None without a head."""
+        return None if self.head is None else self.head[-1][0].shape[0]
+
+    @property
     def weight_bytes(self) -> int:
         emb = sum(t.numel() * t.element_size() for t in (self.word_emb, self.pos_emb, self.type_emb) if t is not None)
         return emb + sum(lin.nbytes for layer in self.layers for lin in (layer.qkv, layer.o, layer.fc1, layer.fc2))

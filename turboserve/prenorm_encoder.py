@@ -20,24 +20,72 @@ encoders' varlen kernel over the step's qkv.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from .arch import ACTIVATIONS
 from .decoder import DecoderModel, StepBatch
 from .errors import ModelLoadError
+from .loader import CheckpointView
+from .model import pool
 from .packing import PackedBatch
+
+
+@dataclass
+class PooledClassifier:
+    """ModernBERT's sequence-classification head (rerankers such as gte-reranker-modernbert-base):
+    the first token's final state (classifier_pooling "cls") or the mean over the sequence, then
+    dense -> activation -> LayerNorm -> classifier."""
+    pooling: str
+    dense: tuple
+    act: str
+    norm: tuple
+    eps: float
+    out: tuple
+
+    @property
+    def num_labels(self) -> int:
+        return self.out[0].shape[0]
+
+    def __call__(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        h = F.linear(pool(hidden, batch, self.pooling), *self.dense)
+        h = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+             "silu": F.silu}[self.act](h)
+        h = F.layer_norm(h, (h.shape[-1],), *self.norm, self.eps)
+        return F.linear(h, *self.out)
+
+
+def load_classifier(view: CheckpointView, config: dict) -> PooledClassifier | None:
+    """The head of a ...ForSequenceClassification ModernBERT checkpoint, else None (embeddings only)."""
+    if config.get("model_type") != "modernbert" or not any(
+            a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return None
+    pooling = config.get("classifier_pooling", "cls")
+    act = ACTIVATIONS.get(config.get("classifier_activation", "gelu"))
+    if pooling not in ("cls", "mean") or act is None:
+        raise ModelLoadError(f"classifier_pooling {pooling!r} / classifier_activation "
+                             f"{config.get('classifier_activation')!r} are not supported")
+    h = config["hidden_size"]
+
+    def pair(name, shape):
+        return view.get(name + ".weight", shape), view.get(name + ".bias", shape[:1], required=False)
+    return PooledClassifier(pooling, pair("head.dense", (h, h)), act, pair("head.norm", (h,)),
+                            float(config.get("norm_eps", 1e-5)), pair("classifier", (None, h)))
 
 
 class PreNormEncoderModel:
     BLOCK_SIZE = 16          # the paged attention kernels' native block (one vector of fp32 keys)
 
     position_offset = None   # positions count 0 .. L-1 (RoPE or learned), as pack_tokens' default
-    type_emb = None          # no token types: text pairs are refused
-    head = None              # no sequence-classification head
+    type_emb = None          # no token types: a text pair is the two texts joined by the tokenizer
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu"):
-        self.decoder = d = DecoderModel(model_dir, dtype, device, kv_dtype="fp32", with_lm_head=False)
+        self.decoder = d = DecoderModel(model_dir, dtype, device, kv_dtype="fp32", with_lm_head=False,
+                                        extra_weights=load_classifier)
+        self.head = d.extra     # a PooledClassifier (ModernBERT ...ForSequenceClassification), or None
         self.spec, self.dtype_name, self.device = d.spec, dtype, d.device
         self.causal = not d.spec.bidirectional
         self.hidden, self.vocab_size, self.max_tokens = d.hidden, d.vocab_size, d.max_positions
@@ -108,5 +156,12 @@ class PreNormEncoderModel:
         cache = self._scratch(blocks) if self.causal else None
         return self.decoder.hidden_states(step, [cache] * self.decoder.num_layers)
 
+    @property
+    def num_labels(self) -> int | None:
+        return None if self.head is None else self.head.num_labels
+
+    @torch.inference_mode()
     def classify(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        raise ModelLoadError("this model has no sequence-classification head")
+        if self.head is None:
+            raise ModelLoadError("this model has no sequence-classification head")
+        return self.head(hidden.float(), batch)

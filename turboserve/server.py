@@ -277,10 +277,10 @@ def respond_tei_embed_all(p: Parsed, results, encoded, state: State):
 
 
 def _require_head(state: State, rerank: bool) -> None:
-    head = state.encoder.model.head
-    if head is None:
+    labels = state.encoder.model.num_labels
+    if labels is None:
         raise ApiError(424, "this model has no classification head: it serves /embed and /v1/embeddings", "Backend")
-    if rerank and head[-1][0].shape[0] != 1:
+    if rerank and labels != 1:
         raise ApiError(424, "this model is a classifier with several labels, not a reranker", "Backend")
 
 
@@ -524,10 +524,10 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         enc = state.encoder
         model_type = None
         if enc is not None:
-            head = enc.model.head
-            if head is None:
+            labels = enc.model.num_labels
+            if labels is None:
                 model_type = {"embedding": {"pooling": enc.pooling.mode}}
-            elif head[-1][0].shape[0] == 1:
+            elif labels == 1:
                 model_type = {"reranker": {"id2label": {str(k): v for k, v in enc.id2label.items()}}}
             else:
                 model_type = {"classifier": {"id2label": {str(k): v for k, v in enc.id2label.items()}}}
