@@ -127,6 +127,15 @@ def _decoder_configs():
                   dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                        num_hidden_layers=2, intermediate_size=128, max_position_embeddings=256,
                        initializer_range=0.2, tie_word_embeddings=True)),
+        # sandwich norms, (1 + w) RMSNorms, scaled embeddings, a query scalar of 24 (not head_dim), tanh GeGLU,
+        # two sliding layers of 8 and a global one whose RoPE is linearly scaled
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
+                   dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                        num_hidden_layers=3, intermediate_size=96, max_position_embeddings=256, initializer_range=0.2,
+                        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=24, pad_token_id=0,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM,
                     dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                          intermediate_size=128, max_position_embeddings=256, initializer_range=0.2,
@@ -134,7 +143,7 @@ def _decoder_configs():
     }
 
 
-DECODER_ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
+DECODER_ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "mistral")
 
 
 def build_decoder(arch: str, out: Path, seed: int = 0, **overrides) -> Path:

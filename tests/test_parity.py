@@ -147,7 +147,7 @@ def test_native_varlen_attention_matches_sdpa(head_dim, with_bias):
     assert rel_err(out, ref) < 1e-5 and rel_err(torch_out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu", "silu_mul", "gelu_mul"])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu", "silu_mul", "gelu_mul", "gelu_tanh_mul"])
 def test_native_epilogue_equals_torch(act):
     """The native pass between two GEMMs (dequantize, activation or SiLU-and-multiply, residual,
     LayerNorm with or without bias or RMSNorm, int8 for the next GEMM) gives the PyTorch version's
@@ -162,7 +162,7 @@ def test_native_epilogue_equals_torch(act):
     lin = cpu.Int8Linear(torch.randn(cols, 64, generator=g), torch.randn(cols, generator=g))
     src = cpu.IntAccumulator(torch.randint(-40000, 40000, (rows, cols), dtype=torch.int32, generator=g),
                              torch.rand(rows, 1, generator=g) * 1e-4, torch.rand(cols, generator=g), torch.randn(cols, generator=g))
-    oc = cols // 2 if act in ("silu_mul", "gelu_mul") else cols
+    oc = cols // 2 if act is not None and act.endswith("_mul") else cols
     residual = torch.randn(rows, oc, generator=g)
     ln = (torch.rand(oc, generator=g) + 0.5, torch.randn(oc, generator=g), 1e-5)
     nxt = cpu.Int8Linear(torch.randn(16, oc, generator=g), None)

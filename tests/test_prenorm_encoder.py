@@ -251,3 +251,62 @@ def test_modernbert_classifier_and_reranker(tmp_path, labels, pooling):
                                                    "texts": ["paris is the capital", "a cat sat"]})
             assert r.status_code == 200 and len(r.json()) == 2
             assert httpx.get(url + "/info").json()["model_type"]["reranker"] is not None
+
+
+# ---------------------------------------------------------------------- EmbeddingGemma
+def embedding_gemma_dir(tmp_path, legacy_config: bool = False):
+    """Gemma 3 with use_bidirectional_attention (EmbeddingGemma's layout): GQA, a query scalar of 24,
+    two layers over +-4 tokens (sliding_window 8) and a global one; saved by sentence-transformers
+    with mean pooling, two Dense modules and Normalize, as EmbeddingGemma is. legacy_config: the
+    config keys transformers 4 wrote (rope_theta / rope_local_base_freq / rope_scaling,
+    sliding_window_pattern) instead of rope_parameters and layer_types."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+    from conftest import _decoder_configs
+    import shutil
+    cfg_cls, _, kwargs = _decoder_configs()["gemma3"]
+    torch.manual_seed(11)
+    base = tmp_path / "gemma-base"
+    model = transformers.Gemma3TextModel(cfg_cls(**kwargs, use_bidirectional_attention=True)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(base)
+    from conftest import MINILM
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(MINILM / f, base / f)
+    if legacy_config:
+        cfg = json.loads((base / "config.json").read_text())
+        for key in ("rope_parameters", "layer_types", "_sliding_window_pattern"):
+            cfg.pop(key, None)
+        cfg.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                   sliding_window_pattern=3)
+        (base / "config.json").write_text(json.dumps(cfg))
+    word = Transformer(str(base))
+    st = SentenceTransformer(modules=[word, Pooling(64, pooling_mode="mean"), Dense(64, 128, bias=False,
+                             activation_function=torch.nn.Identity()), Dense(128, 64, bias=False,
+                             activation_function=torch.nn.Identity()), Normalize()], device="cpu")
+    st.save(str(tmp_path / "embeddinggemma"))
+    return st, tmp_path / "embeddinggemma", base
+
+
+@pytest.mark.parametrize("legacy_config", [False, True])
+def test_embedding_gemma_matches_transformers_and_sentence_transformers(tmp_path, legacy_config):
+    st, d, base = embedding_gemma_dir(tmp_path, legacy_config)
+    enc = Encoder.load(d)
+    assert enc.model.decoder.windows == [4, 4, 0] and enc.dimension == 64
+    seqs = random_sequences([1, 4, 5, 9, 30, 60], seed=3)
+    ref = transformers.AutoModel.from_pretrained(base, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for s, ours in zip(seqs, enc.hidden_states(seqs)):
+            assert rel_err(ours, ref(torch.tensor([s])).last_hidden_state[0]) < 1e-4, len(s)
+    assert rel_err(enc.embed(TEXTS), torch.tensor(st.encode(TEXTS))) < 1e-4
+    assert not serves_generation(ServerConfig(model=str(d)))
+    from turboserve import LLM
+    from turboserve.errors import UnsupportedArchitectureError
+    with pytest.raises(UnsupportedArchitectureError, match="bidirectional attention is an encoder"):
+        LLM.load(base)

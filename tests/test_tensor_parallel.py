@@ -70,7 +70,7 @@ def test_int8_encoder_close_to_single_process_int8(model_dirs, tp):
     assert rel_err(got, fp32) < 2 * rel_err(ref, fp32)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "qwen3", "gemma3"])
 def test_greedy_generation_equals_single_process(decoder_dirs, arch):
     """GPT-2 (fused Conv1D QKV, tied head), LLaMA (GQA: 4 heads over 2 KV heads, one KV head per rank),
     Qwen2 (1 KV head: each rank keeps a copy) and Qwen3 (per-head q / k norms, shared by the ranks). Requests join mid-flight and long prompts prefill

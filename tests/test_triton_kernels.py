@@ -277,7 +277,7 @@ def test_bias_act_and_residual(act):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_act_and_mul(dtype):
     gate_up = rand(19, 2 * 150, dtype=dtype, gen=torch.Generator().manual_seed(1))
-    for act in ("silu", "gelu"):
+    for act in ("silu", "gelu", "gelu_tanh"):
         assert rel_err(tk.act_and_mul(gate_up, act), cpu.act_and_mul(gate_up.float(), act)) < ELEMENTWISE_BOUND[dtype]
 
 
@@ -437,7 +437,7 @@ def test_other_encoders_with_the_cuda_backend(kind, tmp_path, modernbert_dir, de
         assert rel_err(g, r) < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen3", "gemma3"])
 def test_generation_with_the_cuda_backend(decoder_dirs, arch, monkeypatch):
     """Greedy tokens and their logprobs from the unchanged decoder model code on the cuda backend:
     RMSNorm/LayerNorm, RoPE, SiLU-and-mul / GELU, paged GQA attention (chunked prefill, decode, and

@@ -120,8 +120,9 @@ def spec_for(config: dict) -> ArchSpec:
 class DecoderSpec:
     """A pre-norm layer stack: embeddings (+ learned positions), N layers of
     [norm -> QKV -> (RoPE) -> attention -> O -> + residual -> norm -> MLP -> + residual], final norm,
-    LM head. The decoders (GPT-2, LLaMA, Qwen2, Qwen3, Mistral: causal attention over a KV cache) and
-    ModernBERT (bidirectional: an encoder on the same layer library) differ only in the fields below."""
+    LM head. The decoders (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 3: causal attention over a KV
+    cache) and the bidirectional encoders on the same layer library (ModernBERT; Gemma 3 with
+    use_bidirectional_attention: EmbeddingGemma) differ only in the fields below."""
     model_type: str
     base_prefix: str                 # "transformer." / "model."
     layer_prefix: str
@@ -133,14 +134,21 @@ class DecoderSpec:
     gated_mlp: bool                  # act(gate(x)) * up(x) -> down, else fc1 -> act -> fc2
     conv1d: bool = False             # all linears stored [in, out] (GPT-2's Conv1D)
     qk_norm: bool = False            # Qwen3: RMSNorm over each head of q and k (weights [head_dim]), before RoPE
-    # which layers a config's sliding_window bounds: "all" (Mistral) or, with use_sliding_window, those
-    # from max_window_layers on (Qwen); a config's layer_types, where present, overrides both
+    # which layers a config's sliding_window bounds: "all" (Mistral); with use_sliding_window, those
+    # from max_window_layers on (Qwen); all but one in every cfg "global_every", the global one first
+    # (ModernBERT) or last (Gemma 3). A config's layer_types, where present, overrides them all.
     window_layers: str = "all"
     # ModernBERT: attention over the whole sequence (no cache; a window bounds |key - query| on the
     # sliding layers), the first layer without its attention norm, and a RoPE base of its own for the
     # sliding layers (cfg key "local_theta")
     bidirectional: bool = False
     first_norm1: bool = True
+    # Gemma 3: RMSNorm weights stored as offsets from 1 (the norm multiplies by 1 + w), embeddings
+    # scaled by sqrt(hidden), and a norm after attention and after the MLP too (names "post_attn_norm"
+    # and "post_mlp_norm" in layer_names); the cfg key "bidirectional" turns on bidirectional
+    # attention (an embedding model), "attn_scalar" sets the attention scale to its -1/2 power
+    norm_offset: float = 0.0
+    embed_scale: bool = False
     cfg_defaults: dict = field(default_factory=dict)
 
     def config_value(self, config: dict, key: str):
@@ -191,7 +199,24 @@ QWEN2 = _llama_like("qwen2", windowed=True, window_layers="from_max_window_layer
 # Qwen2 without the biases and with per-head q / k RMSNorm
 QWEN3 = _llama_like("qwen3", windowed=True, qk_norm=True, window_layers="from_max_window_layers")
 MISTRAL = _llama_like("mistral", windowed=True)   # sliding_window bounds attention when set
-DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL)}
+
+# Gemma 3's text model (gemma-3-1b and EmbeddingGemma): GQA, per-head q / k norms, sandwich norms,
+# GeGLU with tanh GELU, one global layer in sliding_window_pattern (the others causal over
+# sliding_window keys, or, bidirectional, over +-sliding_window / 2), RoPE 1M global / 10k local
+GEMMA3 = DecoderSpec(
+    "gemma3_text", "model.", "layers", _LLAMA_EMB,
+    {**_LLAMA_LAYER, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm", "norm2": "pre_feedforward_layernorm",
+     "post_attn_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
+    {**_LLAMA_CFG, "act": "hidden_activation", "window": "sliding_window", "local_theta": "rope_local_base_freq",
+     "attn_scalar": "query_pre_attn_scalar", "bidirectional": "use_bidirectional_attention",
+     "global_every": "sliding_window_pattern"},
+    norm="rmsnorm", rope=True, gated_mlp=True, qk_norm=True, window_layers="last_of_every", norm_offset=1.0,
+    embed_scale=True,
+    cfg_defaults={"act": "gelu_pytorch_tanh", "eps": 1e-6, "tie": True, "rope_theta": 1000000.0,
+                  "local_theta": 10000.0, "rope_scaling": None, "window": 4096, "attn_scalar": None,
+                  "bidirectional": False, "global_every": 6},
+)
+DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GEMMA3)}
 DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": "silu", "swish": "silu"}
 
 # Encoders on the pre-norm layer library. ModernBERT: fused Wqkv and Wi (GeGLU: gelu(input) * gate),
@@ -207,34 +232,38 @@ MODERNBERT = DecoderSpec(
      "max_pos": "max_position_embeddings", "vocab": "vocab_size", "tie": "tie_word_embeddings",
      "rope_theta": "global_rope_theta", "local_theta": "local_rope_theta", "rope_scaling": "rope_scaling",
      "window": "local_attention", "global_every": "global_attn_every_n_layers"},
-    norm="layernorm", rope=True, gated_mlp=True, bidirectional=True, first_norm1=False,
+    norm="layernorm", rope=True, gated_mlp=True, bidirectional=True, first_norm1=False, window_layers="first_of_every",
     cfg_defaults={"act": "gelu", "eps": 1e-5, "tie": True, "rope_theta": 160000.0, "local_theta": 10000.0,
                   "rope_scaling": None, "window": 128, "global_every": 3},
 )
 PRENORM_ENCODERS = {spec.model_type: spec for spec in (MODERNBERT,)}
 
 
+def is_bidirectional(spec: DecoderSpec, config: dict) -> bool:
+    return spec.bidirectional or ("bidirectional" in spec.cfg_keys and bool(spec.config_value(config, "bidirectional")))
+
+
 def is_decoder(config: dict) -> bool:
     """A model that generates: a causal decoder (its server is the generation one)."""
-    return config.get("model_type") in DECODERS
+    spec = DECODERS.get(config.get("model_type"))
+    return spec is not None and not is_bidirectional(spec, config)
 
 
 def on_prenorm_layers(config: dict) -> bool:
-    """A model that runs on decoder.py's pre-norm layer library: the decoders, and ModernBERT."""
+    """A model that runs on decoder.py's pre-norm layer library: the decoders (and EmbeddingGemma), ModernBERT."""
     return config.get("model_type") in DECODERS or config.get("model_type") in PRENORM_ENCODERS
 
 
 def decoder_spec_for(config: dict, generation: bool = True) -> DecoderSpec:
-    """The spec of a decoder (generation) or, with generation False, of any model on the pre-norm layers."""
+    """The spec of a model on the pre-norm layers; with generation, one that can generate (causal)."""
     model_type = config.get("model_type")
-    if model_type in PRENORM_ENCODERS and not generation:
-        return PRENORM_ENCODERS[model_type]
-    if model_type in PRENORM_ENCODERS:
-        raise UnsupportedArchitectureError(
-            f"{model_type!r} is an encoder (bidirectional attention), not a text generator: load it with "
-            "turboserve.Encoder, or serve it for embeddings")
-    if model_type not in DECODERS:
+    spec = DECODERS.get(model_type) or PRENORM_ENCODERS.get(model_type)
+    if spec is None:
         raise UnsupportedArchitectureError(
             f"unsupported decoder architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"
             f" supported: {', '.join(sorted(DECODERS))}")
-    return DECODERS[model_type]
+    if generation and is_bidirectional(spec, config):
+        raise UnsupportedArchitectureError(
+            f"{model_type!r} with bidirectional attention is an encoder, not a text generator: load it with "
+            "turboserve.Encoder, or serve it for embeddings")
+    return spec

@@ -18,12 +18,13 @@ position-bias table of 0 and -1e30; and it has no LM head.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for
+from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for, is_bidirectional
 from .errors import InvalidInputError, ModelLoadError, UnsupportedArchitectureError
 from .loader import CheckpointView, read_config, read_json, read_state_dict, resolve_model_dir
 from .ops import backend_for, check_device
@@ -59,19 +60,24 @@ class DecoderLayer:
     norm2: tuple
     up: object          # fc1, or gate|up fused
     down: object        # fc2 / down
-    q_norm: tuple | None = None     # Qwen3: RMSNorm weights [head_dim] for every q head, and for every k head
+    q_norm: tuple | None = None     # Qwen3, Gemma 3: RMSNorm weights [head_dim] for every q head, and every k head
     k_norm: tuple | None = None
+    post_attn_norm: tuple | None = None     # Gemma 3: norms of the attention's and the MLP's outputs
+    post_mlp_norm: tuple | None = None
 
 
 def rope_tables(config: dict, spec: DecoderSpec, head_dim: int, max_pos: int,
-                theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_pos, head_dim / 2] with the config's RoPE base (or `theta`) and scaling: transformers
-    4 writes `rope_theta` and `rope_scaling`, transformers 5 one `rope_parameters` dict holding both."""
+                layer_params: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_pos, head_dim / 2] with the config's RoPE base and scaling (transformers 4 writes
+    `rope_theta` and `rope_scaling`, transformers 5 one `rope_parameters` dict holding both), or with
+    `layer_params` (rope_theta and the scaling keys) for a model with RoPE per layer kind."""
     params = config.get("rope_parameters") or {}
-    if theta is None:
+    if layer_params is not None:
+        theta, scaling = float(layer_params["rope_theta"]), layer_params
+    else:
         theta = float(params.get("rope_theta", spec.config_value(config, "rope_theta")))
+        scaling = spec.config_value(config, "rope_scaling") or params
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    scaling = spec.config_value(config, "rope_scaling") or params
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
@@ -132,15 +138,18 @@ class DecoderModel:
         self.intermediate = config.get(spec.cfg_keys["intermediate"]) or 4 * self.hidden
         if act_name not in DECODER_ACTIVATIONS:
             raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(DECODER_ACTIVATIONS)}")
-        if spec.gated_mlp and DECODER_ACTIVATIONS[act_name] not in ("silu", "gelu"):
+        if spec.gated_mlp and DECODER_ACTIVATIONS[act_name] not in ("silu", "gelu", "gelu_tanh"):
             raise ModelLoadError(f"gated MLP activation {act_name!r} is not supported (SiLU- or GELU-gated only)")
-        if spec.bidirectional and self.num_kv_heads != self.num_heads:
-            raise ModelLoadError("grouped-query attention is not supported in a bidirectional model")
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if config.get(cap):
+                raise ModelLoadError(f"{cap} is not supported (Gemma 2's logit soft-capping)")
+        self.bidirectional = is_bidirectional(spec, config)
         self.activation = DECODER_ACTIVATIONS[act_name]
-        self.windows = _layer_windows(config, spec, self.num_layers)
+        self.windows = _layer_windows(config, spec, self.num_layers, self.bidirectional)
         # GPT-2's attention scale: 1 / sqrt(d), or 1 (scale_attn_weights false), divided by the layer's
-        # number with scale_attn_by_inverse_layer_idx
-        d_scale = self.head_dim ** -0.5 if config.get("scale_attn_weights", True) else 1.0
+        # number with scale_attn_by_inverse_layer_idx; Gemma's: query_pre_attn_scalar^-1/2
+        scalar = spec.config_value(config, "attn_scalar") if "attn_scalar" in spec.cfg_keys else None
+        d_scale = (float(scalar) if scalar else self.head_dim) ** -0.5 if config.get("scale_attn_weights", True) else 1.0
         self.scales = [d_scale / (i + 1 if config.get("scale_attn_by_inverse_layer_idx") else 1)
                        for i in range(self.num_layers)]
         # generation_config.json's eos ids too: chat models keep their end of turn there
@@ -154,6 +163,8 @@ class DecoderModel:
         self.word_emb = view.get(e["word"] + ".weight", (self.vocab_size, self.hidden))
         self.pos_emb = view.get(e["pos"] + ".weight", (self.max_positions, self.hidden)).to(dev) if "pos" in e else None
         self.emb_norm = self._norm(view, e["emb_norm"]) if "emb_norm" in e else None
+        # Gemma: embeddings times sqrt(hidden), rounded to the weights' dtype as transformers does
+        self.embed_scale = float(torch.tensor(self.hidden ** 0.5, dtype=self.act_dtype)) if spec.embed_scale else None
         self.final_norm = self._norm(view, e["final_norm"])
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         self.extra = None if extra_weights is None else extra_weights(view, config)
@@ -168,11 +179,14 @@ class DecoderModel:
             self.lm_head = None
         elif dtype == "int8":
             self.lm_head_int8, self.lm_head = self.ops.make_decoder_linear(self.lm_head, None, "int8"), None
-        if spec.rope:       # per layer (cos, sin) tables, shared by the layers of one RoPE base
-            thetas = _rope_thetas(config, spec, self.windows)
-            tables = {t: tuple(x.to(dev) for x in rope_tables(config, spec, self.head_dim, self.max_positions, t))
-                      for t in set(thetas)}
-            self.rope = [tables[t] for t in thetas]
+        if spec.rope:       # per layer (cos, sin) tables, shared by the layers of one RoPE kind
+            kinds = _layer_rope(config, spec, self.windows)
+            tables = {}
+            for p in kinds:
+                key = json.dumps(p, sort_keys=True)
+                if key not in tables:
+                    tables[key] = tuple(x.to(dev) for x in rope_tables(config, spec, self.head_dim, self.max_positions, p))
+            self.rope = [tables[json.dumps(p, sort_keys=True)] for p in kinds]
         self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
 
     # ------------------------------------------------------------------ loading
@@ -180,7 +194,8 @@ class DecoderModel:
         width = width or self.hidden
         bias = view.get(key + ".bias", (width,), required=False)
         dev, dt = self.device, self.act_dtype
-        return view.get(key + ".weight", (width,)).to(dev, dt), None if bias is None else bias.to(dev, dt)
+        weight = view.get(key + ".weight", (width,)) + self.spec.norm_offset     # Gemma: stored as w - 1
+        return weight.to(dev, dt), None if bias is None else bias.to(dev, dt)
 
     def _linear(self, view: CheckpointView, keys: list[str], outs: list[int], in_features: int):
         """One linear from one or more checkpoint linears stacked along the output (fused QKV / gate|up);
@@ -213,8 +228,9 @@ class DecoderModel:
         qk_norms = ({k: self._norm(view, p + n[k], self.head_dim) for k in ("q_norm", "k_norm")}
                     if self.spec.qk_norm else {})
         norm1 = self._norm(view, p + n["norm1"]) if i > 0 or self.spec.first_norm1 else None   # ModernBERT: none
+        post = {k: self._norm(view, p + n[k]) for k in ("post_attn_norm", "post_mlp_norm") if k in n}
         return DecoderLayer(norm1, qkv, self._linear(view, [p + n["o"]], [H], q),
-                            self._norm(view, p + n["norm2"]), up, down, **qk_norms)
+                            self._norm(view, p + n["norm2"]), up, down, **qk_norms, **post)
 
     # ------------------------------------------------------------------ cache
     def heads(self) -> tuple[int, int]:
@@ -274,6 +290,8 @@ class DecoderModel:
         reduce = (lambda t: t) if tp is None else (lambda t: tp.all_reduce(t.float()))
         x = (torch.embedding(self.word_emb, step.input_ids) if tp is None else
              tp.embedding(self.word_emb, step.input_ids)).float()
+        if self.embed_scale is not None:
+            x *= self.embed_scale
         if self.pos_emb is not None:
             x += torch.embedding(self.pos_emb, step.positions)
         if self.emb_norm is not None:
@@ -282,7 +300,7 @@ class DecoderModel:
         if self.spec.rope:
             for cos, sin in self.rope:
                 rotations.setdefault(id(cos), (cos[step.positions], sin[step.positions]))
-        bidirectional = _Bidirectional(step, nh) if self.spec.bidirectional else None
+        bidirectional = _Bidirectional(step, nh, kvh) if self.bidirectional else None
         # int8 linears: a norm, or fc1 / gate|up and the activation, hand the next linear its int8 input
         # straight from their pass (the floats between are never written)
         qf = _int8_consumer
@@ -297,13 +315,15 @@ class DecoderModel:
                 q = ops.norm(q.reshape(-1, d), *layer.q_norm, self.eps, "rmsnorm").view(-1, nh * d)
                 k = ops.norm(k.reshape(-1, d), *layer.k_norm, self.eps, "rmsnorm").view(-1, kvh * d)
             if bidirectional is not None:
-                a = bidirectional.attend(ops, qkv, cos, sin, window)
+                a = bidirectional.attend(ops, qkv if layer.q_norm is None else torch.cat([q, k, v], 1), cos, sin,
+                                         window, scale)
             else:
                 ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
                              rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
                 a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, window,
                                         scale, step.max_ctx)
-            x += reduce(ops.linear(layer.o, a.to(adt)))
+            o = reduce(ops.linear(layer.o, a.to(adt)))
+            x += o if layer.post_attn_norm is None else ops.norm(o, *layer.post_attn_norm, self.eps, self.spec.norm)
             h = ops.norm(x, *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up), out_dtype=adt)
             if self.spec.gated_mlp and qf(layer.down) is not None:
                 u = ops.linear(layer.up, h, act=f"{self.activation}_mul", quant_for=layer.down)
@@ -311,7 +331,8 @@ class DecoderModel:
                 u = ops.act_and_mul(ops.linear(layer.up, h), self.activation)
             else:
                 u = ops.linear(layer.up, h, act=self.activation, quant_for=qf(layer.down))
-            x += reduce(ops.linear(layer.down, u))
+            m = reduce(ops.linear(layer.down, u))
+            x += m if layer.post_mlp_norm is None else ops.norm(m, *layer.post_mlp_norm, self.eps, self.spec.norm)
         return x
 
 
@@ -319,16 +340,28 @@ class _Bidirectional:
     """A bidirectional model's attention over one step (every sequence whole): the sequences' work
     order, and each window's bias table, made once for all layers."""
 
-    def __init__(self, step: StepBatch, num_heads: int):
-        self.step, self.num_heads = step, num_heads
+    def __init__(self, step: StepBatch, num_heads: int, kv_heads: int):
+        self.step, self.num_heads, self.kv_heads = step, num_heads, kv_heads
         self.order = torch.argsort(step.ctx_len, descending=True)
         self.bias = {}
 
-    def attend(self, ops, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int) -> torch.Tensor:
-        nh, step = self.num_heads, self.step
-        hd = qkv.shape[1] // 3
+    def attend(self, ops, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int,
+               scale: float) -> torch.Tensor:
+        """qkv: [T, (heads + 2 kv_heads) d], q and k not yet rotated."""
+        nh, kvh, step = self.num_heads, self.kv_heads, self.step
+        d = qkv.shape[1] // (nh + 2 * kvh)
+        hd = nh * d
+        if kvh != nh:
+            # the varlen kernel takes Q, K and V of as many heads each: grouped K / V heads repeated
+            # (EmbeddingGemma: 3 query heads over 1 KV head; a copy of K and V per layer)
+            t = qkv.shape[0]
+            k, v = (x.reshape(t, kvh, 1, d).expand(t, kvh, nh // kvh, d).reshape(t, hd)
+                    for x in (qkv[:, hd:hd + kvh * d], qkv[:, hd + kvh * d:]))
+            qkv = torch.cat([qkv[:, :hd], k, v], 1)
         ops.rope_(qkv[:, :hd], cos, sin, nh)                 # q and k in place, inside qkv
         ops.rope_(qkv[:, hd:2 * hd], cos, sin, nh)
+        if scale != d ** -0.5:          # the kernel scales by d^-1/2: q carries the rest (Gemma's scalar)
+            qkv[:, :hd] *= scale * d ** 0.5
         if window and window not in self.bias:
             # key j of query i: 0 within |j - i| <= window, else -1e30 (finite: the kernels' fast math)
             offsets = torch.arange(-(step.max_ctx - 1), step.max_ctx, device=qkv.device).abs()
@@ -339,19 +372,22 @@ class _Bidirectional:
                                     position_bias=self.bias.get(window) if window else None)
 
 
-def _rope_thetas(config: dict, spec: DecoderSpec, windows: list[int]) -> list[float | None]:
-    """Each layer's RoPE base: None (the config's own, which rope_tables reads), or for a model with
-    a base per layer kind (ModernBERT: global and local) the base of the layer's kind, from transformers
-    5's rope_parameters per layer type or transformers 4's global_rope_theta / local_rope_theta."""
+def _layer_rope(config: dict, spec: DecoderSpec, windows: list[int]) -> list[dict | None]:
+    """Each layer's RoPE: None (the config's own, which rope_tables reads), or for a model with RoPE
+    per layer kind (ModernBERT, Gemma 3: global and local bases; Gemma's scaling on the global layers
+    only) that kind's rope_theta and scaling keys, from transformers 5's rope_parameters per layer type
+    or transformers 4's separate keys."""
     if "local_theta" not in spec.cfg_keys:
         return [None] * len(windows)
     params = config.get("rope_parameters") or {}
 
-    def base(layer_type: str, key: str) -> float:
+    def kind(layer_type: str, key: str, scaled: bool) -> dict:
         own = params.get(layer_type)
-        return float(own["rope_theta"] if isinstance(own, dict) and "rope_theta" in own
-                     else spec.config_value(config, key))
-    full, sliding = base("full_attention", "rope_theta"), base("sliding_attention", "local_theta")
+        if isinstance(own, dict) and "rope_theta" in own:
+            return own
+        scaling = spec.config_value(config, "rope_scaling") if scaled else None
+        return {**(scaling or {}), "rope_theta": float(spec.config_value(config, key))}
+    full, sliding = kind("full_attention", "rope_theta", True), kind("sliding_attention", "local_theta", False)
     return [sliding if w else full for w in windows]
 
 
@@ -360,22 +396,24 @@ def _int8_consumer(linear):
     return linear if getattr(linear, "takes_int8", False) else None
 
 
-def _layer_windows(config: dict, spec, num_layers: int) -> list[int]:
+def _layer_windows(config: dict, spec, num_layers: int, bidirectional: bool) -> list[int]:
     """Each layer's sliding window (0: full attention), as transformers reads it: `layer_types` where
     the config has them; else Qwen2's and Qwen3's use_sliding_window (default false) from layer
     max_window_layers on, or Mistral's sliding_window on every layer."""
     window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
     if not window:
         return [0] * num_layers
-    if spec.bidirectional:
-        # ModernBERT: local_attention tokens centred on the query, i.e. |j - i| <= local_attention / 2;
-        # the layers global every global_attn_every_n_layers from the first
+    if bidirectional:
+        # ModernBERT's local_attention, EmbeddingGemma's sliding_window: that many tokens centred on the
+        # query, |j - i| <= window / 2 (transformers: |j - i| < window // 2 + 1)
         window //= 2
+    types = config.get("layer_types")
+    if not types and spec.window_layers in ("first_of_every", "last_of_every"):
+        # one global layer in every `global_every`: the first of each group (ModernBERT) or the last (Gemma)
         every = spec.config_value(config, "global_every")
-        types = config.get("layer_types") or ["sliding_attention" if i % every else "full_attention"
-                                              for i in range(num_layers)]
-    else:
-        types = config.get("layer_types")
+        last = spec.window_layers == "last_of_every"
+        types = ["full_attention" if (i + 1 if last else i) % every == 0 else "sliding_attention"
+                 for i in range(num_layers)]
     if types:
         if len(types) != num_layers or not set(types) <= {"full_attention", "sliding_attention"}:
             raise ModelLoadError(f"layer_types {types!r} is not one of full_attention / sliding_attention per layer")

@@ -87,7 +87,7 @@ class PreNormEncoderModel:
                                         extra_weights=load_classifier)
         self.head = d.extra     # a PooledClassifier (ModernBERT ...ForSequenceClassification), or None
         self.spec, self.dtype_name, self.device = d.spec, dtype, d.device
-        self.causal = not d.spec.bidirectional
+        self.causal = not d.bidirectional
         self.hidden, self.vocab_size, self.max_tokens = d.hidden, d.vocab_size, d.max_positions
         # the scratch cache holds what attention reads: bf16 where q, k, v are bf16 (a bf16 model, or
         # any 16-bit GPU path), else fp32

@@ -139,9 +139,10 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(f"native kernel: {message}")
 
 
-ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "silu_mul": 5, "gelu_mul": 6}
+ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "silu": 4, "silu_mul": 5, "gelu_mul": 6,
+               "gelu_tanh_mul": 7}
 # gated activations: the row is gate | up, the result act(gate) * up, half as wide
-GATED = {"silu_mul": "silu", "gelu_mul": "gelu"}
+GATED = {"silu_mul": "silu", "gelu_mul": "gelu", "gelu_tanh_mul": "gelu_tanh"}
 
 
 def _opt(t: torch.Tensor | None) -> int | None:

@@ -55,14 +55,16 @@ static inline void store_i32_lanes(int32_t *o, __m256i v, int64_t n) {
  *   v   = act(v)                                 act: 0 none, 1 gelu (erf), 2 gelu (tanh), 3 relu,
  *                                                4 silu, 5 silu-and-multiply: the row is gate | up,
  *                                                v = silu(gate) * up, cols / 2 wide from here on;
- *                                                6 gelu-and-multiply (erf GELU: ModernBERT's GeGLU)
+ *                                                6 gelu-and-multiply (erf GELU: ModernBERT's GeGLU),
+ *                                                7 the same with tanh GELU (Gemma's)
  *   v   = v + residual                           if residual
  *   v   = LayerNorm(v) * gamma + beta            if gamma (beta may be NULL; rms: RMSNorm(v) * gamma)
  *   out = v                                      if out (may alias src or residual: rows are
  *                                                read whole before they are written)
  *   q, qscale = int8(v * inv_smooth), per row    if q (the next int8 GEMM's input)
  * `row` is a per-thread scratch of `cols` floats. */
-enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4, ACT_SILU_MUL = 5, ACT_GELU_MUL = 6 };
+enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4, ACT_SILU_MUL = 5, ACT_GELU_MUL = 6,
+       ACT_GELU_TANH_MUL = 7 };
 
 #ifdef __AVX512F__
 /* exp(x): 2^n * p(r), r = x - n ln2, degree-6 Taylor polynomial (relative error < 2e-7); exactly 0 below
@@ -279,7 +281,8 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
                   const float *bias, int act, const float *residual, const float *gamma, const float *beta,
                   float eps, int rms, float *out, const float *inv_smooth, int8_t *q, float *qscale,
                   int64_t rows, int64_t cols, int nthreads) {
-    const int gated = act == ACT_SILU_MUL || act == ACT_GELU_MUL;     /* act(first half) * second half */
+    /* act(first half) * second half */
+    const int gated = act == ACT_SILU_MUL || act == ACT_GELU_MUL || act == ACT_GELU_TANH_MUL;
     const int64_t oc = gated ? cols / 2 : cols;                       /* output columns */
     #pragma omp parallel num_threads(nthreads)
     {
@@ -294,7 +297,7 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
                 memcpy(v, src + r * cols, sizeof(float) * cols);
             }
             if (gated) {
-                activate_row(v, oc, act == ACT_SILU_MUL ? ACT_SILU : ACT_GELU);
+                activate_row(v, oc, act == ACT_SILU_MUL ? ACT_SILU : act == ACT_GELU_MUL ? ACT_GELU : ACT_GELU_TANH);
                 for (int64_t c = 0; c < oc; c++) v[c] *= v[oc + c];
             } else if (act) {
                 activate_row(v, cols, act);
