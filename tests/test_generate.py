@@ -370,7 +370,7 @@ def next_token_logits(llm, prompt) -> torch.Tensor:
     return eng.model.forward(step, eng.cache)[0]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 @pytest.mark.parametrize("dtype,bound", [("int8", 0.02), ("bf16", 0.01)])
 def test_int8_and_bf16_next_token_distributions_stay_close_to_fp32(decoder_dirs, dtype, bound, arch):
     """int8 (W8A8: per-channel weights, per-token activations) and bf16 against fp32: KL divergence of next-token

@@ -96,7 +96,7 @@ def test_qwen3_embedding_layout_matches_sentence_transformers(tmp_path):
 def test_low_precision_within_bound(decoder_dirs, dtype, bound):
     """Minimum cosine of pooled states against fp32 (random weights; measured bf16 0.9998, int8 0.997)."""
     seqs = random_sequences(LENGTHS, seed=5)
-    for arch in ("llama", "qwen3"):
+    for arch in ("llama", "qwen3", "gemma3"):
         ref = Encoder.load(decoder_dirs[arch]).embed(seqs)
         got = Encoder.load(decoder_dirs[arch], dtype=dtype).embed(seqs)
         assert torch.nn.functional.cosine_similarity(got, ref).min() > bound, arch

@@ -1,6 +1,7 @@
-"""Supported architectures, described as data: encoders (ArchSpec) and decoders (DecoderSpec, below).
+"""Supported architectures, described as data: the post-LN encoders (ArchSpec, model.py's layers) and
+the models on the pre-norm layers (DecoderSpec, below, decoder.py's layers: the decoders, ModernBERT).
 
-Every supported model is a post-LayerNorm transformer encoder: embeddings (+ LayerNorm), then N layers
+Every ArchSpec model is a post-LayerNorm transformer encoder: embeddings (+ LayerNorm), then N layers
 of [fused QKV projection -> attention -> output projection -> residual + LayerNorm -> FFN up + activation
 -> FFN down -> residual + LayerNorm]. What differs between BERT, RoBERTa, XLM-RoBERTa, DistilBERT and
 MPNet is only: the names of the weights in the checkpoint, the config keys, how position ids are
@@ -94,7 +95,7 @@ MPNET = ArchSpec(
      "o": "attention.attn.o", "ln1": "attention.LayerNorm"},
     {**_BERT_CFG, "buckets": "relative_attention_num_buckets"},
     roberta_positions=True, head="roberta", position_bias="encoder.relative_attention_bias",
-    cfg_defaults={"eps": 1e-5, "act": "gelu", "buckets": 32},
+    cfg_defaults={"eps": 1e-12, "act": "gelu", "buckets": 32},
 )
 
 ARCHITECTURES = {spec.model_type: spec for spec in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT, MPNET)}
@@ -261,7 +262,7 @@ def decoder_spec_for(config: dict, generation: bool = True) -> DecoderSpec:
     if spec is None:
         raise UnsupportedArchitectureError(
             f"unsupported decoder architecture {model_type!r} ({', '.join(config.get('architectures') or [])});"
-            f" supported: {', '.join(sorted(DECODERS))}")
+            f" supported: {', '.join(sorted(DECODERS))}; encoders on the same layers: {', '.join(PRENORM_ENCODERS)}")
     if generation and is_bidirectional(spec, config):
         raise UnsupportedArchitectureError(
             f"{model_type!r} with bidirectional attention is an encoder, not a text generator: load it with "

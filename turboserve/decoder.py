@@ -1,5 +1,5 @@
 """The pre-norm layer library over packed tokens: the causal decoders (GPT-2, LLaMA, Qwen2, Qwen3,
-Mistral) and, bidirectional, ModernBERT; differences are data in arch.py.
+Mistral, Gemma 3) and, bidirectional, ModernBERT and EmbeddingGemma; differences are data in arch.py.
 
 One forward pass runs one engine step: the new tokens of every scheduled sequence, flat [T, H] with
 `cu_q` (prefill chunks and single decode tokens side by side, no padding). Per layer:
@@ -7,11 +7,12 @@ One forward pass runs one engine step: the new tokens of every scheduled sequenc
     write k, v into the paged cache at each token's slot
     a = causal attention of each sequence's queries over its own cached context (paged, GQA)
     x = x + a @ Wo (+ b)
-    h = norm2(x); x = x + mlp(h)         mlp: fc2(act(fc1 h)) or down(silu(gate h) * up h)
+    h = norm2(x); x = x + mlp(h)         mlp: fc2(act(fc1 h)) or down(act(gate h) * up h), act silu or gelu
+(Gemma 3 also normalizes the attention's and the MLP's outputs before adding them)
 then the final norm and the LM head only at the rows whose logits are needed (the last token of a
 sequence that samples this step), never at every prefill position.
 
-A bidirectional model (ModernBERT; prenorm_encoder.py runs it as an encoder) has no cache: q and k
+A bidirectional model (ModernBERT, EmbeddingGemma; prenorm_encoder.py runs it as an encoder) has no cache: q and k
 are rotated in place and each sequence attends over all of its tokens through the encoders' varlen
 attention, a sliding layer's window (|key - query| <= half of local_attention) given to it as a
 position-bias table of 0 and -1e30; and it has no LM head.
@@ -193,8 +194,9 @@ class DecoderModel:
     def _norm(self, view: CheckpointView, key: str, width: int | None = None) -> tuple:
         width = width or self.hidden
         bias = view.get(key + ".bias", (width,), required=False)
-        dev, dt = self.device, self.act_dtype
-        weight = view.get(key + ".weight", (width,)) + self.spec.norm_offset     # Gemma: stored as w - 1
+        # Gemma's gains are stored as w - 1 and applied in fp32 (1 + w in bf16 would round them by 0.4%)
+        dev, dt = self.device, torch.float32 if self.spec.norm_offset else self.act_dtype
+        weight = view.get(key + ".weight", (width,)) + self.spec.norm_offset
         return weight.to(dev, dt), None if bias is None else bias.to(dev, dt)
 
     def _linear(self, view: CheckpointView, keys: list[str], outs: list[int], in_features: int):
@@ -299,7 +301,8 @@ class DecoderModel:
         rotations = {}          # each RoPE table's rows at this step's positions, looked up once
         if self.spec.rope:
             for cos, sin in self.rope:
-                rotations.setdefault(id(cos), (cos[step.positions], sin[step.positions]))
+                if id(cos) not in rotations:
+                    rotations[id(cos)] = cos[step.positions], sin[step.positions]
         bidirectional = _Bidirectional(step, nh, kvh) if self.bidirectional else None
         # int8 linears: a norm, or fc1 / gate|up and the activation, hand the next linear its int8 input
         # straight from their pass (the floats between are never written)
@@ -398,8 +401,10 @@ def _int8_consumer(linear):
 
 def _layer_windows(config: dict, spec, num_layers: int, bidirectional: bool) -> list[int]:
     """Each layer's sliding window (0: full attention), as transformers reads it: `layer_types` where
-    the config has them; else Qwen2's and Qwen3's use_sliding_window (default false) from layer
-    max_window_layers on, or Mistral's sliding_window on every layer."""
+    the config has them; else one global layer in every `global_every` (ModernBERT: the first of each
+    group, Gemma 3: the last), Qwen2's and Qwen3's use_sliding_window (default false) from layer
+    max_window_layers on, or Mistral's sliding_window on every layer. A causal layer's window counts
+    the keys up to the query; a bidirectional one's is the half-width, |key - query| <= window."""
     window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
     if not window:
         return [0] * num_layers

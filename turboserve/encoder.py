@@ -70,9 +70,9 @@ class Encoder:
              calibration: str | os.PathLike | None = None, replan: bool = False,
              tensor_parallel: int = 1, max_input_length: int | None = None) -> "Encoder":
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2): an encoder (BERT,
-        RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT on the pre-norm layers), or a decoder's trunk
-        as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral; prenorm_encoder.py; pooled by its
-        sentence-transformers config, else the last token's state). dtype auto and tensor_parallel are
+        RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT and EmbeddingGemma on the pre-norm layers), or
+        a decoder's trunk as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 3;
+        prenorm_encoder.py; pooled by its sentence-transformers config, else the last token's state). dtype auto and tensor_parallel are
         for the post-LN encoders only.
 
         dtype: "fp32", "bf16", "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the

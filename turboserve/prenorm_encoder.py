@@ -1,7 +1,8 @@
 """Encoders on the pre-norm layer library (decoder.py): embedding models built on a causal LM's trunk
-(Qwen3-Embedding, gte-Qwen2, e5-mistral and the like: a LLaMA, Qwen2, Qwen3, Mistral or GPT-2 body
-whose sentence-transformers pooling is usually the last token's state), and ModernBERT, a
-bidirectional encoder with the same pre-norm layer shape (RoPE, GeGLU, LayerNorms without bias).
+(Qwen3-Embedding, gte-Qwen2, e5-mistral and the like: a LLaMA, Qwen2, Qwen3, Mistral, Gemma 3 or GPT-2
+body whose sentence-transformers pooling is usually the last token's state), and the bidirectional
+encoders with the same pre-norm layer shape: ModernBERT (RoPE, GeGLU, LayerNorms without bias) and
+EmbeddingGemma (Gemma 3 with use_bidirectional_attention).
 
 `PreNormEncoderModel` has the surface of model.EncoderModel that Encoder, the engine, its DP
 scheduler and the server use (forward(PackedBatch) -> hidden states [T, H], max_tokens,
@@ -52,13 +53,12 @@ class PooledClassifier:
 
     def __call__(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         h = F.linear(pool(hidden, batch, self.pooling), *self.dense)
-        h = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-             "silu": F.silu}[self.act](h)
+        h = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}[self.act](h)
         h = F.layer_norm(h, (h.shape[-1],), *self.norm, self.eps)
         return F.linear(h, *self.out)
 
 
-def load_classifier(view: CheckpointView, config: dict) -> PooledClassifier | None:
+def load_classifier(view: CheckpointView, config: dict, device: torch.device) -> PooledClassifier | None:
     """The head of a ...ForSequenceClassification ModernBERT checkpoint, else None (embeddings only)."""
     if config.get("model_type") != "modernbert" or not any(
             a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
@@ -70,8 +70,9 @@ def load_classifier(view: CheckpointView, config: dict) -> PooledClassifier | No
                              f"{config.get('classifier_activation')!r} are not supported")
     h = config["hidden_size"]
 
-    def pair(name, shape):
-        return view.get(name + ".weight", shape), view.get(name + ".bias", shape[:1], required=False)
+    def pair(name, shape):       # on the model's device, as the hidden states it takes
+        bias = view.get(name + ".bias", shape[:1], required=False)
+        return view.get(name + ".weight", shape).to(device), None if bias is None else bias.to(device)
     return PooledClassifier(pooling, pair("head.dense", (h, h)), act, pair("head.norm", (h,)),
                             float(config.get("norm_eps", 1e-5)), pair("classifier", (None, h)))
 
@@ -84,13 +85,14 @@ class PreNormEncoderModel:
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu"):
         self.decoder = d = DecoderModel(model_dir, dtype, device, kv_dtype="fp32", with_lm_head=False,
-                                        extra_weights=load_classifier)
+                                        extra_weights=lambda view, config: load_classifier(view, config,
+                                                                                           torch.device(device)))
         self.head = d.extra     # a PooledClassifier (ModernBERT ...ForSequenceClassification), or None
         self.spec, self.dtype_name, self.device = d.spec, dtype, d.device
         self.causal = not d.bidirectional
         self.hidden, self.vocab_size, self.max_tokens = d.hidden, d.vocab_size, d.max_positions
-        # the scratch cache holds what attention reads: bf16 where q, k, v are bf16 (a bf16 model, or
-        # any 16-bit GPU path), else fp32
+        # the scratch cache holds what attention reads: bf16 where q, k, v are bf16 (the GPU's 16-bit
+        # paths), else fp32 (the CPU's attention is fp32 whatever the model's dtype)
         self.kv_dtype = "bf16" if d.attn_dtype == torch.bfloat16 else "fp32"
         self._cache = None
         self._cache_blocks = 0
@@ -109,6 +111,8 @@ class PreNormEncoderModel:
         nh, kvh, hd = d.num_heads, d.num_kv_heads, d.head_dim
         up = 2 * d.intermediate if d.spec.gated_mlp else d.intermediate
         attention = (nh + 2 * kvh) * hd + (nh + kvh) * hd + nh * hd + d.hidden
+        if not self.causal and kvh != nh:
+            attention += (nh + 2 * kvh) * hd + 3 * nh * hd      # q | k | v rejoined, then K / V repeated per group
         mlp = up + d.intermediate
         activations = 4 * tokens * (3 * d.hidden + max(attention, mlp))
         if not self.causal:

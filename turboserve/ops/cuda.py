@@ -177,7 +177,8 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int
                      position_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of each packed sequence over its own tokens (causal=True: each token over the ones
     before it). qkv [T, 3H]; out [T, H]; cu_seqlens int64 [B + 1]; order: the grid's sequence order
-    (longest first); position_bias: MPNet's relative position bias table (see ops/cpu.py)."""
+    (longest first); position_bias: an additive [heads, 2 max_len - 1] table (MPNet's relative positions,
+    a bidirectional model's window; see ops/cpu.py)."""
     return tk.varlen_attention(qkv, cu_seqlens, order, num_heads, max_len, out, causal=causal,
                                position_bias=position_bias)
 

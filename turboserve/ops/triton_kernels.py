@@ -20,7 +20,7 @@ Kernels
                       the token's queries rotated in place, its keys on the way into the cache
   row_norm            one pass per row: act(x + bias) + residual, then LayerNorm or RMSNorm
   bias_act            elementwise act(x + bias) (+ residual): bias+GELU after a GEMM
-  act_and_mul         [T, 2I] (gate | up) -> act(gate) * up (silu: SwiGLU, gelu: GeGLU)
+  act_and_mul         [T, 2I] (gate | up) -> act(gate) * up (silu: SwiGLU, gelu / gelu_tanh: GeGLU)
   w8_matmul           x @ dequant(W_int8): per-output-channel scales, the int8 -> float conversion
                       inside the K loop, fp32 accumulation; split-K (_w8_reduce_kernel adds the
                       partial sums) when decode's few output tiles cannot fill the GPU
@@ -510,7 +510,7 @@ def _act_and_mul_kernel(x_ptr, o_ptr, M, N, stride_x, stride_o, ACT: tl.constexp
 
 
 def act_and_mul(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """[T, 2I] (gate | up) -> act(gate) * up, [T, I]; act "silu" or "gelu"."""
+    """[T, 2I] (gate | up) -> act(gate) * up, [T, I]; act "silu", "gelu" or "gelu_tanh"."""
     M, two_n = gate_up.shape
     assert gate_up.stride(1) == 1
     out = torch.empty(M, two_n // 2, dtype=gate_up.dtype, device=gate_up.device)
