@@ -641,7 +641,11 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
     for (int64_t r = 0; r < MR; r++) {
         float *sr = s + r * Lp, m = -INFINITY, z = 0.0f;
         for (int64_t j = 0; j < L; j++) m = fmaxf(m, sr[j]);
-        for (int64_t j = 0; j < L; j++) { sr[j] = expf((sr[j] - m) * scale); z += sr[j]; }
+        for (int64_t j = 0; j < L; j++) {        /* 0, not a denormal, for keys a -1e30 bias masks (exp512) */
+            const float x = (sr[j] - m) * scale;
+            sr[j] = x < -87.0f ? 0.0f : expf(x);
+            z += sr[j];
+        }
         inv[r] = 1.0f / z;
     }
 #endif
