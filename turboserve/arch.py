@@ -160,6 +160,10 @@ class DecoderSpec:
             return self.cfg_defaults[key]
         raise KeyError(name)
 
+    def optional_value(self, config: dict, key: str):
+        """config_value for a key only some architectures read (window, attn_scalar, ...); None for the others."""
+        return self.config_value(config, key) if key in self.cfg_keys else None
+
 
 GPT2 = DecoderSpec(
     "gpt2", "transformer.", "h",
@@ -241,7 +245,7 @@ PRENORM_ENCODERS = {spec.model_type: spec for spec in (MODERNBERT,)}
 
 
 def is_bidirectional(spec: DecoderSpec, config: dict) -> bool:
-    return spec.bidirectional or ("bidirectional" in spec.cfg_keys and bool(spec.config_value(config, "bidirectional")))
+    return spec.bidirectional or bool(spec.optional_value(config, "bidirectional"))
 
 
 def is_decoder(config: dict) -> bool:

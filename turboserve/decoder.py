@@ -149,8 +149,8 @@ class DecoderModel:
         self.windows = _layer_windows(config, spec, self.num_layers, self.bidirectional)
         # GPT-2's attention scale: 1 / sqrt(d), or 1 (scale_attn_weights false), divided by the layer's
         # number with scale_attn_by_inverse_layer_idx; Gemma's: query_pre_attn_scalar^-1/2
-        scalar = spec.config_value(config, "attn_scalar") if "attn_scalar" in spec.cfg_keys else None
-        d_scale = (float(scalar) if scalar else self.head_dim) ** -0.5 if config.get("scale_attn_weights", True) else 1.0
+        scalar = float(spec.optional_value(config, "attn_scalar") or self.head_dim)
+        d_scale = scalar ** -0.5 if config.get("scale_attn_weights", True) else 1.0
         self.scales = [d_scale / (i + 1 if config.get("scale_attn_by_inverse_layer_idx") else 1)
                        for i in range(self.num_layers)]
         # generation_config.json's eos ids too: chat models keep their end of turn there
@@ -182,12 +182,12 @@ class DecoderModel:
             self.lm_head_int8, self.lm_head = self.ops.make_decoder_linear(self.lm_head, None, "int8"), None
         if spec.rope:       # per layer (cos, sin) tables, shared by the layers of one RoPE kind
             kinds = _layer_rope(config, spec, self.windows)
+            keys = [json.dumps(p, sort_keys=True) for p in kinds]
             tables = {}
-            for p in kinds:
-                key = json.dumps(p, sort_keys=True)
+            for key, p in zip(keys, kinds):
                 if key not in tables:
-                    tables[key] = tuple(x.to(dev) for x in rope_tables(config, spec, self.head_dim, self.max_positions, p))
-            self.rope = [tables[json.dumps(p, sort_keys=True)] for p in kinds]
+                    tables[key] = tuple(t.to(dev) for t in rope_tables(config, spec, self.head_dim, self.max_positions, p))
+            self.rope = [tables[key] for key in keys]
         self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
 
     # ------------------------------------------------------------------ loading
@@ -405,7 +405,7 @@ def _layer_windows(config: dict, spec, num_layers: int, bidirectional: bool) -> 
     group, Gemma 3: the last), Qwen2's and Qwen3's use_sliding_window (default false) from layer
     max_window_layers on, or Mistral's sliding_window on every layer. A causal layer's window counts
     the keys up to the query; a bidirectional one's is the half-width, |key - query| <= window."""
-    window = spec.config_value(config, "window") if "window" in spec.cfg_keys else None
+    window = spec.optional_value(config, "window")
     if not window:
         return [0] * num_layers
     if bidirectional:

@@ -43,8 +43,9 @@ def _check_batch_fits(model, max_batch_tokens: int, max_input_length: int) -> No
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise InvalidInputError(f"max_batch_tokens must be a positive integer, not {max_batch_tokens!r}")
     free = available_memory(model.device)
-    for tokens, sequences, name in ((max_batch_tokens, None, "max_batch_tokens"), (max_input_length, 1,
-                                                                                   "max_input_length")):
+    largest = ((max_batch_tokens, None, "max_batch_tokens"),     # worst case: every sequence one token
+               (max_input_length, 1, "max_input_length"))        # one input longer than the budget
+    for tokens, sequences, name in largest:
         need = model.activation_bytes(tokens, sequences)
         if free is not None and need > free:
             raise InvalidInputError(f"{name} {tokens} needs {need / 2**30:.1f} GiB of activations, "
@@ -72,8 +73,8 @@ class Encoder:
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2): an encoder (BERT,
         RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT and EmbeddingGemma on the pre-norm layers), or
         a decoder's trunk as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 3;
-        prenorm_encoder.py; pooled by its sentence-transformers config, else the last token's state). dtype auto and tensor_parallel are
-        for the post-LN encoders only.
+        prenorm_encoder.py; pooled by its sentence-transformers config, else the last token's state).
+        dtype auto and tensor_parallel are for the post-LN encoders only.
 
         dtype: "fp32", "bf16", "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the
         linears that stay fp32) or "auto": per linear, the fastest precision that keeps the pooled
