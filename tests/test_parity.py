@@ -113,15 +113,17 @@ def test_native_kernels_match_pytorch_fallback(model_dirs, monkeypatch, dtype):
         assert rel_err(a, b) < (1e-5 if dtype == "fp32" else 2e-2)
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("extra", ["none", "bias", "window", "bias_window"])
 @pytest.mark.parametrize("head_dim", [16, 24, 32, 64])
-def test_native_varlen_attention_matches_sdpa(head_dim, with_bias):
+def test_native_varlen_attention_matches_sdpa(head_dim, extra):
     """The native kernel's tiles (8 query rows, 32 keys, 16 x 16 key transposes) against SDPA, at head
     dims that are and are not multiples of 16 and lengths around every tile edge; with a relative
-    position bias (MPNet), both the native kernel and the PyTorch version against explicit
-    softmax(q k^T / sqrt(d) + bias[h, j - i]) v per sequence."""
+    position bias (MPNet) and / or a window |j - i| < w (ModernBERT's sliding layers: the kernel reads
+    only the keys of each row block's windows; w = 1 the query alone, 5 inside one tile, 17 and 40
+    across key tiles, wider than the short sequences), both the native kernel and the PyTorch version
+    against explicit softmax(q k^T / sqrt(d) + bias[h, j - i], keys outside the window dropped) v."""
     from turboserve import native
-    from turboserve.ops.cpu import sdpa_varlen, varlen_attention
+    from turboserve.ops.cpu import sdpa_varlen, varlen_attention, window_bias
     from turboserve.packing import pack_tokens
     if native.lib() is None:
         pytest.skip("no C compiler: the native kernels are not built")
@@ -130,21 +132,27 @@ def test_native_varlen_attention_matches_sdpa(head_dim, with_bias):
     heads = 3
     g = torch.Generator().manual_seed(head_dim)
     qkv = torch.randn(batch.num_tokens, 3 * heads * head_dim, generator=g) * 2
-    bias = torch.randn(heads, 2 * batch.max_len - 1, generator=g) * 3 if with_bias else None
-    out = torch.full((batch.num_tokens, heads * head_dim), float("nan"))
-    varlen_attention(qkv, batch.cu_tensor, heads, out, batch.longest_first, batch.max_len, bias)
-    torch_out = sdpa_varlen(qkv, batch.cu_seqlens, heads, torch.empty_like(out), bias)
-    if not with_bias:
-        assert rel_err(out, torch_out) < 1e-5
-        return
-    ref = torch.empty_like(out)
-    center = batch.max_len - 1
-    for a, b in zip(batch.cu_seqlens, batch.cu_seqlens[1:]):
-        q, k, v = qkv[a:b].view(b - a, 3, heads, head_dim).permute(1, 2, 0, 3)      # [heads, L, d] each
-        rel = torch.tensor([[center + j - i for j in range(b - a)] for i in range(b - a)])
-        p = torch.softmax(q @ k.transpose(1, 2) / head_dim ** 0.5 + bias[:, rel], dim=-1)
-        ref[a:b] = (p @ v).transpose(0, 1).reshape(b - a, -1)
-    assert rel_err(out, ref) < 1e-5 and rel_err(torch_out, ref) < 1e-5
+    bias = torch.randn(heads, 2 * batch.max_len - 1, generator=g) * 3 if "bias" in extra else None
+    for window in [1, 5, 17, 40] if "window" in extra else [0]:
+        out = torch.full((batch.num_tokens, heads * head_dim), float("nan"))
+        varlen_attention(qkv, batch.cu_tensor, heads, out, batch.longest_first, batch.max_len, bias, window)
+        table = window_bias(window, batch.max_len, heads, "cpu", bias) if window else bias
+        torch_out = sdpa_varlen(qkv, batch.cu_seqlens, heads, torch.empty_like(out), table)
+        if extra == "none":
+            assert rel_err(out, torch_out) < 1e-5
+            continue
+        ref = torch.empty_like(out)
+        center = batch.max_len - 1
+        for a, b in zip(batch.cu_seqlens, batch.cu_seqlens[1:]):
+            q, k, v = qkv[a:b].view(b - a, 3, heads, head_dim).permute(1, 2, 0, 3)      # [heads, L, d] each
+            rel = torch.arange(b - a)[None, :] - torch.arange(b - a)[:, None]         # j - i
+            s = q @ k.transpose(1, 2) / head_dim ** 0.5
+            if bias is not None:
+                s = s + bias[:, center + rel]
+            if window:
+                s = s.masked_fill(rel.abs() >= window, float("-inf"))
+            ref[a:b] = (torch.softmax(s, dim=-1) @ v).transpose(0, 1).reshape(b - a, -1)
+        assert rel_err(out, ref) < 1e-5 and rel_err(torch_out, ref) < 1e-5, window
 
 
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu", "silu", "silu_mul", "gelu_mul", "gelu_tanh_mul"])

@@ -172,7 +172,7 @@ def test_modernbert_hidden_states_match_transformers(modernbert_dir):
     seqs = random_sequences(MB_LENGTHS, seed=2)
     ref = transformers.AutoModel.from_pretrained(modernbert_dir, attn_implementation="eager").eval()
     enc = Encoder.load(modernbert_dir, max_batch_tokens=64)
-    assert enc.pooling.mode == "mean" and enc.model.decoder.windows == [0, 8, 8, 0]
+    assert enc.pooling.mode == "mean" and enc.model.decoder.windows == [0, 9, 9, 0]
     with torch.no_grad():
         for s, ours in zip(seqs, enc.hidden_states(seqs)):
             assert rel_err(ours, ref(torch.tensor([s])).last_hidden_state[0]) < 1e-4, len(s)
@@ -298,7 +298,7 @@ def embedding_gemma_dir(tmp_path, legacy_config: bool = False):
 def test_embedding_gemma_matches_transformers_and_sentence_transformers(tmp_path, legacy_config):
     st, d, base = embedding_gemma_dir(tmp_path, legacy_config)
     enc = Encoder.load(d)
-    assert enc.model.decoder.windows == [4, 4, 0] and enc.dimension == 64
+    assert enc.model.decoder.windows == [5, 5, 0] and enc.dimension == 64
     seqs = random_sequences([1, 4, 5, 9, 30, 60], seed=3)
     ref = transformers.AutoModel.from_pretrained(base, attn_implementation="eager").eval()
     with torch.no_grad():

@@ -110,22 +110,28 @@ def test_varlen_attention_matches_sdpa(head_dim, causal, dtype):
     assert rel_err(out, ref) < BOUND[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_attention_with_a_relative_position_bias(dtype):
+@pytest.mark.parametrize("dtype,with_bias,window", [(torch.float32, True, 0), (torch.bfloat16, True, 0),
+                                                     (torch.float32, False, 9), (torch.bfloat16, True, 40)])
+def test_varlen_attention_with_a_relative_position_bias(dtype, with_bias, window):
     """MPNet's bias table [heads, 2 * max_len - 1] (key j of query i: [h, max_len - 1 + j - i]), added
-    to the scaled scores, against SDPA with the per-sequence [heads, L, L] slice as its mask."""
+    to the scaled scores, and / or a window |j - i| < w (ModernBERT's sliding layers; at w = 9 the last
+    64-row query block of the 150-token sequence skips the first key block), against SDPA with the
+    per-sequence [heads, L, L] slice as its mask."""
     gen = torch.Generator().manual_seed(17)
-    lengths, heads, head_dim = [70, 1, 33, 5], 2, 64
+    lengths, heads, head_dim = [150, 1, 33, 5], 2, 64
     cu, T, max_len = cu_of(lengths), sum(lengths), max(lengths)
     qkv = rand(T, 3 * heads * head_dim, dtype=dtype, gen=gen)
-    bias = rand(heads, 2 * max_len - 1, gen=gen) * 3
+    bias = rand(heads, 2 * max_len - 1, gen=gen) * 3 if with_bias else torch.zeros(heads, 2 * max_len - 1)
     out = torch.full((T, heads * head_dim), float("nan"), dtype=dtype)
-    tk.varlen_attention(qkv, cu, torch.arange(len(lengths)), heads, max_len, out, position_bias=bias)
+    tk.varlen_attention(qkv, cu, torch.arange(len(lengths)), heads, max_len, out,
+                        position_bias=bias if with_bias else None, window=window)
     view = qkv.float().view(T, 3, heads, head_dim)
     ref = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         pos = torch.arange(b - a)
         mask = bias[:, max_len - 1 + pos[None, :] - pos[:, None]]
+        if window:
+            mask = mask.masked_fill((pos[None, :] - pos[:, None]).abs() >= window, float("-inf"))
         ref.append(F.scaled_dot_product_attention(*view[a:b].permute(1, 2, 0, 3), attn_mask=mask)
                    .transpose(0, 1).reshape(b - a, -1))
     assert rel_err(out, torch.cat(ref)) < BOUND[dtype]
@@ -421,7 +427,7 @@ def test_encoder_forward_with_the_cuda_backend(tmp_path, monkeypatch, dtype, bou
 def test_other_encoders_with_the_cuda_backend(kind, tmp_path, modernbert_dir, decoder_dirs, monkeypatch):
     """Per-token states on the cuda backend equal the CPU's (fp32) for the encoders beyond BERT: MPNet
     (relative position bias in every layer's attention), ModernBERT (RoPE in place on q and k,
-    bidirectional varlen attention with the sliding layers' window as a bias table, GeGLU, LayerNorms
+    bidirectional varlen attention with the sliding layers' window (key blocks skipped), GeGLU, LayerNorms
     without bias) and a decoder as an embedding model (its scratch cache, whole prefills across blocks)."""
     from turboserve import Encoder
     from turboserve import decoder as decoder_mod

@@ -14,8 +14,8 @@ sequence that samples this step), never at every prefill position.
 
 A bidirectional model (ModernBERT, EmbeddingGemma; prenorm_encoder.py runs it as an encoder) has no cache: q and k
 are rotated in place and each sequence attends over all of its tokens through the encoders' varlen
-attention, a sliding layer's window (|key - query| <= half of local_attention) given to it as a
-position-bias table of 0 and -1e30; and it has no LM head.
+attention, a sliding layer's window (|key - query| < local_attention // 2 + 1) given to the kernel,
+which reads only the keys inside it; and it has no LM head.
 """
 from __future__ import annotations
 
@@ -340,13 +340,12 @@ class DecoderModel:
 
 
 class _Bidirectional:
-    """A bidirectional model's attention over one step (every sequence whole): the sequences' work
-    order, and each window's bias table, made once for all layers."""
+    """A bidirectional model's attention over one step (every sequence whole), with the sequences'
+    work order made once for all layers."""
 
     def __init__(self, step: StepBatch, num_heads: int, kv_heads: int):
         self.step, self.num_heads, self.kv_heads = step, num_heads, kv_heads
         self.order = torch.argsort(step.ctx_len, descending=True)
-        self.bias = {}
 
     def attend(self, ops, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int,
                scale: float) -> torch.Tensor:
@@ -365,14 +364,8 @@ class _Bidirectional:
         ops.rope_(qkv[:, hd:2 * hd], cos, sin, nh)
         if scale != d ** -0.5:          # the kernel scales by d^-1/2: q carries the rest (Gemma's scalar)
             qkv[:, :hd] *= scale * d ** 0.5
-        if window and window not in self.bias:
-            # key j of query i: 0 within |j - i| <= window, else -1e30 (finite: the kernels' fast math)
-            offsets = torch.arange(-(step.max_ctx - 1), step.max_ctx, device=qkv.device).abs()
-            row = torch.where(offsets <= window, 0.0, -1e30)
-            self.bias[window] = row.expand(nh, -1).contiguous()
         out = torch.empty(qkv.shape[0], hd, dtype=qkv.dtype, device=qkv.device)
-        return ops.varlen_attention(qkv, step.cu_q, nh, out, self.order, step.max_ctx,
-                                    position_bias=self.bias.get(window) if window else None)
+        return ops.varlen_attention(qkv, step.cu_q, nh, out, self.order, step.max_ctx, window=window)
 
 
 def _layer_rope(config: dict, spec: DecoderSpec, windows: list[int]) -> list[dict | None]:
@@ -404,14 +397,14 @@ def _layer_windows(config: dict, spec, num_layers: int, bidirectional: bool) -> 
     the config has them; else one global layer in every `global_every` (ModernBERT: the first of each
     group, Gemma 3: the last), Qwen2's and Qwen3's use_sliding_window (default false) from layer
     max_window_layers on, or Mistral's sliding_window on every layer. A causal layer's window counts
-    the keys up to the query; a bidirectional one's is the half-width, |key - query| <= window."""
+    the keys up to the query; a bidirectional one's bounds |key - query| < window."""
     window = spec.optional_value(config, "window")
     if not window:
         return [0] * num_layers
     if bidirectional:
         # ModernBERT's local_attention, EmbeddingGemma's sliding_window: that many tokens centred on the
-        # query, |j - i| <= window / 2 (transformers: |j - i| < window // 2 + 1)
-        window //= 2
+        # query, |j - i| < window // 2 + 1 as transformers (1 or 0: the query alone)
+        window = window // 2 + 1
     types = config.get("layer_types")
     if not types and spec.window_layers in ("first_of_every", "last_of_every"):
         # one global layer in every `global_every`: the first of each group (ModernBERT) or the last (Gemma)

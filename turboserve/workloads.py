@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ENCODER_WORKLOADS = ("short", "longtail")
+ENCODER_WORKLOADS = ("short", "longtail", "longdoc")
 # `longtail` reaches 512 tokens, the positions of the encoders it is run on; all-MiniLM-L6-v2's own
 # sentence-transformers limit is 256, so benchmarks and tests on these workloads raise it to this
 # (Encoder.load(max_input_length=...), serve --max-input-length), as the peers run at 512
@@ -17,6 +17,10 @@ def encoder_lengths(name: str, count: int = 512) -> list[int]:
     if name == "longtail":
         raw = np.random.default_rng(1234).lognormal(np.log(60), 0.8, size=count)
         return [int(n) for n in np.clip(np.round(raw), 8, 512)]
+    if name == "longdoc":
+        # not in DESIGN.md: whole documents for the long-context encoders (ModernBERT: 8,192 positions,
+        # EmbeddingGemma 2,048), 1k-8k tokens; callers clip to the model's limit
+        return [int(n) for n in np.random.default_rng(2468).integers(1024, 8192, size=count, endpoint=True)]
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(ENCODER_WORKLOADS)}")
 
 

@@ -103,7 +103,7 @@ def _load():
     L = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, i32, p, p, p, p, i64, i64, i32]
-    L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, p, i64, i64, i32]
+    L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, p, i64, i64, i64, i32]
     L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64,
                                   i64, i32]
     L.int8_gemm_packed.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
@@ -166,9 +166,11 @@ def row_epilogue(src: torch.Tensor, *, row_scale=None, col_scale=None, bias=None
 
 
 def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, num_heads: int,
-                     max_len: int, out: torch.Tensor, position_bias: torch.Tensor | None = None) -> torch.Tensor:
+                     max_len: int, out: torch.Tensor, position_bias: torch.Tensor | None = None,
+                     window: int = 0) -> torch.Tensor:
     """position_bias: fp32 [num_heads, 2 * max_len - 1], head h's bias of key j for query i at
-    [h, max_len - 1 + j - i] (model.relative_position_bias), added to the scaled scores."""
+    [h, max_len - 1 + j - i] (model.relative_position_bias), added to the scaled scores. window > 0:
+    query i attends to keys |j - i| < window only (the others are not computed)."""
     _check(qkv, cu, order, out)
     _require(qkv.dtype == out.dtype == torch.float32 and cu.dtype == order.dtype == torch.int64,
              "varlen_attention takes fp32 qkv / out and int64 cu_seqlens / order")
@@ -176,6 +178,7 @@ def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, n
              and cu.numel() == order.numel() + 1 and int(cu[-1]) == qkv.shape[0]
              and (order.numel() == 0 or max_len >= int((cu[1:] - cu[:-1]).max())),
              "varlen_attention: qkv, out, cu_seqlens, order and max_len disagree")
+    _require(window >= 0, "varlen_attention: window must be >= 0")
     head_dim = qkv.shape[1] // 3 // num_heads
     scale = head_dim ** -0.5
     bias = None
@@ -185,7 +188,7 @@ def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, n
         bias = (position_bias / scale).contiguous()      # the kernel adds it to raw q.k before scaling
     lib().varlen_attention_f32(_ptr(qkv), _ptr(out), _ptr(cu), _ptr(order), order.numel(), num_heads, head_dim,
                                scale, max_len, None if bias is None else _ptr(bias), 2 * max_len - 1, max_len - 1,
-                               _threads())
+                               window, _threads())
     return out
 
 

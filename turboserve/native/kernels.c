@@ -334,17 +334,20 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
  * probabilities. A relative position bias (MPNet's, T5's: one value per head and key - query offset)
  * comes as `bias`: [nheads, bias_stride] floats, head h's bias of key j for query i at
  * bias[h * bias_stride + bias_center + j - i], already divided by `scale` (the softmax scales raw
- * q.k scores), added to the scores before the softmax; NULL for none. */
+ * q.k scores), added to the scores before the softmax; NULL for none. window > 0 bounds attention
+ * to keys |j - i| < window (ModernBERT's and EmbeddingGemma's sliding layers): each block of MR
+ * query rows reads only the keys its rows' windows cover, so a sliding layer costs O(L * window),
+ * not O(L^2). */
 #define MR 8   /* query rows per micro-kernel */
 
 #ifdef __AVX512F__
-/* s[qi][j] = q_qi . k_j for MR query rows and all Lp keys: 32 keys (two vectors) x MR rows per step,
+/* s[qi][j] = q_qi . k_j for MR query rows and n keys (a multiple of 16; kt's and s's rows Lp apart): 32 keys (two vectors) x MR rows per step,
  * 16 independent accumulators, each q element broadcast straight from memory. With 4 rows x 64 keys
  * the kernel ran at 130-145 GFLOP/s; 8 x 32 keeps both FMA ports busy (load ports have room for the
  * 2 key loads + 8 broadcasts per 16 FMAs). */
-static void scores_avx512(const float *const q[MR], const float *kt, int64_t d, int64_t Lp, float *s) {
+static void scores_avx512(const float *const q[MR], const float *kt, int64_t d, int64_t n, int64_t Lp, float *s) {
     int64_t j0 = 0;
-    for (; j0 + 32 <= Lp; j0 += 32) {
+    for (; j0 + 32 <= n; j0 += 32) {
         __m512 a[MR][2];
         for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
         for (int64_t k = 0; k < d; k++) {
@@ -362,7 +365,7 @@ static void scores_avx512(const float *const q[MR], const float *kt, int64_t d, 
             _mm512_storeu_ps(s + r * Lp + j0 + 16, a[r][1]);
         }
     }
-    for (; j0 < Lp; j0 += 16) {
+    for (; j0 < n; j0 += 16) {
         __m512 a[MR];
         for (int r = 0; r < MR; r++) a[r] = _mm512_setzero_ps();
         for (int64_t k = 0; k < d; k++) {
@@ -439,11 +442,11 @@ static float softmax_numerators_avx512(float *s, int64_t L, float scale) {
         a10 = _mm256_fmadd_ps(b_, x0, a10); a11 = _mm256_fmadd_ps(b_, x1, a11); b_ = _mm256_broadcast_ss(e2); \
         a20 = _mm256_fmadd_ps(b_, x0, a20); a21 = _mm256_fmadd_ps(b_, x1, a21); b_ = _mm256_broadcast_ss(e3); \
         a30 = _mm256_fmadd_ps(b_, x0, a30); a31 = _mm256_fmadd_ps(b_, x1, a31); } while (0)
-static __attribute__((noinline)) void scores_avx2(const float *const q[MR], const float *kt, int64_t d, int64_t Lp,
-                                                  float *s) {
+static __attribute__((noinline)) void scores_avx2(const float *const q[MR], const float *kt, int64_t d, int64_t n,
+                                                  int64_t Lp, float *s) {
     for (int r0 = 0; r0 < MR; r0 += 4) {
         const float *q0 = q[r0], *q1 = q[r0 + 1], *q2 = q[r0 + 2], *q3 = q[r0 + 3];
-        for (int64_t j0 = 0; j0 < Lp; j0 += 16) {           /* Lp is a multiple of 16 */
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {            /* n is a multiple of 16 */
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
             const float *kr = kt + j0;
             #pragma GCC unroll 4
@@ -591,57 +594,76 @@ static void transpose_keys(const float *k0, int64_t row, int64_t L, int64_t Lp, 
         for (int64_t k = 0; k < d; k++) kt[k * Lp + j] = k0[j * row + k];
 }
 
-/* s[r][j] += bias(query i0 + r, key j) for the L real keys; bh points at the head's offset-0 entry, so
- * that bias(i, j) = bh[j - i]. Rows past nq repeat query i0 (attend_rows computes and drops them). */
-static void add_position_bias(float *s, int64_t Lp, int64_t L, const float *bh, int64_t i0, int64_t nq) {
+/* The scores s[r][0 .. n) of keys jlo .. jlo + n for query rows i0 + r: the position bias added
+ * (bh points at the head's offset-0 entry, bias(i, j) = bh[j - i]) and, with a window, the keys
+ * |j - i| >= window set to -1e30 (exp gives exactly 0). Rows past nq repeat query i0 (attend_rows
+ * computes and drops them). */
+static void adjust_scores(float *s, int64_t Lp, int64_t n, const float *bh, int64_t jlo, int64_t i0, int64_t nq,
+                          int64_t window) {
     for (int64_t r = 0; r < MR; r++) {
-        const float *b = bh - (i0 + (r < nq ? r : 0));
+        const int64_t i = i0 + (r < nq ? r : 0);
         float *sr = s + r * Lp;
-        for (int64_t j = 0; j < L; j++) sr[j] += b[j];
+        if (bh) {
+            const float *b = bh + jlo - i;
+            for (int64_t j = 0; j < n; j++) sr[j] += b[j];
+        }
+        if (window > 0) {
+            for (int64_t j = 0; j < n && jlo + j <= i - window; j++) sr[j] = -1e30f;
+            for (int64_t j = i + window - jlo > 0 ? i + window - jlo : 0; j < n; j++) sr[j] = -1e30f;
+        }
     }
 }
 
+/* Attention of query rows i0 .. i0 + nq of one head over the keys they can see: all L, or with a
+ * window only jlo .. jhi (the block's rows' windows together; jlo a multiple of 16, so the transposed
+ * keys' zero padding to Lp covers the last vector), the rest of each row's window masked. */
 static void attend_rows(const float *base, float *out, int64_t row, int64_t H, int64_t h, int64_t d,
                         int64_t L, int64_t Lp, int64_t i0, int64_t nq, const float *kt, float *s,
-                        float *acc, float scale, const float *bh) {
+                        float *acc, float scale, const float *bh, int64_t window) {
     const float *q[MR];
     float inv[MR];
     for (int64_t r = 0; r < MR; r++) q[r] = base + (i0 + (r < nq ? r : 0)) * row + h * d;
+    int64_t jlo = 0, jhi = L;
+    if (window > 0) {
+        jlo = i0 - window + 1 > 0 ? (i0 - window + 1) / 16 * 16 : 0;
+        jhi = i0 + nq - 1 + window < L ? i0 + nq - 1 + window : L;
+    }
+    const int64_t n = jhi - jlo, n16 = (n + 15) / 16 * 16;
+    const int adjust = bh != NULL || window > 0;
+    const float *v0 = base + jlo * row + 2 * H + h * d;
 #ifdef __AVX512F__
-    scores_avx512(q, kt, d, Lp, s);
-    if (bh) add_position_bias(s, Lp, L, bh, i0, nq);
-    for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx512(s + r * Lp, L, scale);
+    scores_avx512(q, kt + jlo, d, n16, Lp, s);
+    if (adjust) adjust_scores(s, Lp, n, bh, jlo, i0, nq, window);
+    for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx512(s + r * Lp, n, scale);
     if (d % 16 == 0) {
-        const float *v0 = base + 2 * H + h * d;
         int64_t c0 = 0;
-        for (; c0 + 32 <= d; c0 += 32) pv_avx512(v0, row, L, s, Lp, inv, acc, d, c0, 2);
-        if (c0 < d) pv_avx512(v0, row, L, s, Lp, inv, acc, d, c0, 1);
+        for (; c0 + 32 <= d; c0 += 32) pv_avx512(v0, row, n, s, Lp, inv, acc, d, c0, 2);
+        if (c0 < d) pv_avx512(v0, row, n, s, Lp, inv, acc, d, c0, 1);
         for (int64_t r = 0; r < nq; r++) memcpy(out + (i0 + r) * H + h * d, acc + r * d, sizeof(float) * d);
         return;
     }
 #elif defined(__AVX2__)
-    scores_avx2(q, kt, d, Lp, s);
-    if (bh) add_position_bias(s, Lp, L, bh, i0, nq);
-    for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx2(s + r * Lp, L, scale);
+    scores_avx2(q, kt + jlo, d, n16, Lp, s);
+    if (adjust) adjust_scores(s, Lp, n, bh, jlo, i0, nq, window);
+    for (int64_t r = 0; r < MR; r++) inv[r] = 1.0f / softmax_numerators_avx2(s + r * Lp, n, scale);
     if (d % 16 == 0) {
-        const float *v0 = base + 2 * H + h * d;
         for (int r0 = 0; r0 < MR; r0 += 4)
-            for (int64_t c0 = 0; c0 < d; c0 += 16) pv_avx2(v0, row, L, s, Lp, inv, acc, d, c0, r0);
+            for (int64_t c0 = 0; c0 < d; c0 += 16) pv_avx2(v0, row, n, s, Lp, inv, acc, d, c0, r0);
         for (int64_t r = 0; r < nq; r++) memcpy(out + (i0 + r) * H + h * d, acc + r * d, sizeof(float) * d);
         return;
     }
 #else
     for (int64_t r = 0; r < MR; r++)
-        for (int64_t j = 0; j < Lp; j++) {
+        for (int64_t j = 0; j < n; j++) {
             float v = 0.0f;
-            for (int64_t k = 0; k < d; k++) v += q[r][k] * kt[k * Lp + j];
+            for (int64_t k = 0; k < d; k++) v += q[r][k] * kt[k * Lp + jlo + j];
             s[r * Lp + j] = v;
         }
-    if (bh) add_position_bias(s, Lp, L, bh, i0, nq);
+    if (adjust) adjust_scores(s, Lp, n, bh, jlo, i0, nq, window);
     for (int64_t r = 0; r < MR; r++) {
         float *sr = s + r * Lp, m = -INFINITY, z = 0.0f;
-        for (int64_t j = 0; j < L; j++) m = fmaxf(m, sr[j]);
-        for (int64_t j = 0; j < L; j++) {        /* 0, not a denormal, for keys a -1e30 bias masks (exp512) */
+        for (int64_t j = 0; j < n; j++) m = fmaxf(m, sr[j]);
+        for (int64_t j = 0; j < n; j++) {        /* 0, not a denormal, for masked keys (as exp512) */
             const float x = (sr[j] - m) * scale;
             sr[j] = x < -87.0f ? 0.0f : expf(x);
             z += sr[j];
@@ -650,8 +672,8 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
     }
 #endif
     for (int64_t x = 0; x < MR * d; x++) acc[x] = 0.0f;
-    for (int64_t j = 0; j < L; j++) {
-        const float *vj = base + j * row + 2 * H + h * d;
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = v0 + j * row;
         for (int64_t r = 0; r < MR; r++)
             for (int64_t k = 0; k < d; k++) acc[r * d + k] += s[r * Lp + j] * vj[k];
     }
@@ -661,7 +683,8 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
 
 void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const int64_t *order,
                           int64_t nseq, int64_t nheads, int64_t d, float scale, int64_t max_len,
-                          const float *bias, int64_t bias_stride, int64_t bias_center, int nthreads) {
+                          const float *bias, int64_t bias_stride, int64_t bias_center, int64_t window,
+                          int nthreads) {
     const int64_t H = nheads * d, row = 3 * H;
     const int64_t max_lp = (max_len + 15) / 16 * 16;
     #pragma omp parallel num_threads(nthreads)
@@ -678,7 +701,7 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
             transpose_keys(base + H + h * d, row, L, Lp, d, kt);
             for (int64_t i0 = 0; i0 < L; i0 += MR)
                 attend_rows(base, out + start * H, row, H, h, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR,
-                            kt, s, acc, scale, bh);
+                            kt, s, acc, scale, bh, window);
         }
         free(kt); free(s); free(acc);
     }

@@ -174,13 +174,13 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, out: torch.Tensor,
                      order: torch.Tensor, max_len: int, causal: bool = False,
-                     position_bias: torch.Tensor | None = None) -> torch.Tensor:
+                     position_bias: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """Attention of each packed sequence over its own tokens (causal=True: each token over the ones
     before it). qkv [T, 3H]; out [T, H]; cu_seqlens int64 [B + 1]; order: the grid's sequence order
-    (longest first); position_bias: an additive [heads, 2 max_len - 1] table (MPNet's relative positions,
-    a bidirectional model's window; see ops/cpu.py)."""
+    (longest first); position_bias: an additive [heads, 2 max_len - 1] table (MPNet's relative positions);
+    window > 0: keys |j - i| < window only (see ops/cpu.py)."""
     return tk.varlen_attention(qkv, cu_seqlens, order, num_heads, max_len, out, causal=causal,
-                               position_bias=position_bias)
+                               position_bias=position_bias, window=window)
 
 
 # ---------------------------------------------------------------------- decoder ops

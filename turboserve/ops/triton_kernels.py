@@ -82,7 +82,7 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, bias, DOT: tl.
 # ---------------------------------------------------------------------------------- varlen attention
 @triton.jit
 def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, bias_ptr, stride_t, stride_o, qk_scale,
-                             stride_bias, bias_center, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                             stride_bias, bias_center, window, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                              HAS_BIAS: tl.constexpr, DOT: tl.constexpr):
     qblk = tl.program_id(0)
@@ -102,10 +102,14 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, bias
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
     hi = length
     if CAUSAL:
         hi = tl.minimum(length, (qblk + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
+    if window > 0:        # only the key blocks the rows' windows |j - i| < window reach
+        lo = tl.maximum(qblk * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, (qblk + 1) * BLOCK_M - 1 + window)
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n[:, None] < hi
         kv_off = (start + offs_n)[:, None] * stride_t + col
@@ -114,6 +118,8 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, bias
         valid = offs_n[None, :] < hi
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if window > 0:
+            valid = valid & (tl.abs(offs_n[None, :] - offs_m[:, None]) < window)
         bias = 0.0
         if HAS_BIAS:      # relative position bias of key j for query i at [head, center + j - i]
             rel = bias_center + offs_n[None, :] - offs_m[:, None]
@@ -127,11 +133,12 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, bias
 
 def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.Tensor, num_heads: int,
                      max_len: int, out: torch.Tensor, causal: bool = False, scale: float | None = None,
-                     position_bias: torch.Tensor | None = None) -> torch.Tensor:
+                     position_bias: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """qkv: [T, 3H] (Q | K | V, head-major inside each); out: [T, H]; cu_seqlens int64 [B + 1]; order:
     sequence indices (any permutation; longest first balances the grid's tail); position_bias: None or
     fp32 [num_heads, 2 * max_len - 1], key j of query i adding [h, max_len - 1 + j - i] to the scaled
-    scores (MPNet)."""
+    scores (MPNet); window > 0: keys |j - i| < window only, the key blocks outside every row's window
+    of a query block skipped."""
     hidden = qkv.shape[1] // 3
     head_dim = hidden // num_heads
     assert qkv.stride(1) == 1 and out.stride(1) == 1
@@ -145,7 +152,7 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.T
     _varlen_attention_kernel[grid](
         qkv, qkv[:, hidden:], qkv[:, 2 * hidden:], out, cu_seqlens, order,
         qkv if position_bias is None else position_bias, qkv.stride(0), out.stride(0), scale * LOG2E,
-        2 * max_len - 1, max_len - 1, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
+        2 * max_len - 1, max_len - 1, window, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=block_n, CAUSAL=causal, HAS_BIAS=position_bias is not None, DOT=_dot_precision(qkv.dtype),
         num_warps=4)
     return out
