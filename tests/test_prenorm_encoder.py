@@ -193,6 +193,14 @@ def test_modernbert_config_of_transformers_4_loads_the_same(tmp_path, modernbert
     (d / "config.json").write_text(json.dumps(cfg))
     seqs = random_sequences(MB_LENGTHS, seed=4)
     assert torch.equal(Encoder.load(d).embed(seqs), Encoder.load(modernbert_dir).embed(seqs))
+    # local_rope_theta null: the sliding layers take the global base, as transformers reads it
+    for local, same in ((None, True), (1000.0, False)):
+        cfg.update(local_rope_theta=local)
+        (d / "config.json").write_text(json.dumps(cfg))
+        nulled = Encoder.load(d).embed(seqs)
+        cfg.update(local_rope_theta=160000.0)
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert torch.equal(nulled, Encoder.load(d).embed(seqs)) == same, local
 
 
 def test_modernbert_sentence_transformers_layout_and_low_precision(tmp_path, modernbert_dir):

@@ -382,6 +382,8 @@ def _layer_rope(config: dict, spec: DecoderSpec, windows: list[int]) -> list[dic
         if isinstance(own, dict) and "rope_theta" in own:
             return own
         scaling = spec.config_value(config, "rope_scaling") if scaled else None
+        if spec.cfg_keys[key] in config and config[spec.cfg_keys[key]] is None:
+            key = "rope_theta"          # a local base set to null: the global one (transformers' ModernBERT)
         return {**(scaling or {}), "rope_theta": float(spec.config_value(config, key))}
     full, sliding = kind("full_attention", "rope_theta", True), kind("sliding_attention", "local_theta", False)
     return [sliding if w else full for w in windows]
