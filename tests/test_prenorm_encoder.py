@@ -164,6 +164,102 @@ def test_server_routes_and_which_server_a_model_gets(tmp_path, decoder_dirs, mod
         assert r.status_code == 424
 
 
+# ---------------------------------------------------------------------- decoders as classifiers / rerankers
+RERANK_TEMPLATE = "[system] judge: yes or no\n[user] query: {query}\ndocument: {document}\n[assistant] answer:"
+DOCS = ["paris is the capital of france", "a cat sat on the mat all afternoon long", "france"]
+
+
+def seq_cls_dir(tmp_path, arch: str, num_labels: int):
+    """A ...ForSequenceClassification checkpoint of a tiny decoder (Qwen3-Reranker-seq-cls' kind)."""
+    import shutil
+    from conftest import MINILM, _decoder_configs
+    cfg_cls, _, kwargs = _decoder_configs()[arch]
+    torch.manual_seed(13)
+    cls = {"qwen3": transformers.Qwen3ForSequenceClassification,
+           "llama": transformers.LlamaForSequenceClassification}[arch]
+    model = cls(cfg_cls(**kwargs, num_labels=num_labels, pad_token_id=0)).eval()
+    d = tmp_path / f"{arch}-cls{num_labels}"
+    model.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(MINILM / f, d / f)
+    return d
+
+
+@pytest.mark.parametrize("arch,labels", [("qwen3", 3), ("llama", 1)])
+def test_decoder_sequence_classification_matches_transformers(tmp_path, arch, labels):
+    """`score` over the last token's final state, against transformers' ...ForSequenceClassification
+    one sequence at a time (mixed lengths, across cache blocks), batched equal to alone; one label
+    reranks, with a pair template making each (query, document) one input."""
+    d = seq_cls_dir(tmp_path, arch, labels)
+    ref_model = transformers.AutoModelForSequenceClassification.from_pretrained(d).eval()
+    seqs = random_sequences(LENGTHS, seed=31)
+    with torch.no_grad():
+        ref = torch.cat([ref_model(input_ids=torch.tensor([s])).logits for s in seqs])
+    enc = Encoder.load(d, max_batch_tokens=96, pair_template=RERANK_TEMPLATE)
+    assert enc.model.num_labels == labels
+    got = enc.classify(seqs)
+    assert rel_err(got, ref) < 1e-4
+    for i, s in enumerate(seqs):
+        assert torch.allclose(enc.classify([s])[0], got[i], rtol=0, atol=1e-5), i
+    if labels == 1:
+        scores = enc.rerank("what is the capital of france?", DOCS)
+        ids = [enc.tokenizer.encode([RERANK_TEMPLATE.format(query="what is the capital of france?", document=x)])[0].ids
+               for x in DOCS]
+        with torch.no_grad():
+            want = [torch.sigmoid(ref_model(input_ids=torch.tensor([i])).logits[0, 0]).item() for i in ids]
+        assert scores == pytest.approx(want, abs=1e-5)
+    assert not serves_generation(ServerConfig(model=str(d)))
+    with pytest.raises(InvalidInputError, match="needs a decoder"):
+        serves_generation(ServerConfig(model=str(d), task="generate"))
+
+
+def test_causal_lm_reranker_from_classifier_tokens(decoder_dirs):
+    """Qwen3-Reranker's way: a causal LM answers "yes" or "no" after a chat prompt; the score is
+    softmax(logits[no, yes])[yes] at the last position, here sigmoid of the head rows' difference.
+    Against transformers' CausalLM logits; truncation keeps the template's tail (the prompt's end that
+    the answer follows) and cuts the document; served on /rerank."""
+    d = decoder_dirs["qwen3"]
+    tokens = ["no", "yes"]
+    enc = Encoder.load(d, classifier_tokens=tokens, pair_template=RERANK_TEMPLATE, max_input_length=40)
+    assert enc.model.num_labels == 1
+    no, yes = (enc.tokenizer._tok.token_to_id(t) for t in tokens)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+
+    def want(ids):
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([ids])).logits[0, -1]
+        return torch.softmax(logits[[no, yes]], 0)[1].item()
+    query = "what is the capital of france?"
+    texts = [RERANK_TEMPLATE.format(query=query, document=x) for x in DOCS]
+    ids = [e.ids for e in enc.tokenizer.encode(texts)]
+    assert enc.rerank(query, DOCS) == pytest.approx([want(i) for i in ids], abs=1e-5)
+    # a document too long: refused unless truncated, which cuts it before the tail
+    long_doc = " ".join(["paris"] * 60)
+    with pytest.raises(Exception, match="tokens"):
+        enc.rerank(query, [long_doc])
+    full = enc.tokenizer._tok.encode(RERANK_TEMPLATE.format(query=query, document=long_doc)).ids
+    # the template's tail and the tokenizer's closing [SEP] kept, the document cut before them
+    tail = len(enc.tokenizer._tok.encode(RERANK_TEMPLATE.split("{document}")[1], add_special_tokens=False).ids) + 1
+    cut = full[:40 - tail] + full[-tail:]
+    assert enc.tokenize([query], [long_doc], truncate=True)[0].ids == cut
+    assert enc.rerank(query, [long_doc], truncate=True) == pytest.approx([want(cut)], abs=1e-5)
+    with running(make_app(ServerConfig(model=str(d)), encoder=enc)) as url:
+        r = httpx.post(url + "/rerank", json={"query": query, "texts": DOCS, "raw_scores": False})
+        assert r.status_code == 200
+        assert {x["index"]: x["score"] for x in r.json()} == pytest.approx(dict(enumerate(enc.rerank(query, DOCS))))
+    assert not serves_generation(ServerConfig(model=str(d), classifier_tokens=tokens))
+
+
+def test_classifier_refusals(decoder_dirs, model_dirs):
+    with pytest.raises(InvalidInputError, match="not in this model's vocabulary"):
+        Encoder.load(decoder_dirs["qwen3"], classifier_tokens=["no", "not-a-token-here"])
+    with pytest.raises(InvalidInputError, match="not a causal LM"):
+        Encoder.load(model_dirs["bert"], classifier_tokens=["no", "yes"])
+    for bad in ("no fields", "{query} only", "{query} {document} {other}", "{query} {document"):
+        with pytest.raises(InvalidInputError, match="pair_template"):
+            Encoder.load(decoder_dirs["qwen3"], pair_template=bad)
+
+
 # ---------------------------------------------------------------------- ModernBERT
 MB_LENGTHS = [1, 5, 8, 9, 17, 30, 100, 3]        # around and past the +-8 window of the sliding layers
 

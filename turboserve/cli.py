@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import TurboServeError
 
@@ -25,6 +26,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(text)
     return value
+
+
+def token_list(text: str) -> list[str]:
+    tokens = text.split(",")
+    if not all(tokens):
+        raise argparse.ArgumentTypeError(f"expected comma-separated tokens, not {text!r}")
+    return tokens
+
+
+def template_text(text: str) -> str:
+    if not text.startswith("@"):
+        return text
+    try:
+        return Path(text[1:]).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read the template file {text[1:]!r}: {exc}") from None
 
 
 def env_name(action: argparse.Action) -> str:
@@ -75,13 +92,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu, or cuda for the Triton GPU backend (docs/gpu.md)")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="shard the model over N ranks (spawned here, or started by torchrun); each gets threads / N")
+    p.add_argument("--classifier-tokens", type=token_list, default=None, metavar="NO,YES",
+                   help="a causal LM as classifier / reranker from its logits of these tokens (Qwen3-Reranker: no,yes)")
+    p.add_argument("--pair-template", type=template_text, default=None, metavar="TEXT|@FILE",
+                   help="one input from a text pair (rerank, /predict pairs): a format string with {query} and "
+                        "{document}, or @FILE holding one (docs/generation.md)")
 
 
 def cmd_embed(args) -> int:
     from .encoder import Encoder
     enc = Encoder.load(args.model, dtype=args.dtype, threads=args.threads, quality_bound=args.quality_bound,
                        calibration=args.calibration, tensor_parallel=args.tensor_parallel, device=args.device,
-                       max_input_length=args.max_input_length)
+                       max_input_length=args.max_input_length, classifier_tokens=args.classifier_tokens,
+                       pair_template=args.pair_template)
     try:
         texts = []
         for number, raw in enumerate(sys.stdin.buffer, 1):
@@ -117,7 +140,8 @@ def cmd_serve(args) -> int:
         lazy_timeout=args.lazy_timeout_ms / 1000.0, auto_truncate=args.auto_truncate,
         served_name=args.served_model_name, access_log=args.access_log, pipeline=args.pipeline,
         tensor_parallel=args.tensor_parallel, kv_dtype=args.kv_dtype, device=args.device,
-        cuda_graphs=args.cuda_graphs, max_input_length=args.max_input_length, task=args.task))
+        cuda_graphs=args.cuda_graphs, max_input_length=args.max_input_length, task=args.task,
+        classifier_tokens=args.classifier_tokens, pair_template=args.pair_template))
 
 
 def build_parser() -> argparse.ArgumentParser:

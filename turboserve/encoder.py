@@ -16,7 +16,7 @@ from .loader import (POOLING_MODES, CheckpointView, PoolingConfig, read_config, 
                      read_state_dict, resolve_model_dir)
 from .model import EncoderModel, sentence_embedding
 from .packing import PackedBatch, pack_tokens
-from .tokenizer import Encoded, TextTokenizer
+from .tokenizer import Encoded, TextTokenizer, token_ids
 from .workspace import available_memory
 
 log = logging.getLogger("turboserve")
@@ -33,6 +33,16 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _check_pair_template(template: str) -> None:
+    if not isinstance(template, str) or "{query}" not in template or "{document}" not in template:
+        raise InvalidInputError("pair_template must be a string with {query} and {document} in it")
+    try:
+        template.split("{document}", 1)[1].format(query="")
+        template.format(query="", document="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InvalidInputError(f"pair_template is not a format string of {{query}} and {{document}}: {exc!r}") from None
 
 
 def _check_batch_fits(model, max_batch_tokens: int, max_input_length: int) -> None:
@@ -62,6 +72,7 @@ class Encoder:
         self.max_batch_tokens = max_batch_tokens
         self.precision_plan = None         # precision.PrecisionPlan when loaded with dtype="auto"
         self.id2label = {int(k): v for k, v in (config.get("id2label") or {}).items()}
+        self.pair_template = None          # load(pair_template=...)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, dtype: str = "fp32", threads: int | None = None,
@@ -69,7 +80,8 @@ class Encoder:
              use_planner: bool = True, max_batch_tokens: int = 4096,
              int8_keep: frozenset = frozenset(), int8_alpha: float = 0.5, quality_bound: float = 0.999,
              calibration: str | os.PathLike | None = None, replan: bool = False,
-             tensor_parallel: int = 1, max_input_length: int | None = None) -> "Encoder":
+             tensor_parallel: int = 1, max_input_length: int | None = None,
+             classifier_tokens: list[str] | None = None, pair_template: str | None = None) -> "Encoder":
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2): an encoder (BERT,
         RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT and EmbeddingGemma on the pre-norm layers), or
         a decoder's trunk as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 3;
@@ -86,6 +98,13 @@ class Encoder:
         close() to stop them.
         max_input_length: tokens an input may have; default the sentence-transformers config's
         max_seq_length where there is one (all-MiniLM-L6-v2: 256), else the model's positions (512).
+        classifier_tokens: a causal LM as a classifier / reranker from its LM head's logits of these
+        tokens at the last position (Qwen3-Reranker: ["no", "yes"]; two tokens give one logit, the
+        second's minus the first's, so rerank's sigmoid is softmax([no, yes])[yes]). A causal model's
+        ...ForSequenceClassification checkpoint needs none: its `score` head is loaded.
+        pair_template: how a text pair (classify's pairs, rerank's query and documents) becomes one
+        input, a format string with {query} and {document} (Qwen3-Reranker's chat prompt:
+        docs/templates/qwen3-reranker.txt); truncation then cuts the text before the template's tail.
         """
         if pooling is not None and pooling not in POOLING_MODES:
             raise InvalidInputError(f"pooling must be one of {', '.join(POOLING_MODES)}, not {pooling!r}")
@@ -99,6 +118,10 @@ class Encoder:
         if dtype == "bf16" and not cpu_has_native_bf16():
             log.warning("this CPU has no native bf16 (avx512_bf16/AMX): bf16 GEMMs are emulated and "
                         "run several times slower than fp32; int8 is the fast option here")
+        if pair_template is not None:
+            _check_pair_template(pair_template)
+        if classifier_tokens and not is_decoder(config):
+            raise InvalidInputError("classifier_tokens read a causal LM's head; this model is not a causal LM")
         if dtype == "auto" and not 0.0 < quality_bound <= 1.0:
             raise InvalidInputError(f"quality_bound is a minimum cosine in (0, 1], not {quality_bound}")
         if prenorm:
@@ -109,7 +132,8 @@ class Encoder:
             if tensor_parallel != 1:
                 raise InvalidInputError(f"tensor parallelism is not supported for {kind} models")
             from .prenorm_encoder import PreNormEncoderModel
-            model = PreNormEncoderModel(model_dir, dtype, device)
+            model = PreNormEncoderModel(model_dir, dtype, device,
+                                        token_ids(model_dir, classifier_tokens) if classifier_tokens else None)
         else:
             spec = spec_for(config)
             view = CheckpointView(read_state_dict(model_dir), spec, model_dir)
@@ -137,6 +161,7 @@ class Encoder:
             pool_cfg.normalize = normalize
         enc = cls(model, tokenizer, pool_cfg, model_dir, config, max_batch_tokens)
         enc.prompts, enc.default_prompt_name = sentence.prompts, sentence.default_prompt_name
+        enc.pair_template = pair_template
         if dtype == "int8" and not prenorm:        # the pre-norm layers quantize their own linears (W8A8) as they load
             from . import quantize
             texts = quantize.calibration_texts(tokenizer)
@@ -239,11 +264,30 @@ class Encoder:
             raise InvalidInputError(f"inputs must be a string or a list, not {type(inputs).__name__}")
         if len(inputs) == 0:
             raise InvalidInputError("the input list is empty")
+        if pairs is not None and self.pair_template is not None:
+            return self._templated(list(inputs), pairs, truncate)
         encoded = self.tokenizer.encode(list(inputs), pairs, truncate)
         types = self.model.type_emb
         if pairs is not None and types is not None and any(max(e.type_ids, default=0) >= types.shape[0] for e in encoded):
             raise InvalidInputError(f"this model has {types.shape[0]} token type(s): it takes no text pairs")
         return encoded
+
+    def _templated(self, inputs: list, pairs: list, truncate: bool) -> list[Encoded]:
+        """Each (text, pair) as pair_template's one input (a text without a pair stays itself)."""
+        if len(pairs) != len(inputs):
+            raise InvalidInputError("texts and pairs differ in length")
+        if not all(isinstance(t, str) for t in [*inputs, *(p for p in pairs if p is not None)]):
+            raise InvalidInputError("text pairs must be strings")
+        tail = self.pair_template.split("{document}", 1)[1]
+        texts, keep = [], []
+        for query, document in zip(inputs, pairs):
+            if document is None:
+                texts.append(query)
+                keep.append(0)
+            else:
+                texts.append(self.pair_template.format(query=query, document=document))
+                keep.append(self.tokenizer.tail_count(tail.format(query=query)) if truncate else 0)
+        return self.tokenizer.encode(texts, None, truncate, keep_last=keep)
 
     # ------------------------------------------------------------- public API
     def embed(self, inputs, truncate: bool = False, normalize: bool | None = None,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .arch import ACTIVATIONS
+from .arch import ACTIVATIONS, decoder_spec_for, is_decoder
 from .decoder import DecoderModel, StepBatch
 from .errors import ModelLoadError
 from .loader import CheckpointView
@@ -58,10 +58,41 @@ class PooledClassifier:
         return F.linear(h, *self.out)
 
 
-def load_classifier(view: CheckpointView, config: dict, device: torch.device) -> PooledClassifier | None:
-    """The head of a ...ForSequenceClassification ModernBERT checkpoint, else None (embeddings only)."""
-    if config.get("model_type") != "modernbert" or not any(
-            a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+@dataclass
+class LastTokenClassifier:
+    """A causal model's classification head over the final state of each sequence's last token (the
+    one that has read the whole input): `score` [labels, hidden] of a ...ForSequenceClassification
+    checkpoint (LLaMA, Qwen2, Qwen3, Mistral, Gemma 3: rerankers converted to it such as
+    Qwen3-Reranker-seq-cls, reward models, classifiers), or rows of a causal LM's head for the tokens
+    it answers with (load_classifier's classifier_tokens)."""
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        return F.linear(pool(hidden, batch, "lasttoken"), self.weight, self.bias)
+
+
+def load_classifier(view: CheckpointView, config: dict, device: torch.device,
+                    classifier_tokens: list[int] | None = None) -> PooledClassifier | LastTokenClassifier | None:
+    """The head of a ...ForSequenceClassification checkpoint (ModernBERT, or a causal model's `score`),
+    or one made from a causal LM's head rows for `classifier_tokens` (token ids: a model that answers
+    with a token, as Qwen3-Reranker's "no" / "yes"): with two tokens one logit, row 2 minus row 1,
+    whose sigmoid is the softmax probability of the second token against the first; else a logit per
+    token. None for a model without either (embeddings only)."""
+    if classifier_tokens:
+        return _token_classifier(view, config, device, classifier_tokens)
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return None
+    if is_decoder(config):
+        hidden = decoder_spec_for(config, generation=False).config_value(config, "hidden")
+        bias = view.get("score.bias", (None,), required=False)
+        return LastTokenClassifier(view.get("score.weight", (None, hidden)).float().to(device),
+                                   None if bias is None else bias.float().to(device))
+    if config.get("model_type") != "modernbert":
         return None
     pooling = config.get("classifier_pooling", "cls")
     act = ACTIVATIONS.get(config.get("classifier_activation", "gelu"))
@@ -77,17 +108,37 @@ def load_classifier(view: CheckpointView, config: dict, device: torch.device) ->
                             float(config.get("norm_eps", 1e-5)), pair("classifier", (None, h)))
 
 
+def _token_classifier(view: CheckpointView, config: dict, device: torch.device, tokens: list[int]):
+    if not is_decoder(config):
+        raise ModelLoadError("classifier tokens read a causal LM's head: this model is not a causal LM")
+    if config.get("final_logit_softcapping"):
+        raise ModelLoadError("classifier tokens on a model with final_logit_softcapping are not supported")
+    spec = decoder_spec_for(config, generation=False)
+    hidden, vocab = spec.config_value(config, "hidden"), spec.config_value(config, "vocab")
+    if not all(0 <= t < vocab for t in tokens) or len(set(tokens)) != len(tokens):
+        raise ModelLoadError(f"classifier tokens {tokens} must be distinct ids in [0, {vocab})")
+    head = view.get("lm_head.weight", (vocab, hidden), required=False)
+    if head is None:
+        if not spec.config_value(config, "tie"):
+            raise ModelLoadError("the checkpoint has no lm_head.weight, and its embeddings are not tied")
+        head = view.get(spec.emb_names["word"] + ".weight", (vocab, hidden))
+    rows = head[torch.tensor(tokens)].float()
+    weight = rows[1:] - rows[:1] if len(tokens) == 2 else rows
+    return LastTokenClassifier(weight.contiguous().to(device))
+
+
 class PreNormEncoderModel:
     BLOCK_SIZE = 16          # the paged attention kernels' native block (one vector of fp32 keys)
 
     position_offset = None   # positions count 0 .. L-1 (RoPE or learned), as pack_tokens' default
     type_emb = None          # no token types: a text pair is the two texts joined by the tokenizer
 
-    def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu"):
-        self.decoder = d = DecoderModel(model_dir, dtype, device, kv_dtype="fp32", with_lm_head=False,
-                                        extra_weights=lambda view, config: load_classifier(view, config,
-                                                                                           torch.device(device)))
-        self.head = d.extra     # a PooledClassifier (ModernBERT ...ForSequenceClassification), or None
+    def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu",
+                 classifier_tokens: list[int] | None = None):
+        self.decoder = d = DecoderModel(
+            model_dir, dtype, device, kv_dtype="fp32", with_lm_head=False,
+            extra_weights=lambda view, config: load_classifier(view, config, torch.device(device), classifier_tokens))
+        self.head = d.extra     # a PooledClassifier / LastTokenClassifier (load_classifier), or None
         self.spec, self.dtype_name, self.device = d.spec, dtype, d.device
         self.causal = not d.bidirectional
         self.hidden, self.vocab_size, self.max_tokens = d.hidden, d.vocab_size, d.max_positions

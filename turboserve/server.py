@@ -70,6 +70,8 @@ class ServerConfig:
     pipeline: bool = True                     # engine stages on their own threads (engine.py)
     max_input_length: int | None = None       # encoders: tokens per input (None: the model's own limit)
     task: str = "auto"                        # decoders: "generate", "embed", or auto (embed with modules.json)
+    classifier_tokens: list | None = None     # a causal LM as classifier / reranker (Encoder.load)
+    pair_template: str | None = None          # text pairs as one input (Encoder.load)
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_client_batch_size",
@@ -493,7 +495,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
             enc = Encoder.load(config.model, dtype=config.dtype, threads=config.threads,
                                max_batch_tokens=config.max_batch_tokens, quality_bound=config.quality_bound,
                                calibration=config.calibration, tensor_parallel=config.tensor_parallel,
-                               device=config.device, max_input_length=config.max_input_length)
+                               device=config.device, max_input_length=config.max_input_length,
+                               classifier_tokens=config.classifier_tokens, pair_template=config.pair_template)
             start_engine(enc)
         except Exception as exc:
             log.error("model failed to load: %s", exc)
@@ -636,20 +639,26 @@ EMBEDDING_SERVER_ONLY = {
     "quality_bound": "--quality-bound", "calibration": "--calibration", "max_queued_tokens": "--max-queued-tokens",
     "max_client_batch_size": "--max-client-batch-size", "policy": "--batch-policy",
     "lazy_timeout": "--lazy-timeout-ms", "auto_truncate": "--auto-truncate", "pipeline": "--no-pipeline",
-    "max_input_length": "--max-input-length"}
+    "max_input_length": "--max-input-length", "pair_template": "--pair-template"}
 GENERATION_SERVER_ONLY = {"kv_dtype": "--kv-dtype", "cuda_graphs": "--no-cuda-graphs"}
 
 
 def serves_generation(config: ServerConfig) -> bool:
     """Which server the model gets: a decoder generates (OpenAI completions and chat) unless `task`
     says embed, or, with task auto, its directory is a sentence-transformers one (modules.json:
-    Qwen3-Embedding, gte-Qwen2, e5-mistral); every other model gets the embedding server."""
+    Qwen3-Embedding, gte-Qwen2, e5-mistral); a decoder as a classifier (a ...ForSequenceClassification
+    checkpoint, or --classifier-tokens) and every other model get the embedding server (/rerank,
+    /predict)."""
     from .arch import is_decoder
     from .loader import read_config, resolve_model_dir
     model_dir = resolve_model_dir(config.model)
-    if not is_decoder(read_config(model_dir)):
+    cfg = read_config(model_dir)
+    classifier = bool(config.classifier_tokens) or any(
+        a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or [])
+    if not is_decoder(cfg) or classifier:
         if config.task == "generate":
-            raise InvalidInputError(f"task generate needs a decoder model; {model_dir} is an encoder")
+            raise InvalidInputError(f"task generate needs a decoder model; {model_dir} is "
+                                    + ("a classifier here" if classifier else "an encoder"))
         return False
     if config.task != "auto":
         return config.task == "generate"

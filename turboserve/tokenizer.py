@@ -16,6 +16,17 @@ class Encoded:
     type_ids: list[int]
 
 
+def token_ids(model_dir: Path, tokens: list[str]) -> list[int]:
+    """The vocabulary ids of whole tokens, spelled as the tokenizer stores them (Qwen's "yes", GPT-2's
+    "\u0120yes" for " yes")."""
+    tok = TextTokenizer._load(model_dir)
+    ids = [tok.token_to_id(t) for t in tokens]
+    missing = [t for t, i in zip(tokens, ids) if i is None]
+    if missing:
+        raise InvalidInputError(f"not in this model's vocabulary: {', '.join(map(repr, missing))}")
+    return ids
+
+
 class TextTokenizer:
     def __init__(self, model_dir: Path, max_tokens: int, vocab_size: int, lowercase: bool = False):
         self.max_tokens = max_tokens
@@ -49,9 +60,11 @@ class TextTokenizer:
         tok.no_padding()
         return tok
 
-    def encode(self, texts: list, pairs: list | None = None, truncate: bool = False) -> list[Encoded]:
+    def encode(self, texts: list, pairs: list | None = None, truncate: bool = False,
+               keep_last: list[int] | None = None) -> list[Encoded]:
         """Encode strings (or token-id lists, taken as complete model inputs) to token ids; with
-        `pairs`, text i is encoded with pairs[i] as its second segment (None: text i alone)."""
+        `pairs`, text i is encoded with pairs[i] as its second segment (None: text i alone). keep_last:
+        per string, tokens at its end that truncation keeps (it cuts before them: a template's tail)."""
         out: list[Encoded | None] = [None] * len(texts)
         str_idx = []
         for i, item in enumerate(texts):
@@ -72,16 +85,29 @@ class TextTokenizer:
             batch = [low(texts[i]) if pairs is None or pairs[i] is None else (low(texts[i]), low(pairs[i]))
                      for i in str_idx]
             try:
-                encodings = (self._truncating if truncate else self._tok).encode_batch(batch)
+                encodings = (self._truncating if truncate and not keep_last else self._tok).encode_batch(batch)
             except (TypeError, ValueError) as exc:    # e.g. a lone surrogate, which has no UTF-8
                 raise InvalidInputError(f"an input cannot be tokenized: {exc}") from None
             for i, enc in zip(str_idx, encodings):
+                if truncate and keep_last and len(enc.ids) > self.max_tokens:
+                    k = min(keep_last[i], self.max_tokens - 1)
+                    cut = self.max_tokens - k
+                    out[i] = Encoded(enc.ids[:cut] + enc.ids[len(enc.ids) - k:],
+                                     enc.type_ids[:cut] + enc.type_ids[len(enc.ids) - k:])
+                    continue
                 if len(enc.ids) > self.max_tokens:
                     raise InputTooLongError(
                         f"input {i} has {len(enc.ids)} tokens; this model accepts at most {self.max_tokens}"
                         " (truncation cuts it: truncate=True, --truncate, or the request's truncate)")
                 out[i] = Encoded(list(enc.ids), list(enc.type_ids))
         return out
+
+    def tail_count(self, text: str) -> int:
+        """The tokens `text` makes at the end of an input: its own and the special tokens the tokenizer
+        appends after every input (BERT's [SEP])."""
+        mask = self._tok.encode("a").special_tokens_mask
+        trailing = len(mask) - next((i + 1 for i in range(len(mask) - 1, -1, -1) if not mask[i]), 0)
+        return len(self._tok.encode(text, add_special_tokens=False).ids) + trailing
 
     def _check_ids(self, ids, index: int, truncate: bool) -> list[int]:
         if not ids:
