@@ -107,7 +107,7 @@ def test_unencodable_text_broken_config_and_bad_flags_are_clear_errors(tmp_path,
         assert "invalid" in capsys.readouterr().err
 
 
-def test_cli_flags_read_turboserve_environment_variables(monkeypatch, capsys):
+def test_cli_flags_read_turboserve_environment_variables(monkeypatch, capsys, tmp_path):
     """TURBOSERVE_<FLAG> for every flag: converted and checked as the flag is, switches by 1/0 or
     true/false (TURBOSERVE_NO_PIPELINE=1 is --no-pipeline), the command line first, a bad value a
     usage error naming the variable; another command's variables are not read."""
@@ -120,9 +120,17 @@ def test_cli_flags_read_turboserve_environment_variables(monkeypatch, capsys):
     monkeypatch.setenv("TURBOSERVE_PORT", "9001")
     assert cli.main(["serve", "--port", "9002"]) == 0
     assert (seen["pipeline"], seen["auto_truncate"], seen["max_batch_tokens"], seen["port"]) == (False, True, 512, 9002)
+    template = tmp_path / "t.txt"
+    template.write_text("q: {query}\nd: {document}\n")
+    monkeypatch.setenv("TURBOSERVE_CLASSIFIER_TOKENS", "no,yes")
+    assert cli.main(["serve", "--pair-template", f"@{template}"]) == 0
+    assert seen["classifier_tokens"] == ["no", "yes"] and seen["pair_template"] == "q: {query}\nd: {document}\n"
+    monkeypatch.delenv("TURBOSERVE_CLASSIFIER_TOKENS")
     for name, value, needle in (("TURBOSERVE_BATCH_POLICY", "DP", "choose from"),
                                 ("TURBOSERVE_PORT", "abc", "not a valid port_number"),
-                                ("TURBOSERVE_ACCESS_LOG", "maybe", "expected one of")):
+                                ("TURBOSERVE_ACCESS_LOG", "maybe", "expected one of"),
+                                ("TURBOSERVE_CLASSIFIER_TOKENS", "no,", "comma-separated tokens"),
+                                ("TURBOSERVE_PAIR_TEMPLATE", f"@{tmp_path / 'missing.txt'}", "cannot read the template")):
         monkeypatch.setenv(name, value)
         with pytest.raises(SystemExit):
             cli.main(["serve"])

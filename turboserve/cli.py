@@ -69,6 +69,8 @@ def apply_env(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         else:
             try:
                 value = action.type(raw) if action.type else raw
+            except argparse.ArgumentTypeError as exc:        # the type's own message
+                parser.error(f"{name}={raw!r}: {exc}")
             except ValueError:
                 parser.error(f"{name}={raw!r}: not a valid {action.type.__name__}")
             if action.choices is not None and value not in action.choices:
