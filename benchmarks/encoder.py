@@ -310,7 +310,7 @@ def main():
         words = word_token_ids(vocab)
         for wl in args.workloads.split(","):
             n = args.requests if name == "minilm" else args.bert_requests
-            lengths = [min(x, config["max_position_embeddings"]) for x in encoder_lengths(wl)[:n]]
+            lengths = [min(x, enc.model.max_tokens) for x in encoder_lengths(wl)[:n]]     # RoBERTa: 512 of 514
             seqs = token_sequences(lengths, words, vocab["[CLS]"], vocab["[SEP]"])
             tokens = sum(map(len, seqs))
             flops = sum(flops_per_request(config, len(s)) for s in seqs)

@@ -14,7 +14,7 @@ import transformers
 from conftest import DECODER_ARCHS, build_decoder, random_sequences, rel_err
 from serving import running
 from turboserve import Encoder
-from turboserve.errors import InvalidInputError
+from turboserve.errors import InputTooLongError, InvalidInputError
 from turboserve.server import ServerConfig, make_app, serves_generation
 
 # 16 and 17 sit on both sides of a cache block; 40 and 100 are past Mistral's window of 24
@@ -242,6 +242,9 @@ def test_causal_lm_reranker_from_classifier_tokens(decoder_dirs):
     tail = len(enc.tokenizer._tok.encode(RERANK_TEMPLATE.split("{document}")[1], add_special_tokens=False).ids) + 1
     cut = full[:40 - tail] + full[-tail:]
     assert enc.tokenize([query], [long_doc], truncate=True)[0].ids == cut
+    # a text without a pair is truncated as without a template (its closing [SEP] kept)
+    alone = enc.tokenize([long_doc, query], [None, DOCS[0]], truncate=True)[0].ids
+    assert alone == enc.tokenizer.encode([long_doc], truncate=True)[0].ids and alone[-1] == 102
     assert enc.rerank(query, [long_doc], truncate=True) == pytest.approx([want(cut)], abs=1e-5)
     with running(make_app(ServerConfig(model=str(d)), encoder=enc)) as url:
         r = httpx.post(url + "/rerank", json={"query": query, "texts": DOCS, "raw_scores": False})
@@ -255,9 +258,17 @@ def test_classifier_refusals(decoder_dirs, model_dirs):
         Encoder.load(decoder_dirs["qwen3"], classifier_tokens=["no", "not-a-token-here"])
     with pytest.raises(InvalidInputError, match="not a causal LM"):
         Encoder.load(model_dirs["bert"], classifier_tokens=["no", "yes"])
-    for bad in ("no fields", "{query} only", "{query} {document} {other}", "{query} {document"):
+    for bad in ("no fields", "{query} only", "{query} {document} {other}", "{query} {document",
+                "{query} {document}{query.foo}"):
         with pytest.raises(InvalidInputError, match="pair_template"):
             Encoder.load(decoder_dirs["qwen3"], pair_template=bad)
+    for bad in ("yes", [], ["no", ""], ["no", 1]):       # a bare string is not a list of tokens
+        with pytest.raises(InvalidInputError, match="classifier_tokens"):
+            Encoder.load(decoder_dirs["qwen3"], classifier_tokens=bad)
+    enc = Encoder.load(decoder_dirs["qwen3"], classifier_tokens=["no", "yes"], max_input_length=6,
+                       pair_template="{query} {document} and then a tail longer than six tokens")
+    with pytest.raises(InputTooLongError, match="template's end alone"):
+        enc.rerank("a query", ["a document that is long enough to be cut"], truncate=True)
 
 
 # ---------------------------------------------------------------------- ModernBERT

@@ -98,7 +98,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a causal LM as classifier / reranker from its logits of these tokens (Qwen3-Reranker: no,yes)")
     p.add_argument("--pair-template", type=template_text, default=None, metavar="TEXT|@FILE",
                    help="one input from a text pair (rerank, /predict pairs): a format string with {query} and "
-                        "{document}, or @FILE holding one (docs/generation.md)")
+                        "{document}, or @FILE holding one (docs/architecture.md)")
 
 
 def cmd_embed(args) -> int:

@@ -41,7 +41,7 @@ def _check_pair_template(template: str) -> None:
     try:
         template.split("{document}", 1)[1].format(query="")
         template.format(query="", document="")
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise InvalidInputError(f"pair_template is not a format string of {{query}} and {{document}}: {exc!r}") from None
 
 
@@ -104,7 +104,8 @@ class Encoder:
         ...ForSequenceClassification checkpoint needs none: its `score` head is loaded.
         pair_template: how a text pair (classify's pairs, rerank's query and documents) becomes one
         input, a format string with {query} and {document} (Qwen3-Reranker's chat prompt:
-        docs/templates/qwen3-reranker.txt); truncation then cuts the text before the template's tail.
+        docs/templates/qwen3-reranker.txt); truncation then cuts the tokens just before the template's
+        tail (the document's end; the query too only if the document is gone).
         """
         if pooling is not None and pooling not in POOLING_MODES:
             raise InvalidInputError(f"pooling must be one of {', '.join(POOLING_MODES)}, not {pooling!r}")
@@ -120,6 +121,9 @@ class Encoder:
                         "run several times slower than fp32; int8 is the fast option here")
         if pair_template is not None:
             _check_pair_template(pair_template)
+        if classifier_tokens is not None and (not isinstance(classifier_tokens, (list, tuple)) or not classifier_tokens
+                                              or not all(isinstance(t, str) and t for t in classifier_tokens)):
+            raise InvalidInputError("classifier_tokens must be a list of token strings, such as [\"no\", \"yes\"]")
         if classifier_tokens and not is_decoder(config):
             raise InvalidInputError("classifier_tokens read a causal LM's head; this model is not a causal LM")
         if dtype == "auto" and not 0.0 < quality_bound <= 1.0:
@@ -281,9 +285,9 @@ class Encoder:
         tail = self.pair_template.split("{document}", 1)[1]
         texts, keep = [], []
         for query, document in zip(inputs, pairs):
-            if document is None:
+            if document is None:        # the text alone, its closing special tokens kept as usual
                 texts.append(query)
-                keep.append(0)
+                keep.append(self.tokenizer.tail_count("") if truncate else 0)
             else:
                 texts.append(self.pair_template.format(query=query, document=document))
                 keep.append(self.tokenizer.tail_count(tail.format(query=query)) if truncate else 0)

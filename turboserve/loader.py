@@ -74,10 +74,12 @@ class CheckpointView:
             raise ModelLoadError(f"{model_dir}: weights do not look like a {spec.model_type} model "
                                  f"(no {probe!r})")
 
-    def get(self, key: str, shape: tuple | None = None, required: bool = True) -> torch.Tensor | None:
-        """The fp32 tensor stored under `key`. `shape`, if given, is what the config implies (None for
-        a free dimension): a checkpoint that disagrees with its config.json fails here, at load, and
-        not at the first request."""
+    def get(self, key: str, shape: tuple | None = None, required: bool = True,
+            rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The fp32 tensor stored under `key` (only its `rows`, if given: picked before the conversion,
+        so a vocabulary-sized head is not copied whole). `shape`, if given, is what the config implies
+        (None for a free dimension): a checkpoint that disagrees with its config.json fails here, at
+        load, and not at the first request."""
         # old BERT checkpoints (google-bert/bert-base-uncased) name LayerNorm parameters gamma / beta
         legacy = (key[:-len(".weight")] + ".gamma" if key.endswith("LayerNorm.weight") else
                   key[:-len(".bias")] + ".beta" if key.endswith("LayerNorm.bias") else None)
@@ -89,7 +91,7 @@ class CheckpointView:
                     want = "x".join("*" if d is None else str(d) for d in shape)
                     raise ModelLoadError(f"{self.model_dir}: weight {name!r} is {'x'.join(map(str, t.shape))}, "
                                          f"but config.json implies {want}")
-                return t.float()
+                return (t if rows is None else t[rows]).float()
         if required:
             raise ModelLoadError(f"{self.model_dir}: weight {self.prefix + key!r} is missing")
         return None

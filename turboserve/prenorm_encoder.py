@@ -117,12 +117,12 @@ def _token_classifier(view: CheckpointView, config: dict, device: torch.device, 
     hidden, vocab = spec.config_value(config, "hidden"), spec.config_value(config, "vocab")
     if not all(0 <= t < vocab for t in tokens) or len(set(tokens)) != len(tokens):
         raise ModelLoadError(f"classifier tokens {tokens} must be distinct ids in [0, {vocab})")
-    head = view.get("lm_head.weight", (vocab, hidden), required=False)
-    if head is None:
+    index = torch.tensor(tokens)
+    rows = view.get("lm_head.weight", (vocab, hidden), required=False, rows=index)
+    if rows is None:
         if not spec.config_value(config, "tie"):
             raise ModelLoadError("the checkpoint has no lm_head.weight, and its embeddings are not tied")
-        head = view.get(spec.emb_names["word"] + ".weight", (vocab, hidden))
-    rows = head[torch.tensor(tokens)].float()
+        rows = view.get(spec.emb_names["word"] + ".weight", (vocab, hidden), rows=index)
     weight = rows[1:] - rows[:1] if len(tokens) == 2 else rows
     return LastTokenClassifier(weight.contiguous().to(device))
 

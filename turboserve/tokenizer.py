@@ -90,7 +90,10 @@ class TextTokenizer:
                 raise InvalidInputError(f"an input cannot be tokenized: {exc}") from None
             for i, enc in zip(str_idx, encodings):
                 if truncate and keep_last and len(enc.ids) > self.max_tokens:
-                    k = min(keep_last[i], self.max_tokens - 1)
+                    k = keep_last[i]
+                    if k >= self.max_tokens:
+                        raise InputTooLongError(f"input {i}: the template's end alone has {k} tokens; this "
+                                                f"model accepts at most {self.max_tokens}")
                     cut = self.max_tokens - k
                     out[i] = Encoded(enc.ids[:cut] + enc.ids[len(enc.ids) - k:],
                                      enc.type_ids[:cut] + enc.type_ids[len(enc.ids) - k:])
