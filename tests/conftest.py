@@ -14,6 +14,12 @@ MINILM = default_model_path()
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128)
 
 
+
+def copy_minilm_tokenizer(out: Path) -> None:
+    """MiniLM's tokenizer files into a built model's directory (random-weight models borrow its vocabulary)."""
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(MINILM / f, out / f)
+
 def _configs():
     import transformers as tf
     return {
@@ -51,8 +57,7 @@ def build_model(arch: str, out: Path, head: str | None = None, num_labels: int =
             if "relative_attention_bias" in n:      # MPNet: a bias that moves the attention (init is 0.02)
                 p.normal_(0.0, 1.0)
     model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        shutil.copy(MINILM / f, out / f)
+    copy_minilm_tokenizer(out)
     return out
 
 
@@ -72,8 +77,7 @@ def build_modernbert(out: Path, seed: int = 0, head: bool = False, **overrides) 
             if "norm" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        shutil.copy(MINILM / f, out / f)
+    copy_minilm_tokenizer(out)
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import DECODER_ARCHS, build_decoder, random_sequences, rel_err
+from conftest import DECODER_ARCHS, build_decoder, copy_minilm_tokenizer, random_sequences, rel_err
 from serving import running
 from turboserve import Encoder
 from turboserve.errors import InputTooLongError, InvalidInputError
@@ -171,8 +171,7 @@ DOCS = ["paris is the capital of france", "a cat sat on the mat all afternoon lo
 
 def seq_cls_dir(tmp_path, arch: str, num_labels: int):
     """A ...ForSequenceClassification checkpoint of a tiny decoder (Qwen3-Reranker-seq-cls' kind)."""
-    import shutil
-    from conftest import MINILM, _decoder_configs
+    from conftest import _decoder_configs
     cfg_cls, _, kwargs = _decoder_configs()[arch]
     torch.manual_seed(13)
     cls = {"qwen3": transformers.Qwen3ForSequenceClassification,
@@ -180,8 +179,7 @@ def seq_cls_dir(tmp_path, arch: str, num_labels: int):
     model = cls(cfg_cls(**kwargs, num_labels=num_labels, pad_token_id=0)).eval()
     d = tmp_path / f"{arch}-cls{num_labels}"
     model.save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        shutil.copy(MINILM / f, d / f)
+    copy_minilm_tokenizer(d)
     return d
 
 
@@ -381,7 +379,6 @@ def embedding_gemma_dir(tmp_path, legacy_config: bool = False):
     except ImportError:
         from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
     from conftest import _decoder_configs
-    import shutil
     cfg_cls, _, kwargs = _decoder_configs()["gemma3"]
     torch.manual_seed(11)
     base = tmp_path / "gemma-base"
@@ -391,9 +388,7 @@ def embedding_gemma_dir(tmp_path, legacy_config: bool = False):
             if "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(base)
-    from conftest import MINILM
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
-        shutil.copy(MINILM / f, base / f)
+    copy_minilm_tokenizer(base)
     if legacy_config:
         cfg = json.loads((base / "config.json").read_text())
         for key in ("rope_parameters", "layer_types", "_sliding_window_pattern"):

@@ -244,6 +244,11 @@ MODERNBERT = DecoderSpec(
 PRENORM_ENCODERS = {spec.model_type: spec for spec in (MODERNBERT,)}
 
 
+def is_sequence_classifier(config: dict) -> bool:
+    """A ...ForSequenceClassification checkpoint (its head is loaded, and it is served as a classifier)."""
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
 def is_bidirectional(spec: DecoderSpec, config: dict) -> bool:
     return spec.bidirectional or bool(spec.optional_value(config, "bidirectional"))
 

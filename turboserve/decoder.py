@@ -180,14 +180,12 @@ class DecoderModel:
             self.lm_head = None
         elif dtype == "int8":
             self.lm_head_int8, self.lm_head = self.ops.make_decoder_linear(self.lm_head, None, "int8"), None
-        if spec.rope:       # per layer (cos, sin) tables, shared by the layers of one RoPE kind
-            kinds = _layer_rope(config, spec, self.windows)
-            keys = [json.dumps(p, sort_keys=True) for p in kinds]
-            tables = {}
-            for key, p in zip(keys, kinds):
-                if key not in tables:
-                    tables[key] = tuple(t.to(dev) for t in rope_tables(config, spec, self.head_dim, self.max_positions, p))
-            self.rope = [tables[key] for key in keys]
+        if spec.rope:       # one (cos, sin) table per RoPE kind; rope_kind[i]: layer i's
+            kinds = [json.dumps(p, sort_keys=True) for p in _layer_rope(config, spec, self.windows)]
+            distinct = list(dict.fromkeys(kinds))
+            self.rope_kind = [distinct.index(k) for k in kinds]
+            self.rope_tables = [tuple(t.to(dev) for t in rope_tables(config, spec, self.head_dim, self.max_positions,
+                                                                       json.loads(k))) for k in distinct]
         self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
 
     # ------------------------------------------------------------------ loading
@@ -298,18 +296,15 @@ class DecoderModel:
             x += torch.embedding(self.pos_emb, step.positions)
         if self.emb_norm is not None:
             x = ops.norm(x, *self.emb_norm, self.eps, self.spec.norm)
-        rotations = {}          # each RoPE table's rows at this step's positions, looked up once
-        if self.spec.rope:
-            for cos, sin in self.rope:
-                if id(cos) not in rotations:
-                    rotations[id(cos)] = cos[step.positions], sin[step.positions]
+        # each RoPE table's rows at this step's positions, looked up once
+        rotations = [(c[step.positions], s[step.positions]) for c, s in self.rope_tables] if self.spec.rope else []
         bidirectional = _Bidirectional(step, nh, kvh) if self.bidirectional else None
         # int8 linears: a norm, or fc1 / gate|up and the activation, hand the next linear its int8 input
         # straight from their pass (the floats between are never written)
         qf = _int8_consumer
         for i, (layer, layer_cache, window, scale) in enumerate(zip(self.layers, cache, self.windows, self.scales)):
             if self.spec.rope:
-                cos, sin = rotations[id(self.rope[i][0])]
+                cos, sin = rotations[self.rope_kind[i]]
             h = x if layer.norm1 is None else ops.norm(x, *layer.norm1, self.eps, self.spec.norm,
                                                        quant_for=qf(layer.qkv), out_dtype=adt)
             qkv = ops.linear(layer.qkv, h).to(self.attn_dtype)
@@ -318,7 +313,7 @@ class DecoderModel:
                 q = ops.norm(q.reshape(-1, d), *layer.q_norm, self.eps, "rmsnorm").view(-1, nh * d)
                 k = ops.norm(k.reshape(-1, d), *layer.k_norm, self.eps, "rmsnorm").view(-1, kvh * d)
             if bidirectional is not None:
-                a = bidirectional.attend(ops, qkv if layer.q_norm is None else torch.cat([q, k, v], 1), cos, sin,
+                a = bidirectional.attend(ops, None if layer.q_norm is not None else qkv, q, k, v, cos, sin,
                                          window, scale)
             else:
                 ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
@@ -347,19 +342,19 @@ class _Bidirectional:
         self.step, self.num_heads, self.kv_heads = step, num_heads, kv_heads
         self.order = torch.argsort(step.ctx_len, descending=True)
 
-    def attend(self, ops, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, window: int,
-               scale: float) -> torch.Tensor:
-        """qkv: [T, (heads + 2 kv_heads) d], q and k not yet rotated."""
+    def attend(self, ops, qkv: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+        """q, k, v: [T, heads d], [T, kv_heads d] each, q and k not yet rotated; qkv: the projection
+        they are views of, or None where they are fresh (after per-head norms). The varlen kernel takes
+        Q | K | V rows of as many heads each: they are joined in one copy where qkv cannot serve, with
+        grouped K / V heads repeated (EmbeddingGemma: 3 query heads over 1 KV head)."""
         nh, kvh, step = self.num_heads, self.kv_heads, self.step
-        d = qkv.shape[1] // (nh + 2 * kvh)
-        hd = nh * d
+        t, hd = q.shape[0], q.shape[1]
+        d = hd // nh
         if kvh != nh:
-            # the varlen kernel takes Q, K and V of as many heads each: grouped K / V heads repeated
-            # (EmbeddingGemma: 3 query heads over 1 KV head; a copy of K and V per layer)
-            t = qkv.shape[0]
-            k, v = (x.reshape(t, kvh, 1, d).expand(t, kvh, nh // kvh, d).reshape(t, hd)
-                    for x in (qkv[:, hd:hd + kvh * d], qkv[:, hd + kvh * d:]))
-            qkv = torch.cat([qkv[:, :hd], k, v], 1)
+            k, v = (x.reshape(t, kvh, 1, d).expand(t, kvh, nh // kvh, d).reshape(t, hd) for x in (k, v))
+        if qkv is None or kvh != nh:
+            qkv = torch.cat([q, k, v], 1)
         ops.rope_(qkv[:, :hd], cos, sin, nh)                 # q and k in place, inside qkv
         ops.rope_(qkv[:, hd:2 * hd], cos, sin, nh)
         if scale != d ** -0.5:          # the kernel scales by d^-1/2: q carries the rest (Gemma's scalar)
@@ -405,7 +400,7 @@ def _layer_windows(config: dict, spec, num_layers: int, bidirectional: bool) -> 
         return [0] * num_layers
     if bidirectional:
         # ModernBERT's local_attention, EmbeddingGemma's sliding_window: that many tokens centred on the
-        # query, |j - i| < window // 2 + 1 as transformers (1 or 0: the query alone)
+        # query, |j - i| < window // 2 + 1 as transformers (local_attention 1: the query alone)
         window = window // 2 + 1
     types = config.get("layer_types")
     if not types and spec.window_layers in ("first_of_every", "last_of_every"):

@@ -124,7 +124,7 @@ class Encoder:
         if classifier_tokens is not None and (not isinstance(classifier_tokens, (list, tuple)) or not classifier_tokens
                                               or not all(isinstance(t, str) and t for t in classifier_tokens)):
             raise InvalidInputError("classifier_tokens must be a list of token strings, such as [\"no\", \"yes\"]")
-        if classifier_tokens and not is_decoder(config):
+        if classifier_tokens and not causal:
             raise InvalidInputError("classifier_tokens read a causal LM's head; this model is not a causal LM")
         if dtype == "auto" and not 0.0 < quality_bound <= 1.0:
             raise InvalidInputError(f"quality_bound is a minimum cosine in (0, 1], not {quality_bound}")
@@ -283,15 +283,17 @@ class Encoder:
         if not all(isinstance(t, str) for t in [*inputs, *(p for p in pairs if p is not None)]):
             raise InvalidInputError("text pairs must be strings")
         tail = self.pair_template.split("{document}", 1)[1]
+        tails = {}              # query -> tokens of its tail (a rerank's documents share one query)
         texts, keep = [], []
         for query, document in zip(inputs, pairs):
-            if document is None:        # the text alone, its closing special tokens kept as usual
-                texts.append(query)
-                keep.append(self.tokenizer.tail_count("") if truncate else 0)
-            else:
-                texts.append(self.pair_template.format(query=query, document=document))
-                keep.append(self.tokenizer.tail_count(tail.format(query=query)) if truncate else 0)
-        return self.tokenizer.encode(texts, None, truncate, keep_last=keep)
+            # a text alone keeps its closing special tokens, as without a template
+            texts.append(query if document is None else self.pair_template.format(query=query, document=document))
+            if truncate:
+                tail_text = "" if document is None else tail.format(query=query)
+                if tail_text not in tails:
+                    tails[tail_text] = self.tokenizer.tail_count(tail_text)
+                keep.append(tails[tail_text])
+        return self.tokenizer.encode(texts, None, truncate, keep_last=keep or None)
 
     # ------------------------------------------------------------- public API
     def embed(self, inputs, truncate: bool = False, normalize: bool | None = None,

@@ -9,9 +9,10 @@ The plan is made on this machine, for this model, from measurements (no rule of 
   2. Sensitivity: each move alone, the rest fp32, scored end to end on calibration inputs as
      1 - min cosine of the pooled embeddings against the fp32 model's.
   3. Greedy by gain per unit of error: moves sorted by (seconds saved) / (error alone); each is applied
-     (a linear already moved moves again only to a faster candidate: bf16, then int8) and kept only if the whole model stays inside the bound on the calibration inputs, with half of
-     the error budget 1 - bound held back (`margin`) for inputs unlike them: a plan that spent all of
-     it on the calibration set measured 0.9967 against a 0.999 bound on the public `short` workload.
+     (a linear already moved moves again only to a faster candidate: bf16, then int8) and kept only if
+     the whole model stays inside the bound on the calibration inputs, with half of the error budget
+     1 - bound held back (`margin`) for inputs unlike them: a plan that spent all of it on the
+     calibration set measured 0.9967 against a 0.999 bound on the public `short` workload.
   (2-3 are skipped when every linear at its fastest precision already keeps the bound on both the
   calibration and the held-out inputs.)
   4. Check on held-out inputs (a different seed of the built-in set, or every other line of the

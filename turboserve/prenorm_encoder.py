@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .arch import ACTIVATIONS, decoder_spec_for, is_decoder
+from .arch import ACTIVATIONS, decoder_spec_for, is_decoder, is_sequence_classifier
 from .decoder import DecoderModel, StepBatch
 from .errors import ModelLoadError
 from .loader import CheckpointView
@@ -85,7 +85,7 @@ def load_classifier(view: CheckpointView, config: dict, device: torch.device,
     token. None for a model without either (embeddings only)."""
     if classifier_tokens:
         return _token_classifier(view, config, device, classifier_tokens)
-    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+    if not is_sequence_classifier(config):
         return None
     if is_decoder(config):
         hidden = decoder_spec_for(config, generation=False).config_value(config, "hidden")

@@ -649,12 +649,11 @@ def serves_generation(config: ServerConfig) -> bool:
     Qwen3-Embedding, gte-Qwen2, e5-mistral); a decoder as a classifier (a ...ForSequenceClassification
     checkpoint, or --classifier-tokens) and every other model get the embedding server (/rerank,
     /predict)."""
-    from .arch import is_decoder
+    from .arch import is_decoder, is_sequence_classifier
     from .loader import read_config, resolve_model_dir
     model_dir = resolve_model_dir(config.model)
     cfg = read_config(model_dir)
-    classifier = bool(config.classifier_tokens) or any(
-        a.endswith("ForSequenceClassification") for a in cfg.get("architectures") or [])
+    classifier = bool(config.classifier_tokens) or is_sequence_classifier(cfg)
     if not is_decoder(cfg) or classifier:
         if config.task == "generate":
             raise InvalidInputError(f"task generate needs a decoder model; {model_dir} is "

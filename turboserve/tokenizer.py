@@ -39,6 +39,9 @@ class TextTokenizer:
         self._tok.no_truncation()
         self._truncating = self._load(model_dir)
         self._truncating.enable_truncation(max_tokens)
+        # the special tokens appended after every input (BERT's [SEP]; none for Qwen's)
+        mask = self._tok.encode("a").special_tokens_mask
+        self._trailing_specials = len(mask) - 1 - max(i for i, special in enumerate(mask) if not special)
 
     @staticmethod
     def _load(model_dir: Path):
@@ -108,9 +111,7 @@ class TextTokenizer:
     def tail_count(self, text: str) -> int:
         """The tokens `text` makes at the end of an input: its own and the special tokens the tokenizer
         appends after every input (BERT's [SEP])."""
-        mask = self._tok.encode("a").special_tokens_mask
-        trailing = len(mask) - next((i + 1 for i in range(len(mask) - 1, -1, -1) if not mask[i]), 0)
-        return len(self._tok.encode(text, add_special_tokens=False).ids) + trailing
+        return len(self._tok.encode(text, add_special_tokens=False).ids) + self._trailing_specials
 
     def _check_ids(self, ids, index: int, truncate: bool) -> list[int]:
         if not ids:

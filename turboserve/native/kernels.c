@@ -341,8 +341,9 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
 #define MR 8   /* query rows per micro-kernel */
 
 #ifdef __AVX512F__
-/* s[qi][j] = q_qi . k_j for MR query rows and n keys (a multiple of 16; kt's and s's rows Lp apart): 32 keys (two vectors) x MR rows per step,
- * 16 independent accumulators, each q element broadcast straight from memory. With 4 rows x 64 keys
+/* s[qi][j] = q_qi . k_j for MR query rows and n keys (a multiple of 16; kt's and s's rows Lp apart):
+ * 32 keys (two vectors) x MR rows per step, 16 independent accumulators, each q element broadcast
+ * straight from memory. With 4 rows x 64 keys
  * the kernel ran at 130-145 GFLOP/s; 8 x 32 keeps both FMA ports busy (load ports have room for the
  * 2 key loads + 8 broadcasts per 16 FMAs). */
 static void scores_avx512(const float *const q[MR], const float *kt, int64_t d, int64_t n, int64_t Lp, float *s) {

@@ -425,15 +425,18 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
             and cos.is_contiguous() and sin.is_contiguous()):
         native.rope_(x, cos, sin, num_heads)
         return
-    T = x.shape[0]
-    xh = x.view(T, num_heads, -1)
+    rope_torch_(x, cos, sin, num_heads)
+
+
+def rope_torch_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
+    """rope_ in PyTorch ops (any device and dtype; computed in the wider of x's and the tables')."""
+    xh = x.view(x.shape[0], num_heads, -1)
     half = xh.shape[-1] // 2
     x1, x2 = xh[..., :half], xh[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
     r1 = x1 * c - x2 * s
-    r2 = x2 * c + x1 * s
+    x2.copy_(x2 * c + x1 * s)
     x1.copy_(r1)
-    x2.copy_(r2)
 
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}

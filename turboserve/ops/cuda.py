@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from .cpu import rope_torch_
+
 try:
     from . import triton_kernels as tk
 except ModuleNotFoundError as exc:        # triton itself missing: say what to install
@@ -214,13 +216,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int)
     """Rotary embedding in place (rotate-half), x: [T, num_heads * d] (a view), cos / sin: [T, d / 2].
     Bidirectional encoders (ModernBERT) rotate q and k before varlen attention; decoders rotate inside
     write_kv instead."""
-    xh = x.view(x.shape[0], num_heads, -1)
-    half = xh.shape[-1] // 2
-    x1, x2 = xh[..., :half], xh[..., half:]
-    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    r1 = x1 * c - x2 * s
-    x2.copy_(x2 * c + x1 * s)
-    x1.copy_(r1)
+    rope_torch_(x, cos, sin, num_heads)
 
 
 class PagedKV(NamedTuple):

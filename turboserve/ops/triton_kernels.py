@@ -152,9 +152,9 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.T
     _varlen_attention_kernel[grid](
         qkv, qkv[:, hidden:], qkv[:, 2 * hidden:], out, cu_seqlens, order,
         qkv if position_bias is None else position_bias, qkv.stride(0), out.stride(0), scale * LOG2E,
-        2 * max_len - 1, max_len - 1, window, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
-        BLOCK_N=block_n, CAUSAL=causal, HAS_BIAS=position_bias is not None, DOT=_dot_precision(qkv.dtype),
-        num_warps=4)
+        2 * max_len - 1, max_len - 1, window, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_BIAS=position_bias is not None,
+        DOT=_dot_precision(qkv.dtype), num_warps=4)
     return out
 
 
