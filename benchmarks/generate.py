@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/generate.py [--models gpt2,llama] [--systems ...] [--rates 0.5,1,2]
 
-Models: the GPT-2 small shape and a small LLaMA shape with grouped-query attention, random weights,
+Models: the GPT-2 small shape and a small LLaMA shape with grouped-query attention (and `gemma2`, the
+same size in Gemma 2's layer with its soft-caps; `llama-1b` for GPUs), random weights,
 saved with transformers' save_pretrained into .bench/gen-models (built once) with a word-level
 tokenizer ("t0" ... "tN"), so every system sees the same token ids.
 
@@ -73,8 +74,15 @@ def _random_model(name: str):
         model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
                                                    num_hidden_layers=22, intermediate_size=5632, vocab_size=32000,
                                                    max_position_embeddings=2048))
+    elif name == "gemma2":
+        # the small LLaMA's size in Gemma 2's layer (sandwich norms, tanh GeGLU, head_dim 128, every other
+        # layer over a 4,096 window) with its soft-caps (scores 50, logits 30) and a 32k vocabulary
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(hidden_size=1024, num_attention_heads=8, num_key_value_heads=4,
+                                                     head_dim=128, num_hidden_layers=8, intermediate_size=2816,
+                                                     vocab_size=32000, max_position_embeddings=1024,
+                                                     query_pre_attn_scalar=128))
     else:
-        raise ValueError(f"unknown model {name!r}: gpt2, llama, llama-1b")
+        raise ValueError(f"unknown model {name!r}: gpt2, llama, llama-1b, gemma2")
     return model
 
 

@@ -140,6 +140,13 @@ def _decoder_configs():
                         query_pre_attn_scalar=24, pad_token_id=0,
                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+        # Gemma 2: sliding / full / sliding layers (window 8), soft-caps small enough to bite on these
+        # weights (scores reach 10-20, logits 15-30: transformers' 50 / 30 would barely touch them)
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM,
+                   dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        num_hidden_layers=3, intermediate_size=96, max_position_embeddings=256, initializer_range=0.2,
+                        sliding_window=8, query_pre_attn_scalar=24, pad_token_id=0, attn_logit_softcapping=4.0,
+                        final_logit_softcapping=8.0)),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM,
                     dict(tiny, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                          intermediate_size=128, max_position_embeddings=256, initializer_range=0.2,
@@ -147,7 +154,7 @@ def _decoder_configs():
     }
 
 
-DECODER_ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "mistral")
+DECODER_ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma3", "gemma2", "mistral")
 
 
 def build_decoder(arch: str, out: Path, seed: int = 0, **overrides) -> Path:

@@ -251,6 +251,23 @@ def test_causal_lm_reranker_from_classifier_tokens(decoder_dirs):
     assert not serves_generation(ServerConfig(model=str(d), classifier_tokens=tokens))
 
 
+def test_classifier_tokens_of_a_soft_capped_lm(decoder_dirs):
+    """Gemma 2 caps its logits (tanh, 8 here): two classifier tokens give softmax of the two capped
+    logits (not of the capped difference), three give the capped logits themselves; against
+    transformers' CausalLM, mixed lengths, batched."""
+    d = decoder_dirs["gemma2"]
+    lm = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    seqs = random_sequences([3, 40, 17, 1], seed=8)
+    with torch.no_grad():
+        ref = torch.stack([lm(input_ids=torch.tensor([s])).logits[0, -1] for s in seqs])
+    tokens = ["no", "yes", "maybe"]
+    enc = Encoder.load(d, classifier_tokens=tokens)
+    ids = [enc.tokenizer._tok.token_to_id(t) for t in tokens]
+    assert rel_err(enc.classify(seqs), ref[:, ids]) < 1e-5
+    two = Encoder.load(d, classifier_tokens=tokens[:2]).classify(seqs)[:, 0]
+    assert torch.allclose(torch.sigmoid(two), torch.softmax(ref[:, ids[:2]], 1)[:, 1], atol=1e-6)
+
+
 def test_classifier_refusals(decoder_dirs, model_dirs):
     with pytest.raises(InvalidInputError, match="not in this model's vocabulary"):
         Encoder.load(decoder_dirs["qwen3"], classifier_tokens=["no", "not-a-token-here"])

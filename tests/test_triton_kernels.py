@@ -147,8 +147,9 @@ PAGED_CASES = [  # (query heads, kv heads, head dim, page size, window, dtype)
 ]
 
 
-def paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen):
-    """Run the paged kernel on random caches with scattered blocks; its error against the CPU reference."""
+def paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen, softcap=0.0, q_scale=1.0):
+    """Run the paged kernel on random caches with scattered blocks; its error against the CPU reference
+    (queries times q_scale, scores soft-capped at softcap if > 0)."""
     width = max(-(-n // page) for n in ctx)
     num_blocks = 2 + width * len(ctx)
     q_dtype = torch.bfloat16 if dtype == torch.int8 else dtype
@@ -162,16 +163,17 @@ def paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen):
     cu = cu_of(q_counts)
     T = int(cu[-1])
     qkv = rand(T, (nh + 2 * kvh) * d, dtype=q_dtype, gen=gen)
+    qkv[:, :nh * d] *= q_scale
     q = qkv[:, :nh * d]                    # strided rows, as the decoder passes them
     args = (tables, cu, torch.tensor(ctx), nh, window, d ** -0.5)
     out = torch.full((T, nh * d), float("nan"), dtype=torch.float32)
-    tk.paged_attention(q, k_cache, v_cache, *args, out, split_size=split_size, **scales)
+    tk.paged_attention(q, k_cache, v_cache, *args, out, split_size=split_size, softcap=softcap, **scales)
     k_ref, v_ref = k_cache.float(), v_cache.float()
     if scales:
         k_ref, v_ref = k_ref * scales["k_scale"][..., None], v_ref * scales["v_scale"][..., None]
     # the CPU reference takes its own layout: keys transposed inside a block
     ref = cpu._paged_attention_torch(q.float(), cpu.PagedKV(k_ref.transpose(2, 3), v_ref), *args,
-                                     torch.empty(T, nh * d))
+                                     torch.empty(T, nh * d), softcap)
     return rel_err(out, ref)
 
 
@@ -185,6 +187,16 @@ def test_paged_attention_matches_torch(nh, kvh, d, page, window, dtype, decode_o
     else:                                   # decode, whole prefill, decode, chunked prefill
         q_counts, ctx = [1, 7, 1, 12], [9, 7, 30, page * 3 + 1]
     assert paged_case(nh, kvh, d, page, window, dtype, q_counts, ctx, split_size, gen) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("nh,kvh,d,page,window,dtype", [PAGED_CASES[0], PAGED_CASES[3], PAGED_CASES[4]])
+@pytest.mark.parametrize("split_size", [None, 16])
+def test_paged_attention_softcap_matches_torch(nh, kvh, d, page, window, dtype, split_size):
+    """Gemma 2's soft-capped scores (cap 5; queries scaled 4x so the scores reach 10-30 and the cap
+    bends them), prefill and decode, split and unsplit, fp32 / int8 caches, with and without a window."""
+    gen = torch.Generator().manual_seed(nh + d)
+    args = (nh, kvh, d, page, window, dtype, [1, 7, 1, 12], [9, 7, 30, page * 3 + 1], split_size)
+    assert paged_case(*args, gen, softcap=5.0, q_scale=4.0) < BOUND[dtype]
 
 
 def test_paged_attention_splits_long_contexts_at_small_batch():
@@ -443,7 +455,7 @@ def test_other_encoders_with_the_cuda_backend(kind, tmp_path, modernbert_dir, de
         assert rel_err(g, r) < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "qwen3", "gemma3", "gemma2"])
 def test_generation_with_the_cuda_backend(decoder_dirs, arch, monkeypatch):
     """Greedy tokens and their logprobs from the unchanged decoder model code on the cuda backend:
     RMSNorm/LayerNorm, RoPE, SiLU-and-mul / GELU, paged GQA attention (chunked prefill, decode, and
@@ -493,6 +505,9 @@ cache8, scale8 = torch.empty(9, 2, 16, 128, dtype=torch.int8), torch.empty(9, 2,
 tk.paged_attention(torch.empty(2, 8 * 128, dtype=bf), cache8, cache8, torch.empty(2, 4, dtype=torch.int32),
                    torch.tensor([0, 1, 2]), torch.tensor([9, 50]), 8, 0, 0.1, torch.empty(2, 8 * 128),
                    k_scale=scale8, v_scale=scale8)
+tk.paged_attention(torch.empty(2, 8 * 128, dtype=bf), cache, cache, torch.empty(2, 4, dtype=torch.int32),
+                   torch.tensor([0, 1, 2]), torch.tensor([9, 50]), 8, 0, 0.1, torch.empty(2, 8 * 128),
+                   softcap=50.0)      # Gemma 2's soft-capped scores
 x = torch.empty(8, 768, dtype=bf)
 tk.row_norm(x, x[0], None, 1e-5, "rms", x, bias=x[0], act="gelu_tanh", residual=x)
 tk.bias_act(x, x, bias=x[0], act="gelu")
@@ -535,7 +550,7 @@ def test_kernels_compile_for_hopper():
     run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 16, run.stdout
+    assert run.stdout.count("compiled") == 17, run.stdout
 
 
 # ---------------------------------------------------------------------- CUDA graphs: what runs without a GPU

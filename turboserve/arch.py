@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import UnsupportedArchitectureError
+from .errors import ModelLoadError, UnsupportedArchitectureError
 
 # Canonical per-layer weight names -> checkpoint suffixes (after "<layer prefix>.{i}.").
 _BERT_LAYER = {
@@ -214,14 +214,31 @@ GEMMA3 = DecoderSpec(
      "post_attn_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
     {**_LLAMA_CFG, "act": "hidden_activation", "window": "sliding_window", "local_theta": "rope_local_base_freq",
      "attn_scalar": "query_pre_attn_scalar", "bidirectional": "use_bidirectional_attention",
-     "global_every": "sliding_window_pattern"},
+     "global_every": "sliding_window_pattern", "attn_softcap": "attn_logit_softcapping",
+     "final_softcap": "final_logit_softcapping"},
     norm="rmsnorm", rope=True, gated_mlp=True, qk_norm=True, window_layers="last_of_every", norm_offset=1.0,
     embed_scale=True,
     cfg_defaults={"act": "gelu_pytorch_tanh", "eps": 1e-6, "tie": True, "rope_theta": 1000000.0,
                   "local_theta": 10000.0, "rope_scaling": None, "window": 4096, "attn_scalar": None,
-                  "bidirectional": False, "global_every": 6},
+                  "bidirectional": False, "global_every": 6, "attn_softcap": None, "final_softcap": None},
 )
-DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GEMMA3)}
+# Gemma 2 (gemma-2-2b / 9b / 27b, and embedding models on it such as bge-multilingual-gemma2): Gemma 3's
+# layer without the q / k norms, one RoPE base, the first layer of each pair sliding (its configs before
+# transformers 4.5x have no layer_types), and tanh soft-capping of the attention scores (50) and of the
+# logits (30)
+GEMMA2 = DecoderSpec(
+    "gemma2", "model.", "layers", _LLAMA_EMB,
+    {**_LLAMA_LAYER, "norm2": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
+     "post_mlp_norm": "post_feedforward_layernorm"},
+    {**_LLAMA_CFG, "act": "hidden_activation", "window": "sliding_window", "attn_scalar": "query_pre_attn_scalar",
+     "bidirectional": "use_bidirectional_attention", "global_every": "sliding_window_pattern",
+     "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping"},
+    norm="rmsnorm", rope=True, gated_mlp=True, window_layers="last_of_every", norm_offset=1.0, embed_scale=True,
+    cfg_defaults={"act": "gelu_pytorch_tanh", "eps": 1e-6, "tie": True, "rope_theta": 10000.0,
+                  "rope_scaling": None, "window": 4096, "attn_scalar": None, "bidirectional": False,
+                  "global_every": 2, "attn_softcap": 50.0, "final_softcap": 30.0},
+)
+DECODERS = {spec.model_type: spec for spec in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, GEMMA3, GEMMA2)}
 DECODER_ACTIVATIONS = {**ACTIVATIONS, "silu": "silu", "swish": "silu"}
 
 # Encoders on the pre-norm layer library. ModernBERT: fused Wqkv and Wi (GeGLU: gelu(input) * gate),
@@ -247,6 +264,20 @@ PRENORM_ENCODERS = {spec.model_type: spec for spec in (MODERNBERT,)}
 def is_sequence_classifier(config: dict) -> bool:
     """A ...ForSequenceClassification checkpoint (its head is loaded, and it is served as a classifier)."""
     return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def softcaps(spec: DecoderSpec, config: dict) -> tuple[float, float]:
+    """(attention scores', final logits') tanh soft-cap, 0.0 for none: the config's values, where a
+    null means none (Gemma 2's configs say 50 / 30; a key it lacks takes transformers' default)."""
+    def cap(key: str) -> float:
+        name = spec.cfg_keys.get(key)
+        if name is None:
+            return 0.0
+        value = config[name] if name in config else spec.cfg_defaults.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise ModelLoadError(f"{name} must be a positive number or null, not {value!r}")
+        return float(value or 0.0)
+    return cap("attn_softcap"), cap("final_softcap")
 
 
 def is_bidirectional(spec: DecoderSpec, config: dict) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for, is_bidirectional
+from .arch import DECODER_ACTIVATIONS, DecoderSpec, decoder_spec_for, is_bidirectional, softcaps
 from .errors import InvalidInputError, ModelLoadError, UnsupportedArchitectureError
 from .loader import CheckpointView, read_config, read_json, read_state_dict, resolve_model_dir
 from .ops import backend_for, check_device
@@ -141,10 +141,11 @@ class DecoderModel:
             raise ModelLoadError(f"unsupported activation {act_name!r}; supported: {', '.join(DECODER_ACTIVATIONS)}")
         if spec.gated_mlp and DECODER_ACTIVATIONS[act_name] not in ("silu", "gelu", "gelu_tanh"):
             raise ModelLoadError(f"gated MLP activation {act_name!r} is not supported (SiLU- or GELU-gated only)")
-        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if config.get(cap):
-                raise ModelLoadError(f"{cap} is not supported (Gemma 2's logit soft-capping)")
         self.bidirectional = is_bidirectional(spec, config)
+        # Gemma 2's tanh soft-caps (0: none): on attention scores in the paged kernels, on the logits here
+        self.attn_softcap, self.final_softcap = softcaps(spec, config)
+        if self.attn_softcap and self.bidirectional:
+            raise ModelLoadError("attn_logit_softcapping with bidirectional attention is not supported")
         self.activation = DECODER_ACTIVATIONS[act_name]
         self.windows = _layer_windows(config, spec, self.num_layers, self.bidirectional)
         # GPT-2's attention scale: 1 / sqrt(d), or 1 (scale_attn_weights false), divided by the layer's
@@ -272,7 +273,11 @@ class DecoderModel:
             logits = self.ops.linear(self.lm_head_int8, h).float()     # bf16 on the GPU's W8A16 path
         else:
             logits = self.ops.lm_head(h, self.lm_head).float()
-        return logits if self.tp is None else self.tp.gather_vocab(logits)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits)
+        if self.final_softcap:
+            logits.div_(self.final_softcap).tanh_().mul_(self.final_softcap)
+        return logits
 
     @torch.inference_mode()
     def hidden_states(self, step: StepBatch, cache) -> torch.Tensor:
@@ -319,7 +324,7 @@ class DecoderModel:
                 ops.write_kv(layer_cache, k.view(-1, kvh, d), v.view(-1, kvh, d), step.slot_blocks, step.slot_offsets,
                              rope=(q, cos, sin) if self.spec.rope else None)      # RoPE on q and K, one pass
                 a = ops.paged_attention(q, layer_cache, step.block_tables, step.cu_q, step.ctx_len, nh, window,
-                                        scale, step.max_ctx)
+                                        scale, step.max_ctx, self.attn_softcap)
             o = reduce(ops.linear(layer.o, a.to(adt)))
             x += o if layer.post_attn_norm is None else ops.norm(o, *layer.post_attn_norm, self.eps, self.spec.norm)
             h = ops.norm(x, *layer.norm2, self.eps, self.spec.norm, quant_for=qf(layer.up), out_dtype=adt)
@@ -392,7 +397,7 @@ def _int8_consumer(linear):
 def _layer_windows(config: dict, spec, num_layers: int, bidirectional: bool) -> list[int]:
     """Each layer's sliding window (0: full attention), as transformers reads it: `layer_types` where
     the config has them; else one global layer in every `global_every` (ModernBERT: the first of each
-    group, Gemma 3: the last), Qwen2's and Qwen3's use_sliding_window (default false) from layer
+    group, Gemma 2 and 3: the last), Qwen2's and Qwen3's use_sliding_window (default false) from layer
     max_window_layers on, or Mistral's sliding_window on every layer. A causal layer's window counts
     the keys up to the query; a bidirectional one's bounds |key - query| < window."""
     window = spec.optional_value(config, "window")

@@ -84,7 +84,7 @@ class Encoder:
              classifier_tokens: list[str] | None = None, pair_template: str | None = None) -> "Encoder":
         """Load a Hugging Face model directory (None: the bundled all-MiniLM-L6-v2): an encoder (BERT,
         RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT and EmbeddingGemma on the pre-norm layers), or
-        a decoder's trunk as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 3;
+        a decoder's trunk as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 2 / 3;
         prenorm_encoder.py; pooled by its sentence-transformers config, else the last token's state).
         dtype auto and tensor_parallel are for the post-LN encoders only.
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .arch import ACTIVATIONS, decoder_spec_for, is_decoder, is_sequence_classifier
+from .arch import ACTIVATIONS, decoder_spec_for, is_decoder, is_sequence_classifier, softcaps
 from .decoder import DecoderModel, StepBatch
 from .errors import ModelLoadError
 from .loader import CheckpointView
@@ -64,16 +64,23 @@ class LastTokenClassifier:
     one that has read the whole input): `score` [labels, hidden] of a ...ForSequenceClassification
     checkpoint (LLaMA, Qwen2, Qwen3, Mistral, Gemma 3: rerankers converted to it such as
     Qwen3-Reranker-seq-cls, reward models, classifiers), or rows of a causal LM's head for the tokens
-    it answers with (load_classifier's classifier_tokens)."""
+    it answers with (load_classifier's classifier_tokens). softcap > 0: the logits soft-capped, softcap
+    tanh(x / softcap), as the LM's (Gemma 2); difference: one label, the second row's logit minus the
+    first's (two classifier tokens)."""
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    softcap: float = 0.0
+    difference: bool = False
 
     @property
     def num_labels(self) -> int:
-        return self.weight.shape[0]
+        return 1 if self.difference else self.weight.shape[0]
 
     def __call__(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        return F.linear(pool(hidden, batch, "lasttoken"), self.weight, self.bias)
+        logits = F.linear(pool(hidden, batch, "lasttoken"), self.weight, self.bias)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[:, 1:] - logits[:, :1] if self.difference else logits
 
 
 def load_classifier(view: CheckpointView, config: dict, device: torch.device,
@@ -111,8 +118,6 @@ def load_classifier(view: CheckpointView, config: dict, device: torch.device,
 def _token_classifier(view: CheckpointView, config: dict, device: torch.device, tokens: list[int]):
     if not is_decoder(config):
         raise ModelLoadError("classifier tokens read a causal LM's head: this model is not a causal LM")
-    if config.get("final_logit_softcapping"):
-        raise ModelLoadError("classifier tokens on a model with final_logit_softcapping are not supported")
     spec = decoder_spec_for(config, generation=False)
     hidden, vocab = spec.config_value(config, "hidden"), spec.config_value(config, "vocab")
     if not all(0 <= t < vocab for t in tokens) or len(set(tokens)) != len(tokens):
@@ -123,8 +128,11 @@ def _token_classifier(view: CheckpointView, config: dict, device: torch.device, 
         if not spec.config_value(config, "tie"):
             raise ModelLoadError("the checkpoint has no lm_head.weight, and its embeddings are not tied")
         rows = view.get(spec.emb_names["word"] + ".weight", (vocab, hidden), rows=index)
-    weight = rows[1:] - rows[:1] if len(tokens) == 2 else rows
-    return LastTokenClassifier(weight.contiguous().to(device))
+    # two tokens: one logit, their difference (without a soft-cap, of the rows: one product, not two)
+    softcap = softcaps(spec, config)[1]
+    if len(tokens) == 2 and not softcap:
+        return LastTokenClassifier((rows[1:] - rows[:1]).contiguous().to(device))
+    return LastTokenClassifier(rows.contiguous().to(device), softcap=softcap, difference=len(tokens) == 2)
 
 
 class PreNormEncoderModel:

@@ -104,8 +104,8 @@ def _load():
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, i32, p, p, p, p, i64, i64, i32]
     L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, p, i64, i64, i64, i32]
-    L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, p, i64,
-                                  i64, i32]
+    L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, f32, p,
+                                  i64, i64, i32]
     L.int8_gemm_packed.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
     L.kv_write.argtypes = [p, i64, p, i64, p, p, i64, p, p, p, p, i32, i64, i64, i64, i32]
     L.release_thread_pool.argtypes = []
@@ -196,9 +196,11 @@ KV_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, cu_q: torch.Tensor, ctx_len: torch.Tensor,
-                    num_heads: int, window: int, scale: float, max_ctx: int, out: torch.Tensor) -> torch.Tensor:
+                    num_heads: int, window: int, scale: float, max_ctx: int, out: torch.Tensor,
+                    softcap: float = 0.0) -> torch.Tensor:
     """See kernels.c. q: fp32 [T, >= num_heads * d] rows (a view into the QKV output is fine: its row
-    stride is passed); out: fp32 [T, num_heads * d]; cache: ops.cpu.PagedKV (fp32, bf16 or int8)."""
+    stride is passed); out: fp32 [T, num_heads * d]; cache: ops.cpu.PagedKV (fp32, bf16 or int8);
+    softcap > 0: scores soft-capped (Gemma 2)."""
     k, v = cache.k, cache.v
     _check(k, v, block_tables, cu_q, ctx_len, out, *(t for t in (cache.k_scale, cache.v_scale) if t is not None))
     _require(q.stride(1) == 1 and q.dtype == out.dtype == torch.float32 and block_tables.dtype == torch.int32
@@ -208,9 +210,10 @@ def paged_attention(q: torch.Tensor, cache, block_tables: torch.Tensor, cu_q: to
              and out.shape[0] == q.shape[0] and cu_q.numel() == ctx_len.numel() + 1
              and block_tables.shape[0] >= ctx_len.numel() and num_heads % kv_heads == 0,
              "paged_attention: q, out, the cache and the step's tensors disagree")
+    _require(softcap >= 0, "paged_attention: softcap must be >= 0")
     lib().paged_attention(_ptr(q), q.stride(0), _ptr(k), _ptr(v), _opt(cache.k_scale), _opt(cache.v_scale),
                           KV_KINDS[k.dtype], _ptr(block_tables), block_tables.stride(0), _ptr(cu_q), _ptr(ctx_len),
-                          ctx_len.numel(), num_heads, kv_heads, d, block_size, window, scale, _ptr(out),
+                          ctx_len.numel(), num_heads, kv_heads, d, block_size, window, scale, softcap, _ptr(out),
                           out.stride(0), max_ctx, _threads())
     return out
 

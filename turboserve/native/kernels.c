@@ -725,6 +725,7 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
  *   block_tables: int32 [num_seqs, bt_stride]; sequence s owns query tokens cu_q[s] .. cu_q[s + 1]; its
  *   context after this step holds ctx_len[s] tokens, so its i-th query sits at position
  *   p = ctx_len[s] - n_q + i and attends to keys max(0, p - window + 1) .. p (window <= 0: unbounded).
+ *   softcap:  > 0 soft-caps the scaled scores, softcap * tanh(s / softcap) (Gemma 2); 0: none.
  *   out:      fp32, head h of token t at out + t * out_stride + h * d
  * Work item = (sequence, chunk of up to QCHUNK queries, KV head; on the int8 VNNI path a group of KV
  * heads). Its rows, (query, head) pairs of the query heads sharing a KV head (grouped-query
@@ -810,14 +811,39 @@ static inline void prefetch_block(int64_t b, int64_t lo, int64_t hi, const int32
 #endif
 }
 
+/* Gemma 2's soft-capping of scaled scores, in place over s[0 .. n): cap tanh(s / cap), computed as
+ * cap - 2 cap / (1 + e^(2 s / cap)), one exp per score (exp's exact 0 and the clamp at 80 give -cap
+ * and cap at the ends); absolute error about cap * 1e-7, nothing against softmax's exp. */
+static void softcap_scores(float *s, int64_t n, float cap) {
+    int64_t j = 0;
+    const float k = 2.0f / cap;
+#ifdef __AVX512F__
+    for (; j + 16 <= n; j += 16) {
+        const __m512 e = exp512(_mm512_min_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(k)),
+                                              _mm512_set1_ps(80.0f)));
+        _mm512_storeu_ps(s + j, _mm512_sub_ps(_mm512_set1_ps(cap), _mm512_div_ps(_mm512_set1_ps(2.0f * cap),
+                                                                                 _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
+    }
+#elif defined(__AVX2__)
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp256(_mm256_min_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(k)),
+                                              _mm256_set1_ps(80.0f)));
+        _mm256_storeu_ps(s + j, _mm256_sub_ps(_mm256_set1_ps(cap), _mm256_div_ps(_mm256_set1_ps(2.0f * cap),
+                                                                                 _mm256_add_ps(_mm256_set1_ps(1.0f), e))));
+    }
+#endif
+    for (; j < n; j++) s[j] = cap * tanhf(s[j] / cap);
+}
+
 /* Softmax of each row over its own keys [row_lo[r], row_hi[r]] (scores at sc + r * stride, key j at
- * j - lo); keys of the group outside a row's range weigh 0. */
+ * j - lo), soft-capped first when cap > 0; keys of the group outside a row's range weigh 0. */
 static inline void softmax_rows(int nr, float *sc, int64_t stride, const int64_t *row_lo, const int64_t *row_hi,
-                                int64_t lo, int64_t n) {
+                                int64_t lo, int64_t n, float cap) {
     for (int r = 0; r < nr; r++) {
         float *sr = sc + r * stride;
         const int64_t a = row_lo[r] - lo, e = row_hi[r] - lo + 1;
         float m = -INFINITY, sum = 0.f;
+        if (cap > 0.f) softcap_scores(sr + a, e - a, cap);
         for (int64_t j = a; j < e; j++) m = sr[j] > m ? sr[j] : m;
         for (int64_t j = 0; j < a; j++) sr[j] = 0.f;
         int64_t j = a;
@@ -874,7 +900,7 @@ static inline __attribute__((always_inline)) void paged_rows_avx2(
         int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
         const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
         const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh,
-        int64_t d, int64_t bs, float scale, float *sc, int64_t stride) {
+        int64_t d, int64_t bs, float scale, float cap, float *sc, int64_t stride) {
     const int64_t es = elem_size(kind), n = hi - lo + 1;
     enum { CS = 4 };
     const int cs = nr >= 3 ? 2 : CS;          /* rows x chains accumulators: at most 8 */
@@ -907,7 +933,7 @@ static inline __attribute__((always_inline)) void paged_rows_avx2(
             }
         }
     }
-    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n);
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n, cap);
     /* P.V in passes of nv vectors (8 nv columns) per row, nr x nv <= 8 accumulators: one row (a
      * decode step without grouped-query attention) takes 64 columns per pass, so a head of 64 reads
      * its values once instead of once per 16 columns (GPT-2's decode shape, benchmarks/
@@ -950,7 +976,7 @@ static void paged_rows_i8_avx2(int nr, const float *const qr[PA_ROWS], float *co
                                const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
                                const int8_t *k_cache, const int8_t *v_cache, const float *k_scale,
                                const float *v_scale, const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d,
-                               int64_t bs, float scale, float *sc, int64_t stride, int16_t *q16,
+                               int64_t bs, float scale, float cap, float *sc, int64_t stride, int16_t *q16,
                                int16_t *wbuf) {
     float qsc[PA_ROWS];
     for (int r = 0; r < nr; r++) {
@@ -993,7 +1019,7 @@ static void paged_rows_i8_avx2(int nr, const float *const qr[PA_ROWS], float *co
             }
         }
     }
-    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, hi - lo + 1);
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, hi - lo + 1, cap);
     /* P.V as int16 multiply-adds too: w_j = p_j * v_scale_j per row, quantized to int16 against the
      * row's largest (relative error 1.5e-5 of it), meets the [4 keys] bytes of each dimension widened
      * to int16: lanes (dim c, keys 0-1), (dim c, keys 2-3). int32 sums flush to fp32 every 256 keys
@@ -1066,7 +1092,7 @@ static void paged_rows_i8_avx2(int nr, const float *const qr[PA_ROWS], float *co
 static void paged_rows_scalar(int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
                               const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
                               const char *k_cache, const char *v_cache, const float *k_scale, const float *v_scale,
-                              const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d, int64_t bs, float scale,
+                              const int32_t *table, int64_t kv_heads, int64_t kh, int64_t d, int64_t bs, float scale, float cap,
                               float *sc, int64_t stride) {
     const int64_t es = elem_size(kind);
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
@@ -1083,7 +1109,7 @@ static void paged_rows_scalar(int kind, int nr, const float *const qr[PA_ROWS], 
             }
         }
     }
-    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, hi - lo + 1);
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, hi - lo + 1, cap);
     for (int r = 0; r < nr; r++)
         for (int64_t c = 0; c < d; c++) dst[r][c] = 0.f;
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
@@ -1113,7 +1139,7 @@ static inline __attribute__((always_inline)) void paged_rows(
         int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
         const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
         const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh,
-        int64_t d, int64_t bs, float scale, float *sc, int64_t stride) {
+        int64_t d, int64_t bs, float scale, float cap, float *sc, int64_t stride) {
     const int64_t es = elem_size(kind), n = hi - lo + 1;
     /* 1. scores s[r][j - lo] = scale * q_r . k_j; dimension c goes to chain c % CS of its row (4 rows
      *    x 8 chains would be all 32 registers) */
@@ -1149,7 +1175,7 @@ static inline __attribute__((always_inline)) void paged_rows(
             }
         }
     }
-    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n);
+    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n, cap);
     /* 3. out_r = sum_j p_r[j] v_j, 64 columns per pass; with one or two rows, even and odd keys go to
      *    separate accumulators so at least 8 FMA chains are in flight */
     const int kp = nr <= 2 ? 2 : 1;
@@ -1211,7 +1237,7 @@ static inline __attribute__((always_inline)) void paged_heads_i8(
         int nr, int64_t nh, int64_t head_step, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
         const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
         const int8_t *k_cache, const int8_t *v_cache, const float *k_scale, const float *v_scale,
-        const int32_t *table, int64_t kv_heads, int64_t kh0, int64_t d, int64_t bs, float scale, float *sc,
+        const int32_t *table, int64_t kv_heads, int64_t kh0, int64_t d, int64_t bs, float scale, float cap, float *sc,
         int64_t stride, uint8_t *qb, float *qs, float *acc) {
     const int64_t d4 = d / 4, n = hi - lo + 1, part = d * bs;
     for (int64_t hh = 0; hh < nh; hh++)
@@ -1286,7 +1312,7 @@ static inline __attribute__((always_inline)) void paged_heads_i8(
             }
         }
     }
-    for (int64_t hh = 0; hh < nh; hh++) softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n);
+    for (int64_t hh = 0; hh < nh; hh++) softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n, cap);
     /* 3. values */
     memset(acc, 0, sizeof(float) * (size_t)(nh * PA_ROWS * d));
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
@@ -1336,7 +1362,7 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                      const float *k_scale, const float *v_scale, int kind,
                      const int32_t *block_tables, int64_t bt_stride, const int64_t *cu_q,
                      const int64_t *ctx_len, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                     int64_t d, int64_t block_size, int64_t window, float scale, float *out,
+                     int64_t d, int64_t block_size, int64_t window, float scale, float softcap, float *out,
                      int64_t out_stride, int64_t max_ctx, int threads) {
     const int64_t g = num_heads / num_kv_heads;
     int64_t n_items = 0;
@@ -1400,11 +1426,11 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                                          case 3: CALL(3); break; default: CALL(4); } } while (0)
 #define I8_ROWS(NR) paged_heads_i8(NR, nh, g * d, qr, dst, row_lo, row_hi, lo, hi, (const int8_t *)k_cache, \
                                    (const int8_t *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, \
-                                   block_size, scale, sc, stride, qb, qs, acc)
+                                   block_size, scale, softcap, sc, stride, qb, qs, acc)
 #define F32_ROWS(NR) paged_rows(KV_F32, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+                                (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
 #define BF16_ROWS(NR) paged_rows(KV_BF16, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                 (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+                                 (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
 #ifdef HAVE_VNNI
                 if (vnni) { BY_ROWS(I8_ROWS); continue; }
 #endif
@@ -1415,9 +1441,9 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
 #undef F32_ROWS
 #undef BF16_ROWS
 #define F32_ROWS(NR) paged_rows_avx2(KV_F32, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                     (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+                                     (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
 #define BF16_ROWS(NR) paged_rows_avx2(KV_BF16, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                      (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, sc, stride)
+                                      (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
                 if (kind == KV_F32) { BY_ROWS(F32_ROWS); continue; }
                 if (kind == KV_BF16) { BY_ROWS(BF16_ROWS); continue; }
 #endif
@@ -1425,13 +1451,13 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                 if (kind == KV_I8 && block_size % 8 == 0 && d % 8 == 0 && d <= 1024) {
                     paged_rows_i8_avx2(nr, qr, dst, row_lo, row_hi, lo, hi, (const int8_t *)k_cache,
                                        (const int8_t *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d,
-                                       block_size, scale, sc, stride, (int16_t *)qb, wbuf);
+                                       block_size, scale, softcap, sc, stride, (int16_t *)qb, wbuf);
                     continue;
                 }
 #endif
                 paged_rows_scalar(kind, nr, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache,
                                   (const char *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, block_size,
-                                  scale, sc, stride);
+                                  scale, softcap, sc, stride);
 #undef BY_ROWS
 #undef I8_ROWS
 #undef F32_ROWS

@@ -531,14 +531,17 @@ def _write_kv_torch(cache: PagedKV, k: torch.Tensor, v: torch.Tensor, slot_block
 
 
 def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_q: torch.Tensor,
-                    ctx_len: torch.Tensor, num_heads: int, window: int, scale: float, max_ctx: int) -> torch.Tensor:
-    """Causal attention of each sequence's new query tokens over its cached context; see kernels.c."""
+                    ctx_len: torch.Tensor, num_heads: int, window: int, scale: float, max_ctx: int,
+                    softcap: float = 0.0) -> torch.Tensor:
+    """Causal attention of each sequence's new query tokens over its cached context; see kernels.c.
+    softcap > 0: the scaled scores become softcap * tanh(s / softcap) before the softmax (Gemma 2)."""
     T = q.shape[0]
     d = cache.v.shape[-1]
     out = torch.empty(T, num_heads * d, dtype=torch.float32)
     if q.dtype == torch.float32 and _native_ok(out) and all(t.is_contiguous() for t in cache if t is not None):
-        return native.paged_attention(q, cache, block_tables, cu_q, ctx_len, num_heads, window, scale, max_ctx, out)
-    return _paged_attention_torch(q, cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out)
+        return native.paged_attention(q, cache, block_tables, cu_q, ctx_len, num_heads, window, scale, max_ctx, out,
+                                      softcap)
+    return _paged_attention_torch(q, cache, block_tables, cu_q, ctx_len, num_heads, window, scale, out, softcap)
 
 
 def _gather_kv(cache: PagedKV, blocks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -557,7 +560,8 @@ def _gather_kv(cache: PagedKV, blocks: torch.Tensor, n: int) -> tuple[torch.Tens
     return k, v
 
 
-def _paged_attention_torch(q, cache: PagedKV, block_tables, cu_q, ctx_len, num_heads, window, scale, out):
+def _paged_attention_torch(q, cache: PagedKV, block_tables, cu_q, ctx_len, num_heads, window, scale, out,
+                           softcap=0.0):
     kv_heads, block_size, d = cache.v.shape[1], cache.v.shape[2], cache.v.shape[3]
     cu, lens = cu_q.tolist(), ctx_len.tolist()
     for s in range(len(lens)):
@@ -570,7 +574,12 @@ def _paged_attention_torch(q, cache: PagedKV, block_tables, cu_q, ctx_len, num_h
         allowed = keys <= pos
         if window > 0:
             allowed &= keys > pos - window
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=allowed, scale=scale,
-                                           enable_gqa=kv_heads != num_heads)
+        if softcap > 0:         # SDPA has no soft-capping: the scores explicitly
+            k, v = (x.repeat_interleave(num_heads // kv_heads, 0) for x in (k, v))
+            s = torch.tanh(qs @ k.transpose(1, 2) * (scale / softcap)) * softcap
+            o = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+        else:
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=allowed, scale=scale,
+                                               enable_gqa=kv_heads != num_heads)
         out[a:b] = o.transpose(0, 1).reshape(b - a, num_heads * d)
     return out

@@ -64,12 +64,17 @@ def _activate(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, bias, DOT: tl.constexpr):
+def _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, bias, softcap, DOT: tl.constexpr,
+                         SOFTCAP: tl.constexpr):
     """One key block of flash attention. s is in log2 units (qk_scale includes log2 e; `bias`, added
     to it, is in log2 units too: a [BLOCK_M, BLOCK_N] block or 0.0). m_i starts at a large finite
     negative value, so a row whose keys are all masked in this block keeps alpha = 1 and gets p = 0
-    instead of NaN."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale + bias
+    instead of NaN. SOFTCAP: s becomes softcap tanh(s / softcap) (Gemma 2; softcap in log2 units too,
+    which scales the same way), tanh as 1 - 2 / (1 + e^2x) with 2x clamped at 80."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
+    if SOFTCAP:
+        s = softcap - 2.0 * softcap / (1.0 + tl.exp(tl.minimum(s * (2.0 / softcap), 80.0)))
+    s = s + bias
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -124,7 +129,7 @@ def _varlen_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, order_ptr, bias
         if HAS_BIAS:      # relative position bias of key j for query i at [head, center + j - i]
             rel = bias_center + offs_n[None, :] - offs_m[:, None]
             bias = tl.load(bias_ptr + head * stride_bias + rel, mask=valid & m_mask, other=0.0) * 1.4426950408889634
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, bias, DOT)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, bias, 0.0, DOT, False)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)               # rows past the sequence end (never stored)
     out = acc / l_i[:, None]
     tl.store(o_ptr + (start + offs_m)[:, None] * stride_o + col, out.to(o_ptr.dtype.element_ty),
@@ -163,11 +168,11 @@ def varlen_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, order: torch.T
 def _paged_attention_kernel(q_ptr, k_cache, v_cache, ks_ptr, vs_ptr, o_ptr, part_ptr, stats_ptr, tables_ptr,
                             cu_q_ptr, ctx_ptr, num_seqs, stride_q, stride_o, stride_kb, stride_kh, stride_kt,
                             stride_vb, stride_vh, stride_vt, stride_sb, stride_sh, stride_table, qk_scale, window,
-                            split_size,
+                            split_size, softcap,
                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
                             BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                            KV_INT8: tl.constexpr, DOT: tl.constexpr):
+                            KV_INT8: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -228,7 +233,7 @@ def _paged_attention_kernel(q_ptr, k_cache, v_cache, ks_ptr, vs_ptr, o_ptr, part
         valid = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
         valid = valid & ((window == 0) | (offs_n[None, :] > pos[:, None] - window))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k.to(q.dtype), v.to(q.dtype), valid, qk_scale, 0.0,
-                                             DOT)
+                                             softcap, DOT, SOFTCAP)
     if NUM_SPLITS == 1:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
         o_off = (q_start + tok)[:, None] * stride_o + head[:, None] * HEAD_DIM + offs_d[None, :]
@@ -313,13 +318,14 @@ def paged_plan(T: int, num_seqs: int, num_heads: int, kv_heads: int, head_dim: i
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_q: torch.Tensor, ctx_len: torch.Tensor, num_heads: int, window: int, scale: float,
                     out: torch.Tensor, split_size: int | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """q: [T, num_heads * d] (rows may be strided, e.g. a view of the qkv projection); caches
     [num_blocks, kv_heads, block_size, d]; block_tables int32 [S, W]; cu_q int64 [S + 1]; ctx_len int64
     [S] (context length after this step's tokens); out [T, num_heads * d]. window > 0 keeps the keys
     in (pos - window, pos]. split_size: keys per split, None to choose (paged_plan). int8 caches come
-    with k_scale, v_scale [num_blocks, kv_heads, block_size] (fp32, one per token and head). The grids
-    depend only on tensor shapes (graph capture safe)."""
+    with k_scale, v_scale [num_blocks, kv_heads, block_size] (fp32, one per token and head). softcap
+    > 0: scaled scores soft-capped, softcap tanh(s / softcap) (Gemma 2). The grids depend only on
+    tensor shapes (graph capture safe)."""
     T = q.shape[0]
     _, kv_heads, page, d = k_cache.shape
     assert q.stride(1) == 1 and out.stride(1) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
@@ -334,10 +340,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _paged_attention_kernel[(plan.programs, kv_heads, plan.splits)](
         q, k_cache, v_cache, scales[0], scales[1], out, part, stats, block_tables, cu_q, ctx_len, num_seqs,
         q.stride(0), out.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], *scales[2:],
-        block_tables.stride(0), scale * LOG2E, window, plan.split_size, GROUP=group,
+        block_tables.stride(0), scale * LOG2E, window, plan.split_size, softcap * LOG2E, GROUP=group,
         GROUP_PAD=triton.next_power_of_2(group), NUM_HEADS=num_heads, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, PAGE=page, NUM_SPLITS=plan.splits, KV_INT8=kv_int8,
-        DOT=_dot_precision(q.dtype), num_warps=4)
+        DOT=_dot_precision(q.dtype), SOFTCAP=softcap > 0, num_warps=4)
     if plan.splits > 1:
         _combine_splits_kernel[(T, num_heads)](part, stats, out, out.stride(0), NUM_HEADS=num_heads, HEAD_DIM=d,
                                                BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=plan.splits,
