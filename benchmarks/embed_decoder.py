@@ -13,7 +13,8 @@ No Normalize or Dense modules here (cosines, and the heavy part, are the transfo
 the public encoder ones (DESIGN.md section 5), the first --requests of each, as token ids ending in
 the model's end-of-text id.
 
-Systems: turboserve fp32 / bf16 / int8 (packed, no padding), transformers (sdpa) with padded batches
+Systems: turboserve fp32 / bf16 / int8 / auto at 0.999 (packed, no padding; auto's plan is made on
+the first run, its time printed, and saved beside the model), transformers (sdpa) with padded batches
 of 32 in arrival order and sorted by length (what sentence-transformers' encode does: it sorts),
 fp32 and bf16. Quality: minimum cosine over all requests against transformers fp32 with each request
 alone. Throughput: real tokens per second, 2 threads; the FLOP rate (linears and attention of real
@@ -62,16 +63,19 @@ def model_dir(name: str) -> Path:
         (d / "modules.json").write_text(json.dumps([
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-        tokenizer_json(d, config["vocab_size"])
+    tokenizer_json(d, config["vocab_size"])         # rewritten: directories built before had no pre-tokenizer
     return d
 
 
 def tokenizer_json(d: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over the model's vocabulary (the benchmark feeds token ids; the Encoder
-    still needs a tokenizer file to load)."""
-    from tokenizers import Tokenizer, models
+    """A word-level tokenizer over the model's vocabulary, "t0" ... "tN" split on whitespace (the
+    benchmark feeds token ids; the Encoder needs a tokenizer file, and dtype auto's calibration texts
+    are words of it)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {f"t{i}": i for i in range(vocab_size)}
-    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(d / "tokenizer.json"))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
 
 
 def sequences(name: str, workload: str, n: int) -> list[list[int]]:
@@ -91,7 +95,15 @@ def flops(config: dict, length: int) -> float:
 
 
 def run_turboserve(path, seqs, dtype):
+    t = time.perf_counter()
     enc = Encoder.load(path, dtype=dtype)
+    if dtype == "auto":
+        m = enc.precision_plan.measured
+        print(f"# auto (0.999) loaded in {time.perf_counter() - t:.0f} s (planned in {m['planned_in_s']} s, "
+              f"calibration pass {m['calibration_forward_s']} s, search: {m['search']}): "
+              f"{enc.precision_plan.summary()}; held-out {m['heldout_min_cosine']}, linear time "
+              f"{m['linear_time_fraction_of_fp32']:.0%} of fp32",
+              flush=True)
     out = [None]
 
     def go():
@@ -154,6 +166,7 @@ def main():
                 "turboserve fp32": lambda: run_turboserve(path, seqs, "fp32"),
                 "turboserve bf16": lambda: run_turboserve(path, seqs, "bf16"),
                 "turboserve int8": lambda: run_turboserve(path, seqs, "int8"),
+                "turboserve auto (0.999)": lambda: run_turboserve(path, seqs, "auto"),
                 "transformers fp32 padded/32": lambda: run_transformers(path, seqs, torch.float32, False, pooling),
                 "transformers fp32 sorted/32": lambda: run_transformers(path, seqs, torch.float32, True, pooling),
                 "transformers bf16 sorted/32": lambda: run_transformers(path, seqs, torch.bfloat16, True, pooling),

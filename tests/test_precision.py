@@ -126,3 +126,78 @@ def test_real_minilm_plan_meets_bound_on_public_workload(tmp_path):
     assert _min_cos(auto.embed(seqs), fp32.embed(seqs)) >= 0.999
     from turboserve.precision import plan_paths
     assert plan_paths(model, 0.999, auto.precision_plan.settings)[0].exists()     # saved beside the model
+
+
+# ---------------------------------------------------------------------- pre-norm layers (decoder trunks)
+@pytest.fixture(scope="module")
+def wide_qwen3(tmp_path_factory):
+    """A random Qwen3 trunk (hidden 256, GQA, q / k norms) served as an embedding model."""
+    from conftest import build_decoder
+    return build_decoder("qwen3", tmp_path_factory.mktemp("wide-qwen3"), seed=3, hidden_size=256,
+                         intermediate_size=768, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def test_prenorm_plan_meets_bound_on_held_out_inputs_and_is_reused(wide_qwen3):
+    """dtype auto on the pre-norm layers (decoder embedding models, ModernBERT, EmbeddingGemma): their
+    four linears per layer (qkv, o, gate|up, down) planned like the BERT family's."""
+    bound = 0.999
+    fp32 = Encoder.load(wide_qwen3)
+    auto = Encoder.load(wide_qwen3, dtype="auto", quality_bound=bound)
+    plan = auto.precision_plan
+    assert set(plan.layers) == {f"{i}.{n}" for i in range(2) for n in ("qkv", "o", "up", "down")}
+    assert plan.measured["heldout_min_cosine"] >= bound
+    texts = _texts(40, seed=11)
+    assert _min_cos(auto.embed(texts), fp32.embed(texts)) >= bound - 2e-4
+    again = Encoder.load(wide_qwen3, dtype="auto", quality_bound=bound)
+    assert again.precision_plan.layers == plan.layers
+    assert torch.equal(again.embed(texts), auto.embed(texts))
+    alone = torch.cat([auto.embed([t]) for t in texts[:6]])
+    assert torch.allclose(alone, auto.embed(texts[:6]), atol=1e-5)
+
+
+def test_prenorm_mixed_plans_run_every_pairing_of_precisions(tmp_path):
+    """A plan may put any precision next to any other (an int8 gate|up feeding a bf16 down, a bf16 one
+    feeding int8 through the gated activation's quantizing pass, ...): nine layers give every pairing;
+    the mixed model stays close to fp32 without being it, and an all-int8 plan is exactly dtype int8."""
+    from conftest import build_decoder
+    from turboserve.precision import save_plan
+    d = build_decoder("qwen3", tmp_path / "q", num_hidden_layers=9)
+    first = Encoder.load(d, dtype="auto", quality_bound=0.5).precision_plan
+    kinds = ("fp32", "bf16", "int8")
+    layers = {}
+    for i in range(9):
+        layers[f"{i}.up"], layers[f"{i}.down"] = kinds[i // 3], kinds[i % 3]
+        layers[f"{i}.qkv"], layers[f"{i}.o"] = kinds[i % 3], kinds[(i + 1) % 3]
+
+    def load_with(assignment):
+        save_plan(PrecisionPlan(first.bound, assignment, first.alpha, first.fingerprint, {}, first.settings), d)
+        enc = Encoder.load(d, dtype="auto", quality_bound=0.5)
+        assert enc.precision_plan.layers == assignment
+        return enc
+    texts = _texts(12, seed=5)
+    ref = Encoder.load(d).embed(texts)
+    got = load_with(layers).embed(texts)
+    assert _min_cos(got, ref) > 0.99 and not torch.allclose(got, ref, atol=1e-5)
+    int8 = load_with({k: "int8" for k in layers}).embed(texts)
+    assert torch.equal(int8, Encoder.load(d, dtype="int8").embed(texts))
+
+
+@pytest.mark.parametrize("arch", ["minilm", "qwen3"])       # the random wide BERT's all-fastest plan is inside
+def test_prefix_search_for_large_models_meets_bound(wide_qwen3, monkeypatch, tmp_path, arch):
+    """Where the end-to-end search would take too long (forced here with a budget of 0 s), moves are
+    ordered by each linear's own output error, measured in one instrumented pass, and the plan is the
+    longest prefix inside the bound (bisection): it still holds the bound on held-out and unseen
+    inputs, in a few forward passes."""
+    from turboserve import precision
+    monkeypatch.setattr(precision, "SEARCH_BUDGET_S", 0.0)
+    path, bound = (tmp_path / "minilm", 0.999) if arch == "minilm" else (wide_qwen3, 0.9995)
+    if arch == "minilm":
+        path.mkdir()
+        for f in default_model_path().iterdir():
+            (path / f.name).symlink_to(f)          # the plan is written here, not into site-packages
+    auto = Encoder.load(path, dtype="auto", quality_bound=bound, replan=True)
+    plan = auto.precision_plan
+    assert plan.measured["search"].startswith("the first") and plan.measured["heldout_min_cosine"] >= bound
+    assert set(plan.layers.values()) != {"fp32"}                   # it moved some
+    texts = _texts(40, seed=13)
+    assert _min_cos(auto.embed(texts), Encoder.load(path).embed(texts)) >= bound - 2e-4

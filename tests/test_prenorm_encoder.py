@@ -128,8 +128,6 @@ def test_an_input_limit_past_the_batch_budget_must_fit_in_memory_too(decoder_dir
 
 
 def test_refusals(decoder_dirs):
-    with pytest.raises(InvalidInputError, match="dtype auto"):
-        Encoder.load(decoder_dirs["llama"], dtype="auto")
     with pytest.raises(InvalidInputError, match="tensor parallelism"):
         Encoder.load(decoder_dirs["llama"], tensor_parallel=2)
     enc = Encoder.load(decoder_dirs["llama"])

@@ -198,9 +198,10 @@ class DecoderModel:
         weight = view.get(key + ".weight", (width,)) + self.spec.norm_offset
         return weight.to(dev, dt), None if bias is None else bias.to(dev, dt)
 
-    def _linear(self, view: CheckpointView, keys: list[str], outs: list[int], in_features: int):
-        """One linear from one or more checkpoint linears stacked along the output (fused QKV / gate|up);
-        checkpoint linear k is [outs[k], in_features] (stored transposed with Conv1D)."""
+    def _raw_linear(self, view: CheckpointView, keys: list[str], outs: list[int], in_features: int):
+        """(weight [out, in], bias or None) of one linear made of one or more checkpoint linears stacked
+        along the output (fused QKV / gate|up); checkpoint linear k is [outs[k], in_features] (stored
+        transposed with Conv1D)."""
         ws, bs = [], []
         for k, out in zip(keys, outs, strict=True):
             w = view.get(k + ".weight", (in_features, out) if self.spec.conv1d else (out, in_features))
@@ -209,29 +210,41 @@ class DecoderModel:
         weight = torch.cat(ws)
         bias = None if all(b is None for b in bs) else torch.cat(
             [b if b is not None else torch.zeros(w.shape[0]) for b, w in zip(bs, ws)])
-        return self.ops.make_decoder_linear(weight, bias, self.dtype_name)
+        return weight, bias
 
-    def _load_layer(self, view: CheckpointView, i: int) -> DecoderLayer:
+    def raw_linears(self, view: CheckpointView, i: int) -> dict[str, tuple]:
+        """Layer i's linears as checkpoint weights, {"qkv" | "o" | "up" | "down": (weight, bias)}: up is
+        fc1, or gate|up fused."""
         n = self.spec.layer_names
         p = f"{self.spec.layer_prefix}.{i}."
         H, I = self.hidden, self.intermediate
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        raw = {}
         if "qkv" in n:                   # one fused projection in the checkpoint (GPT-2, ModernBERT)
-            qkv = self._linear(view, [p + n["qkv"]], [q + 2 * kv], H)
+            raw["qkv"] = self._raw_linear(view, [p + n["qkv"]], [q + 2 * kv], H)
         else:
-            qkv = self._linear(view, [p + n["q"], p + n["k"], p + n["v"]], [q, kv, kv], H)
+            raw["qkv"] = self._raw_linear(view, [p + n["q"], p + n["k"], p + n["v"]], [q, kv, kv], H)
+        raw["o"] = self._raw_linear(view, [p + n["o"]], [H], q)
         if self.spec.gated_mlp:
-            up = self._linear(view, [p + n["gate_up"]] if "gate_up" in n else [p + n["gate"], p + n["up"]],
-                              [2 * I] if "gate_up" in n else [I, I], H)
-            down = self._linear(view, [p + n["down"]], [H], I)
+            raw["up"] = self._raw_linear(view, [p + n["gate_up"]] if "gate_up" in n else [p + n["gate"], p + n["up"]],
+                                         [2 * I] if "gate_up" in n else [I, I], H)
+            raw["down"] = self._raw_linear(view, [p + n["down"]], [H], I)
         else:
-            up, down = self._linear(view, [p + n["fc1"]], [I], H), self._linear(view, [p + n["fc2"]], [H], I)
+            raw["up"] = self._raw_linear(view, [p + n["fc1"]], [I], H)
+            raw["down"] = self._raw_linear(view, [p + n["fc2"]], [H], I)
+        return raw
+
+    def _load_layer(self, view: CheckpointView, i: int) -> DecoderLayer:
+        n = self.spec.layer_names
+        p = f"{self.spec.layer_prefix}.{i}."
+        lin = {k: self.ops.make_decoder_linear(w, b, self.dtype_name)
+               for k, (w, b) in self.raw_linears(view, i).items()}
         qk_norms = ({k: self._norm(view, p + n[k], self.head_dim) for k in ("q_norm", "k_norm")}
                     if self.spec.qk_norm else {})
         norm1 = self._norm(view, p + n["norm1"]) if i > 0 or self.spec.first_norm1 else None   # ModernBERT: none
         post = {k: self._norm(view, p + n[k]) for k in ("post_attn_norm", "post_mlp_norm") if k in n}
-        return DecoderLayer(norm1, qkv, self._linear(view, [p + n["o"]], [H], q),
-                            self._norm(view, p + n["norm2"]), up, down, **qk_norms, **post)
+        return DecoderLayer(norm1, lin["qkv"], lin["o"], self._norm(view, p + n["norm2"]), lin["up"], lin["down"],
+                            **qk_norms, **post)
 
     # ------------------------------------------------------------------ cache
     def heads(self) -> tuple[int, int]:

@@ -86,11 +86,12 @@ class Encoder:
         RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT and EmbeddingGemma on the pre-norm layers), or
         a decoder's trunk as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 2 / 3;
         prenorm_encoder.py; pooled by its sentence-transformers config, else the last token's state).
-        dtype auto and tensor_parallel are for the post-LN encoders only.
+        tensor_parallel is for the post-LN encoders only.
 
         dtype: "fp32", "bf16", "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the
-        linears that stay fp32) or "auto": per linear, the fastest precision that keeps the pooled
-        embeddings' minimum cosine against fp32 at or above `quality_bound` (precision.py). The plan is
+        linears that stay fp32; the pre-norm layers' int8 is W8A8 without SmoothQuant) or "auto": per
+        linear, the fastest precision that keeps the pooled embeddings' minimum cosine against fp32 at or
+        above `quality_bound` (precision.py; for every architecture; int8_alpha only for the BERT family). The plan is
         read from a JSON file beside the model, or made (calibration: a text file, one input per line;
         default a built-in set) and saved there; `replan` makes it anew.
         threads: torch threads to use (default: the cores available).
@@ -130,14 +131,12 @@ class Encoder:
             raise InvalidInputError(f"quality_bound is a minimum cosine in (0, 1], not {quality_bound}")
         if prenorm:
             kind = "decoder embedding" if causal else config.get("model_type")
-            if dtype == "auto":
-                raise InvalidInputError(f"dtype auto (layer-wise precision plans) is for the BERT-family encoders; a "
-                                        f"{kind} model takes fp32, bf16 or int8")
             if tensor_parallel != 1:
                 raise InvalidInputError(f"tensor parallelism is not supported for {kind} models")
             from .prenorm_encoder import PreNormEncoderModel
-            model = PreNormEncoderModel(model_dir, dtype, device,
+            model = PreNormEncoderModel(model_dir, "fp32" if dtype == "auto" else dtype, device,
                                         token_ids(model_dir, classifier_tokens) if classifier_tokens else None)
+            view = CheckpointView(read_state_dict(model_dir), model.spec, model_dir) if dtype == "auto" else None
         else:
             spec = spec_for(config)
             view = CheckpointView(read_state_dict(model_dir), spec, model_dir)

@@ -107,6 +107,16 @@ class EncoderModel:
             specs.append(("acc", 0, 4, max(3 * H // n, I // n, H), torch.int32))
         self.workspace = Workspace(specs, device=self.device) if self.use_planner else NoWorkspace(specs, self.device)
 
+    # what precision.py's layer-wise plans use: each layer's linears by name, built in a precision
+    linear_names = ("qkv", "o", "fc1", "fc2")
+    smooth_quant = True      # int8 candidates take SmoothQuant factors from calibration statistics
+
+    def planned_linear(self, weight: torch.Tensor, bias: torch.Tensor, dtype: str, smooth=None):
+        return self.ops.make_linear(weight, bias, dtype, smooth=smooth)
+
+    def linears_changed(self) -> None:
+        self._build_workspace()
+
     def raw_linears(self, view: CheckpointView, i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Layer i's fp32 (weight, bias) pairs, with Q, K and V concatenated into one projection."""
         names = self.spec.layer_names

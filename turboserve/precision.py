@@ -14,7 +14,12 @@ The plan is made on this machine, for this model, from measurements (no rule of 
      1 - bound held back (`margin`) for inputs unlike them: a plan that spent all of it on the
      calibration set measured 0.9967 against a 0.999 bound on the public `short` workload.
   (2-3 are skipped when every linear at its fastest precision already keeps the bound on both the
-  calibration and the held-out inputs.)
+  calibration and the held-out inputs. Where 2-3 would take over SEARCH_BUDGET_S, a large model's
+  case, the error of a move is its linear's own output error, all measured in one pass, and the plan
+  is the longest prefix of the sorted moves inside the bounds, found by bisection.)
+Models: EncoderModel (BERT family) and PreNormEncoderModel (ModernBERT, EmbeddingGemma, decoder
+trunks), through `layers`, `linear_names`, `raw_linears`, `planned_linear`, `linears_changed` and
+`smooth_quant`.
   4. Check on held-out inputs (a different seed of the built-in set, or every other line of the
      user's file): while the bound fails there, the last accepted moves are undone.
 The plan is a small JSON file beside the model (or in the cache directory when the model directory is
@@ -36,7 +41,7 @@ import torch
 
 from . import quantize
 from .loader import CheckpointView, weights_fingerprint
-from .model import EncoderModel, pool
+from .model import pool
 from .quantize import LINEARS
 
 log = logging.getLogger("turboserve")
@@ -46,6 +51,8 @@ PLAN_VERSION = 4       # 2: calibration texts up to the model limit, half the er
                        # 4: a moved linear may move again to a faster precision (bf16 -> int8)
 HIGH = "fp32"
 SLACK = 1e-9          # float64 cosine of identical vectors can read 1 - 2e-16
+SEARCH_BUDGET_S = 300.0   # the end-to-end search's estimated passes x the forward time above which the
+                          # prefix search runs (make_plan)
 
 
 @dataclass
@@ -98,9 +105,12 @@ class PrecisionPlan:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
+LINEAR_ORDER = (*LINEARS, "up", "down")     # the BERT family's names, then the pre-norm layers' (fc1 / gate|up)
+
+
 def _key_order(key: str):
     layer, name = key.split(".")
-    return int(layer), LINEARS.index(name)
+    return int(layer), LINEAR_ORDER.index(name)
 
 
 def settings_key(settings: dict) -> str:
@@ -143,31 +153,35 @@ def find_plan(model_dir: Path, bound: float, settings: dict) -> PrecisionPlan | 
 
 # ------------------------------------------------------------------------- building blocks
 class Candidates:
-    """Every linear of `model` prebuilt in every candidate precision, so trying a plan is a swap."""
+    """Every linear of `model` prebuilt in every candidate precision, so trying a plan is a swap.
+    `model`: an EncoderModel or a PreNormEncoderModel, through what both offer the planner (their
+    `layers` and `linear_names`, raw_linears, planned_linear, linears_changed); `stats` (SmoothQuant's
+    input ranges) only where the model's int8 takes them (`smooth_quant`)."""
 
-    def __init__(self, model: EncoderModel, view: CheckpointView, stats, alpha: float, precisions):
+    def __init__(self, model, view: CheckpointView, stats, alpha: float, precisions):
         self.model = model
         self.built: dict[tuple[int, str], dict[str, object]] = {}
         for i, layer in enumerate(model.layers):
             raw = model.raw_linears(view, i)
-            for name in LINEARS:
+            for name in model.linear_names:
                 weight, bias = raw[name]
                 built = {HIGH: getattr(layer, name)}
                 for p in precisions:
-                    if p == "int8":
-                        smooth = quantize.smoothing_factors(stats[(i, name)], weight, alpha) if alpha > 0 else None
-                        built[p] = model.ops.make_linear(weight, bias, "int8", smooth=smooth)
-                    elif p != HIGH:
-                        built[p] = model.ops.make_linear(weight, bias, p)
+                    if p == HIGH:
+                        continue
+                    smooth = None
+                    if p == "int8" and model.smooth_quant and alpha > 0:
+                        smooth = quantize.smoothing_factors(stats[(i, name)], weight, alpha)
+                    built[p] = model.planned_linear(weight, bias, p, smooth)
                 self.built[(i, name)] = built
 
     def apply(self, assignment: dict[tuple[int, str], str]) -> None:
         for (i, name), versions in self.built.items():
             setattr(self.model.layers[i], name, versions[assignment.get((i, name), HIGH)])
-        self.model._build_workspace()
+        self.model.linears_changed()
 
 
-def _pooled(model: EncoderModel, batches, mode: str) -> torch.Tensor:
+def _pooled(model, batches, mode: str) -> torch.Tensor:
     return torch.cat([pool(model.forward(b), b, mode) for b in batches]).double()
 
 
@@ -197,16 +211,18 @@ def _time_linear(lin, x: torch.Tensor, prequantized: bool, ops, repeat: int = 5)
 
 
 @torch.inference_mode()
-def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_batches, pool_mode: str,
+def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, pool_mode: str,
               bound: float, alpha: float = 0.5, precisions=("int8", "bf16"), tokens: int = 1024,
               model_dir: Path | None = None, margin: float = 0.5, settings: dict | None = None) -> PrecisionPlan:
     """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model.
     margin: the share of the error budget (1 - bound) kept unspent on the calibration inputs."""
     plan_bound = 1.0 - (1.0 - bound) * (1.0 - margin)
     t0 = time.perf_counter()
-    stats = quantize.input_absmax(model, calib_batches)
+    stats = quantize.input_absmax(model, calib_batches) if model.smooth_quant else None
     cands = Candidates(model, view, stats, alpha, precisions)
+    t_forward = time.perf_counter()
     ref_calib = _pooled(model, calib_batches, pool_mode)
+    t_forward = time.perf_counter() - t_forward
     ref_held = _pooled(model, heldout_batches, pool_mode)
 
     # 1. time: every candidate of every linear at `tokens` rows
@@ -232,14 +248,18 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
         cos = score(fastest, calib_batches, ref_calib)
         shortcut = cos >= plan_bound - SLACK and score(fastest, heldout_batches, ref_held) >= bound - SLACK
 
+    # each move's error alone: end to end (a forward pass per move), or where that would take more
+    # than SEARCH_BUDGET_S (a 0.6B decoder trunk: 224 moves at 40 s a pass, hours) each linear's
+    # own output error, all measured in one instrumented pass, and the plan a prefix of the sorted moves
+    faster = [(key, p) for key, t in ({} if shortcut else timings).items() for p in precisions
+              if t[HIGH] - t[p] > 0]
+    prefix_search = 2 * len(faster) * t_forward > SEARCH_BUDGET_S
+    local = _local_errors(model, cands, calib_batches) if prefix_search and faster else {}
     moves = []
-    for key, t in ({} if shortcut else timings).items():
-        for p in precisions:
-            gain = t[HIGH] - t[p]
-            if gain <= 0:
-                continue
-            err = max(1.0 - score({key: p}, calib_batches, ref_calib), 0.0)
-            moves.append((gain / (err + 1e-7), key, p, gain, err))
+    for key, p in faster:
+        gain = timings[key][HIGH] - timings[key][p]
+        err = local[key][p] if prefix_search else max(1.0 - score({key: p}, calib_batches, ref_calib), 0.0)
+        moves.append((gain / (err + 1e-7), key, p, gain, err))
     moves.sort(key=lambda m: -m[0])
 
     # 3. greedy, end to end on the calibration inputs. A linear already moved may move again to a
@@ -249,7 +269,10 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
     assignment: dict[tuple[int, str], str] = dict(fastest) if shortcut else {}
     accepted = []          # (linear, the precision it had before)
     calib_cos = cos if shortcut else 1.0
-    for _, key, p, gain, err in moves:
+    if prefix_search:
+        assignment, calib_cos, held_cos, prefix = _prefix_plan(moves, timings, score, calib_batches, ref_calib,
+                                                               plan_bound, heldout_batches, ref_held, bound)
+    for _, key, p, gain, err in ([] if prefix_search else moves):
         before = assignment.get(key, HIGH)
         if timings[key][p] >= timings[key][before]:
             continue          # no faster than where it already is
@@ -260,7 +283,7 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
             accepted.append((key, before))
 
     # 4. held-out check, undoing the last accepted moves while it fails
-    held_cos = score(assignment, heldout_batches, ref_held)
+    held_cos = held_cos if prefix_search else score(assignment, heldout_batches, ref_held)
     undone = 0
     while accepted and held_cos < bound - SLACK:
         key, before = accepted.pop()
@@ -279,6 +302,9 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
     measured = {
         "calibration_bound": round(plan_bound, 6),
         "all_fastest_within_bound": shortcut,
+        "search": (f"the first {prefix} of {len(moves)} moves sorted by local error" if prefix_search
+                   else "greedy, end to end") if moves else None,
+        "calibration_forward_s": round(t_forward, 2),
         "calibration_min_cosine": round(calib_cos if assignment else 1.0, 6),
         "heldout_min_cosine": round(held_cos, 6),
         "undone_on_heldout": undone,
@@ -293,10 +319,81 @@ def make_plan(model: EncoderModel, view: CheckpointView, calib_batches, heldout_
                          dict(settings or {}))
 
 
-def apply_plan(model: EncoderModel, view: CheckpointView, plan: PrecisionPlan, calib_batches) -> None:
+def _local_errors(model, cands: Candidates, batches) -> dict[tuple[int, str], dict[str, float]]:
+    """Each linear's relative output error in each candidate precision, ||y_p - y|| / ||y|| over the
+    calibration inputs it receives in the fp32 model: one forward pass with every linear wrapped (each
+    call also runs its candidates on the same input)."""
+    sums: dict[tuple[int, str], dict[str, list[float]]] = {}
+
+    class Probe:
+        takes_int8 = False
+
+        def __init__(self, key, versions):
+            self.key, self.versions, self.high = key, versions, versions[HIGH]
+
+        def __getattr__(self, name):
+            return getattr(self.high, name)
+
+        def __call__(self, x, xq=None, **kw):
+            rows = x.shape[0]
+            ref = self.high(x, None, out=torch.empty(rows, self.high.out_features, dtype=x.dtype,
+                                                     device=x.device))[0].float()
+            acc = sums.setdefault(self.key, {})
+            for p, lin in self.versions.items():
+                if p != HIGH:
+                    y = lin(x, None, out=torch.empty(rows, lin.out_features, dtype=lin.dtype, device=x.device))[0]
+                    a = acc.setdefault(p, [0.0, 0.0])
+                    a[0] += float((y.float() - ref).pow(2).sum())
+                    a[1] += float(ref.pow(2).sum())
+            return self.high(x, xq, **kw)
+
+    for (i, name), versions in cands.built.items():
+        setattr(model.layers[i], name, Probe((i, name), versions))
+    try:
+        for b in batches:
+            model.forward(b)
+    finally:
+        cands.apply({})
+    return {key: {p: (e / max(n, 1e-30)) ** 0.5 for p, (e, n) in acc.items()} for key, acc in sums.items()}
+
+
+def _prefix_plan(moves, timings, score, calib_batches, ref_calib, plan_bound, held_batches, ref_held, bound):
+    """The longest prefix of the sorted moves inside the calibration bound, then (shortened while it
+    fails) the held-out one, by bisection: about 2 log2(moves) forward passes. A prefix's assignment
+    gives each linear the fastest precision among its moves there. Returns (assignment, calibration
+    cosine, held-out cosine, passes)."""
+    def assignment(k):
+        a = {}
+        for _, key, p, _, _ in moves[:k]:
+            if timings[key][p] < timings[key][a.get(key, HIGH)]:
+                a[key] = p
+        return a
+
+    def longest(lo, hi, batches, ref, target):
+        """The largest k in [lo, hi] whose prefix scores >= target (lo is known to), and its cosine."""
+        best = None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            cos = score(assignment(mid), batches, ref)
+            if cos >= target - SLACK:
+                lo, best = mid, cos
+            else:
+                hi = mid - 1
+        return lo, best
+    k, calib_cos = longest(0, len(moves), calib_batches, ref_calib, plan_bound)
+    held_cos = score(assignment(k), held_batches, ref_held) if k else 1.0
+    if held_cos < bound - SLACK:
+        k, held_cos = longest(0, k - 1, held_batches, ref_held, bound)
+        held_cos = 1.0 if held_cos is None else held_cos
+        calib_cos = score(assignment(k), calib_batches, ref_calib) if k else 1.0
+    a = assignment(k)
+    return a, (1.0 if calib_cos is None else calib_cos), held_cos, k
+
+
+def apply_plan(model, view: CheckpointView, plan: PrecisionPlan, calib_batches) -> None:
     """Swap `model`'s (fp32) linears for the plan's. int8 linears need the calibration statistics."""
     wanted = {p for p in plan.layers.values()} - {HIGH}
-    stats = quantize.input_absmax(model, calib_batches) if "int8" in wanted else {}
+    stats = quantize.input_absmax(model, calib_batches) if "int8" in wanted and model.smooth_quant else None
     cands = Candidates(model, view, stats, plan.alpha, sorted(wanted))
     assignment = {}
     for key, p in plan.layers.items():

@@ -147,7 +147,7 @@ class PreNormEncoderModel:
             model_dir, dtype, device, kv_dtype="fp32", with_lm_head=False,
             extra_weights=lambda view, config: load_classifier(view, config, torch.device(device), classifier_tokens))
         self.head = d.extra     # a PooledClassifier / LastTokenClassifier (load_classifier), or None
-        self.spec, self.dtype_name, self.device = d.spec, dtype, d.device
+        self.spec, self.dtype_name, self.device, self.ops = d.spec, dtype, d.device, d.ops
         self.causal = not d.bidirectional
         self.hidden, self.vocab_size, self.max_tokens = d.hidden, d.vocab_size, d.max_positions
         # the scratch cache holds what attention reads: bf16 where q, k, v are bf16 (the GPU's 16-bit
@@ -159,6 +159,24 @@ class PreNormEncoderModel:
     @property
     def weight_bytes(self) -> int:
         return self.decoder.weight_bytes
+
+    # layer-wise precision plans (precision.py): the decoder layers' linears, each in its own precision
+    # (int8: the decoder's W8A8 with per-token activations, no SmoothQuant); activations stay fp32
+    linear_names = ("qkv", "o", "up", "down")
+    smooth_quant = False
+
+    @property
+    def layers(self) -> list:
+        return self.decoder.layers
+
+    def raw_linears(self, view, i: int) -> dict[str, tuple]:
+        return self.decoder.raw_linears(view, i)
+
+    def planned_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, smooth=None):
+        return self.ops.make_decoder_linear(weight, bias, dtype)
+
+    def linears_changed(self) -> None:
+        """Nothing to redo: the layers allocate their activations per call."""
 
     def activation_bytes(self, tokens: int, sequences: int | None = None) -> int:
         """The most a batch of `tokens` tokens in `sequences` sequences (default: as many as tokens, the

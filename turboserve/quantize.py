@@ -14,21 +14,32 @@ import random
 
 import torch
 
+from .errors import ModelLoadError
 from .loader import CheckpointView
 from .model import EncoderModel
 
 LINEARS = ("qkv", "o", "fc1", "fc2")
 
 
+CALIBRATION_MAX_WORDS = 512
+
+
 def calibration_texts(tokenizer, count: int = 64, seed: int = 0) -> list[str]:
     """Pseudo-sentences of random whole words from the tokenizer's own vocabulary, of varied length:
     most of 4-120 words, every eighth one longer, up to the model's limit. Quantization error grows
     with length (attention spreads it over more tokens): a layer-wise plan checked only on texts of up
-    to 120 words reached 0.9986 instead of its 0.999 on the longtail workload (lengths to 512)."""
-    vocab = [t for t in tokenizer._tok.get_vocab() if t.isalpha() and t.isascii() and len(t) > 1]
-    vocab.sort()
+    to 120 words reached 0.9986 instead of its 0.999 on the longtail workload (lengths to 512). The
+    longest are capped at 512 words: a long-context model's limit (Qwen3-Embedding: 32,768 positions)
+    would make every calibration pass, and a precision plan's dozens of them, take minutes or hours;
+    beyond that length a plan's bound is not checked."""
+    tokens = tokenizer._tok.get_vocab()
+    vocab = sorted(t for t in tokens if t.isalpha() and t.isascii() and len(t) > 1)
+    if not vocab:       # no word-like tokens (a word-level test vocabulary "t0" ...): any plain printable one
+        vocab = sorted(t for t in tokens if t.isprintable() and t.strip() == t and t and not t.startswith(("[", "<")))
+    if not vocab:
+        raise ModelLoadError("the tokenizer has no plain tokens to build the built-in calibration texts from")
     rng = random.Random(seed)
-    longest = max(8, tokenizer.max_tokens - 2)
+    longest = max(8, min(tokenizer.max_tokens, CALIBRATION_MAX_WORDS) - 2)
     short = min(120, longest)
     lengths = [rng.randint(short, longest) if i % 8 == 7 else rng.randint(4, short) for i in range(count)]
     return [" ".join(rng.choice(vocab) for _ in range(n)) for n in lengths]

@@ -156,7 +156,7 @@ class DenseLinear:
             native.f32_gemm_packed(x, self.packed, self.bias, self.out_features, out, fused)
             if fused is not None or not rest:
                 return out, None
-            return epilogue(out, out=out, **epi)
+            return self._epilogue(out, epi)
         weight_t = self.weight_t
         if x.dtype != self.dtype:
             # a bf16 linear inside an fp32 model (a layer-wise precision plan): cast in, GEMM, cast out
@@ -174,6 +174,17 @@ class DenseLinear:
             # activation alone: torch's in-place GELU (Sleef erf) is faster than the epilogue's
             # (2.3 ms against 5.0 ms at [4096, 1536]); the epilogue pays off when it fuses more
             return activation_(out, rest["act"]), None
+        return self._epilogue(out, epi)
+
+    @staticmethod
+    def _epilogue(out: torch.Tensor, epi: dict):
+        """The epilogue over the GEMM's output, in place; a gated activation's result is half as wide:
+        a fresh tensor, or for an int8 consumer only its quantized form (a layer-wise plan's bf16 or
+        fp32 gate|up feeding an int8 down)."""
+        if epi.get("act") in native.GATED:
+            half = None if epi.get("quant_for") is not None else torch.empty(
+                out.shape[0], out.shape[1] // 2, dtype=out.dtype, device=out.device)
+            return epilogue(out, out=half, **epi)
         return epilogue(out, out=out, **epi)
 
 
