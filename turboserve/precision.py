@@ -17,11 +17,11 @@ The plan is made on this machine, for this model, from measurements (no rule of 
   calibration and the held-out inputs. Where 2-3 would take over SEARCH_BUDGET_S, a large model's
   case, the error of a move is its linear's own output error, all measured in one pass, and the plan
   is the longest prefix of the sorted moves inside the bounds, found by bisection.)
+  4. Check on held-out inputs (a different seed of the built-in set, or every other line of the
+     user's file): while the bound fails there, the last accepted moves are undone.
 Models: EncoderModel (BERT family) and PreNormEncoderModel (ModernBERT, EmbeddingGemma, decoder
 trunks), through `layers`, `linear_names`, `raw_linears`, `planned_linear`, `linears_changed` and
 `smooth_quant`.
-  4. Check on held-out inputs (a different seed of the built-in set, or every other line of the
-     user's file): while the bound fails there, the last accepted moves are undone.
 The plan is a small JSON file beside the model (or in the cache directory when the model directory is
 read-only), keyed by the exact bound, the weights' fingerprint and the settings the cosines were
 measured under (pooling, input limit, calibration file, alpha, device); `Encoder.load(dtype="auto",
@@ -258,7 +258,7 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, pool_
     moves = []
     for key, p in faster:
         gain = timings[key][HIGH] - timings[key][p]
-        err = local[key][p] if prefix_search else max(1.0 - score({key: p}, calib_batches, ref_calib), 0.0)
+        err = local.get(key, {}).get(p, 0.0) if prefix_search else max(1.0 - score({key: p}, calib_batches, ref_calib), 0.0)
         moves.append((gain / (err + 1e-7), key, p, gain, err))
     moves.sort(key=lambda m: -m[0])
 
