@@ -258,7 +258,10 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, pool_
     moves = []
     for key, p in faster:
         gain = timings[key][HIGH] - timings[key][p]
-        err = local.get(key, {}).get(p, 0.0) if prefix_search else max(1.0 - score({key: p}, calib_batches, ref_calib), 0.0)
+        if prefix_search:
+            err = local.get(key, {}).get(p, 0.0)
+        else:
+            err = max(1.0 - score({key: p}, calib_batches, ref_calib), 0.0)
         moves.append((gain / (err + 1e-7), key, p, gain, err))
     moves.sort(key=lambda m: -m[0])
 
@@ -339,12 +342,13 @@ def _local_errors(model, cands: Candidates, batches) -> dict[tuple[int, str], di
             ref = self.high(x, None, out=torch.empty(rows, self.high.out_features, dtype=x.dtype,
                                                      device=x.device))[0].float()
             acc = sums.setdefault(self.key, {})
+            norm = float(ref.pow(2).sum())
             for p, lin in self.versions.items():
                 if p != HIGH:
                     y = lin(x, None, out=torch.empty(rows, lin.out_features, dtype=lin.dtype, device=x.device))[0]
                     a = acc.setdefault(p, [0.0, 0.0])
                     a[0] += float((y.float() - ref).pow(2).sum())
-                    a[1] += float(ref.pow(2).sum())
+                    a[1] += norm
             return self.high(x, xq, **kw)
 
     for (i, name), versions in cands.built.items():
@@ -360,8 +364,8 @@ def _local_errors(model, cands: Candidates, batches) -> dict[tuple[int, str], di
 def _prefix_plan(moves, timings, score, calib_batches, ref_calib, plan_bound, held_batches, ref_held, bound):
     """The longest prefix of the sorted moves inside the calibration bound, then (shortened while it
     fails) the held-out one, by bisection: about 2 log2(moves) forward passes. A prefix's assignment
-    gives each linear the fastest precision among its moves there. Returns (assignment, calibration
-    cosine, held-out cosine, passes)."""
+    gives each linear the fastest precision among its moves there (the empty prefix is the fp32 model,
+    cosine 1). Returns (assignment, calibration cosine, held-out cosine, prefix length)."""
     def assignment(k):
         a = {}
         for _, key, p, _, _ in moves[:k]:
@@ -369,9 +373,9 @@ def _prefix_plan(moves, timings, score, calib_batches, ref_calib, plan_bound, he
                 a[key] = p
         return a
 
-    def longest(lo, hi, batches, ref, target):
-        """The largest k in [lo, hi] whose prefix scores >= target (lo is known to), and its cosine."""
-        best = None
+    def longest(hi, batches, ref, target):
+        """The largest k in [0, hi] whose prefix scores >= target, and its cosine."""
+        lo, best = 0, 1.0
         while lo < hi:
             mid = (lo + hi + 1) // 2
             cos = score(assignment(mid), batches, ref)
@@ -380,14 +384,12 @@ def _prefix_plan(moves, timings, score, calib_batches, ref_calib, plan_bound, he
             else:
                 hi = mid - 1
         return lo, best
-    k, calib_cos = longest(0, len(moves), calib_batches, ref_calib, plan_bound)
+    k, calib_cos = longest(len(moves), calib_batches, ref_calib, plan_bound)
     held_cos = score(assignment(k), held_batches, ref_held) if k else 1.0
     if held_cos < bound - SLACK:
-        k, held_cos = longest(0, k - 1, held_batches, ref_held, bound)
-        held_cos = 1.0 if held_cos is None else held_cos
+        k, held_cos = longest(k - 1, held_batches, ref_held, bound)
         calib_cos = score(assignment(k), calib_batches, ref_calib) if k else 1.0
-    a = assignment(k)
-    return a, (1.0 if calib_cos is None else calib_cos), held_cos, k
+    return assignment(k), calib_cos, held_cos, k
 
 
 def apply_plan(model, view: CheckpointView, plan: PrecisionPlan, calib_batches) -> None:

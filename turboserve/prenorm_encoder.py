@@ -87,9 +87,9 @@ def load_classifier(view: CheckpointView, config: dict, device: torch.device,
                     classifier_tokens: list[int] | None = None) -> PooledClassifier | LastTokenClassifier | None:
     """The head of a ...ForSequenceClassification checkpoint (ModernBERT, or a causal model's `score`),
     or one made from a causal LM's head rows for `classifier_tokens` (token ids: a model that answers
-    with a token, as Qwen3-Reranker's "no" / "yes"): with two tokens one logit, row 2 minus row 1,
-    whose sigmoid is the softmax probability of the second token against the first; else a logit per
-    token. None for a model without either (embeddings only)."""
+    with a token, as Qwen3-Reranker's "no" / "yes"): with two tokens one logit, the second token's
+    minus the first's, whose sigmoid is the softmax probability of the second against the first; else
+    a logit per token. None for a model without either (embeddings only)."""
     if classifier_tokens:
         return _token_classifier(view, config, device, classifier_tokens)
     if not is_sequence_classifier(config):
@@ -128,11 +128,8 @@ def _token_classifier(view: CheckpointView, config: dict, device: torch.device, 
         if not spec.config_value(config, "tie"):
             raise ModelLoadError("the checkpoint has no lm_head.weight, and its embeddings are not tied")
         rows = view.get(spec.emb_names["word"] + ".weight", (vocab, hidden), rows=index)
-    # two tokens: one logit, their difference (without a soft-cap, of the rows: one product, not two)
-    softcap = softcaps(spec, config)[1]
-    if len(tokens) == 2 and not softcap:
-        return LastTokenClassifier((rows[1:] - rows[:1]).contiguous().to(device))
-    return LastTokenClassifier(rows.contiguous().to(device), softcap=softcap, difference=len(tokens) == 2)
+    return LastTokenClassifier(rows.contiguous().to(device), softcap=softcaps(spec, config)[1],
+                               difference=len(tokens) == 2)
 
 
 class PreNormEncoderModel:

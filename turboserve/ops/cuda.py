@@ -267,8 +267,9 @@ def paged_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor,
                     ctx_len: torch.Tensor, num_heads: int, window: int, scale: float, max_ctx: int,
                     softcap: float = 0.0) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its cached context, [T, nh * d] in
-    q's dtype; softcap > 0 soft-caps the scaled scores (Gemma 2). `max_ctx` is not needed: the kernel reads each context length on the device, so a
-    decode step calling this can be captured as a CUDA graph."""
+    q's dtype; softcap > 0 soft-caps the scaled scores (Gemma 2). `max_ctx` is not needed: the kernel
+    reads each context length on the device, so a decode step calling this can be captured as a CUDA
+    graph."""
     out = torch.empty(q.shape[0], num_heads * cache.k.shape[-1], dtype=q.dtype, device=q.device)
     # a bf16 or int8 cache: bf16 dot products (tensor cores); an fp32 cache: fp32 ones
     q = q.to(torch.float32 if cache.k.dtype == torch.float32 else torch.bfloat16)
