@@ -63,9 +63,16 @@ def test_plan_meets_bound_on_held_out_inputs_and_is_reused(request, arch, bound)
     again = Encoder.load(wide, dtype="auto", quality_bound=bound)
     assert again.precision_plan.layers == plan.layers
     assert torch.equal(again.embed(texts), auto.embed(texts))
-    # batch invariance holds for a mixed model too (the trunk's one-row GEMMs round apart by ~1e-6)
+    # batch invariance holds for a mixed model too (the trunk's one-row GEMMs round apart by ~1e-6);
+    # where the plan has bf16 linears, up to bf16's rounding: oneDNN picks its bf16 kernels by row
+    # count (with AMX, 65-79 rows of K = 768 rounded one bf16 ulp apart from 200), and later layers
+    # carry a flipped ulp on (measured: 0.2% of the largest value, cosine 1 - 1e-6, where the bound
+    # allows 1e-3)
     alone = torch.cat([auto.embed([t]) for t in texts[:6]])
-    assert torch.allclose(alone, auto.embed(texts[:6]), atol=1e-6 if arch == "bert" else 1e-5)
+    if "bf16" in plan.layers.values():
+        assert _min_cos(alone, auto.embed(texts[:6])) >= 1 - 1e-5
+    else:
+        assert torch.allclose(alone, auto.embed(texts[:6]), atol=1e-6 if arch == "bert" else 1e-5)
 
 
 def test_bound_one_keeps_everything_in_fp32(wide_bert):
