@@ -39,16 +39,16 @@ ARCHS = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 
 def build_model(arch: str, out: Path, head: str | None = None, num_labels: int = 3, seed: int = 0,
                 **overrides) -> Path:
-    """Save a random-weight model of `arch` (base model, or head="cls" for sequence classification)
-    with MiniLM's tokenizer (a WordPiece vocabulary of 30522 entries) beside it. overrides: config
-    fields to change (e.g. a wider hidden size)."""
+    """Save a random-weight model of `arch` (base model, head="cls" for sequence classification, or
+    head="mlm" for a masked LM: SPLADE's shape) with MiniLM's tokenizer (a WordPiece vocabulary of
+    30522 entries) beside it. overrides: config fields to change (e.g. a wider hidden size)."""
     import transformers as tf
     cls, kwargs = _configs()[arch]
     config = cls(vocab_size=30522, num_labels=num_labels, **dict(kwargs, **overrides))
     torch.manual_seed(seed)
     name = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert",
             "mpnet": "MPNet"}[arch]
-    model_cls = getattr(tf, f"{name}ForSequenceClassification" if head == "cls" else f"{name}Model")
+    model_cls = getattr(tf, name + {"cls": "ForSequenceClassification", "mlm": "ForMaskedLM", None: "Model"}[head])
     model = model_cls(config).eval()
     with torch.no_grad():   # random LayerNorm affine and biases, so parity checks exercise them
         for n, p in model.named_parameters():
@@ -56,6 +56,8 @@ def build_model(arch: str, out: Path, head: str | None = None, num_labels: int =
                 p.add_(torch.randn_like(p) * 0.1)
             if "relative_attention_bias" in n:      # MPNet: a bias that moves the attention (init is 0.02)
                 p.normal_(0.0, 1.0)
+            if head == "mlm" and n.endswith("bias") and p.shape == (config.vocab_size,):
+                p.sub_(0.5)     # most logits below 0, as a trained SPLADE model's: sparse vectors
     model.save_pretrained(out)
     copy_minilm_tokenizer(out)
     return out

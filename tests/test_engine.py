@@ -201,5 +201,8 @@ def test_cost_table_cache_is_keyed_by_what_the_times_depend_on(small, monkeypatc
     monkeypatch.setattr(small.model, "tp", types.SimpleNamespace(world=2))     # one shard of two ranks
     assert cost_cache_path(small, 4096) != base
     monkeypatch.setattr(small.model, "tp", None)
+    monkeypatch.setattr(small.pooling, "mode", "cls")
+    assert cost_cache_path(small, 4096) != base
+    monkeypatch.setattr(small.pooling, "mode", "mean")
     monkeypatch.setattr(small.model, "device", torch.device("cuda"))
     assert cost_cache_path(small, 4096) != base

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ARCHS, random_sequences, rel_err
+from tests.conftest import ARCHS, build_model, random_sequences, rel_err
 from turboserve import Encoder
 from turboserve.errors import ModelLoadError
 from turboserve.llm import LLM
@@ -47,6 +47,20 @@ def test_encoder_hidden_states_equal_single_process(model_dirs, arch):
     for g, r in zip(got, ref):
         assert g.shape == r.shape
         assert rel_err(g, r) < 1e-4
+
+
+def test_splade_equals_single_process(tmp_path):
+    """SPLADE's masked-LM head runs on rank 0 after the last all-reduce, over the whole vocabulary
+    (its decoder is the word embeddings, which the ranks hold split by vocabulary)."""
+    d = build_model("bert", tmp_path, head="mlm")
+    seqs = random_sequences(LENGTHS, seed=7, low=1000)
+    ref = Encoder.load(d, threads=2, pooling="splade").embed(seqs)
+    enc = Encoder.load(d, threads=2, pooling="splade", tensor_parallel=2)
+    try:
+        got = enc.embed(seqs)
+    finally:
+        enc.close()
+    assert (got - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("tp", [2, 4])

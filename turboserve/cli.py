@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import TurboServeError
+from .loader import POOLING_MODES
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -96,6 +97,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shard the model over N ranks (spawned here, or started by torchrun); each gets threads / N")
     p.add_argument("--classifier-tokens", type=token_list, default=None, metavar="NO,YES",
                    help="a causal LM as classifier / reranker from its logits of these tokens (Qwen3-Reranker: no,yes)")
+    p.add_argument("--pooling", default=None, choices=POOLING_MODES,
+                   help="encoders: pool by this mode instead of the model's sentence-transformers config (default "
+                        "mean); splade: a masked-LM checkpoint's sparse vocabulary weights (TEI's /embed_sparse)")
     p.add_argument("--pair-template", type=template_text, default=None, metavar="TEXT|@FILE",
                    help="one input from a text pair (rerank, /predict pairs): a format string with {query} and "
                         "{document}, or @FILE holding one (docs/architecture.md)")
@@ -106,7 +110,8 @@ def cmd_embed(args) -> int:
     enc = Encoder.load(args.model, dtype=args.dtype, threads=args.threads, quality_bound=args.quality_bound,
                        calibration=args.calibration, tensor_parallel=args.tensor_parallel, device=args.device,
                        max_input_length=args.max_input_length, classifier_tokens=args.classifier_tokens,
-                       pair_template=args.pair_template)
+                       pair_template=args.pair_template, pooling=args.pooling)
+    sparse = enc.pooling.mode == "splade"
     try:
         texts = []
         for number, raw in enumerate(sys.stdin.buffer, 1):
@@ -118,13 +123,15 @@ def cmd_embed(args) -> int:
                 texts.append(line)
         if not texts:
             raise TurboServeError("no input: give one text per line on standard input")
-        vectors = enc.embed(texts, truncate=args.truncate)
+        vectors = (enc.embed_sparse if sparse else enc.embed)(texts, truncate=args.truncate)
     finally:
         enc.close()
     out = sys.stdout
     try:
-        for text, vec in zip(texts, vectors.tolist()):
-            out.write(json.dumps({"text": text, "embedding": [round(v, 6) for v in vec]}) + "\n")
+        for text, vec in zip(texts, vectors if sparse else vectors.tolist()):
+            row = ({"indices": list(vec), "values": [round(v, 6) for v in vec.values()]} if sparse
+                   else [round(v, 6) for v in vec])
+            out.write(json.dumps({"text": text, "sparse_embedding" if sparse else "embedding": row}) + "\n")
         out.flush()
     except BrokenPipeError:             # `turboserve embed | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -143,7 +150,7 @@ def cmd_serve(args) -> int:
         served_name=args.served_model_name, access_log=args.access_log, pipeline=args.pipeline,
         tensor_parallel=args.tensor_parallel, kv_dtype=args.kv_dtype, device=args.device,
         cuda_graphs=args.cuda_graphs, max_input_length=args.max_input_length, task=args.task,
-        classifier_tokens=args.classifier_tokens, pair_template=args.pair_template))
+        classifier_tokens=args.classifier_tokens, pair_template=args.pair_template, pooling=args.pooling))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
     p.set_defaults(func=cmd_embed, parser=p)
 
-    s = sub.add_parser("serve", help="HTTP server: encoders OpenAI /v1/embeddings and TEI /embed /embed_all /rerank /predict "
+    s = sub.add_parser("serve", help="HTTP server: encoders OpenAI /v1/embeddings and TEI /embed /embed_sparse "
+                            "/embed_all /rerank /predict "
                             "/tokenize /decode; decoders OpenAI /v1/completions /v1/chat/completions",
                        description="Every flag also reads TURBOSERVE_<FLAG> (e.g. TURBOSERVE_PORT=9000).")
     add_model_args(s)

@@ -14,7 +14,7 @@ from .errors import InvalidInputError, ModelLoadError
 from .arch import is_decoder, on_prenorm_layers, spec_for
 from .loader import (POOLING_MODES, CheckpointView, PoolingConfig, read_config, read_pooling, read_sentence_config,
                      read_state_dict, resolve_model_dir)
-from .model import EncoderModel, sentence_embedding
+from .model import EncoderModel, pool, sentence_embedding
 from .packing import PackedBatch, pack_tokens
 from .tokenizer import Encoded, TextTokenizer, token_ids
 from .workspace import available_memory
@@ -60,6 +60,12 @@ def _check_batch_fits(model, max_batch_tokens: int, max_input_length: int) -> No
         if free is not None and need > free:
             raise InvalidInputError(f"{name} {tokens} needs {need / 2**30:.1f} GiB of activations, "
                                     f"but {free / 2**30:.1f} GiB of memory is available: lower {name}")
+
+
+def sparse_entries(vector: torch.Tensor) -> dict[int, float]:
+    """A SPLADE vector's entries above 0, {token id: weight} in token-id order."""
+    index = vector.nonzero().squeeze(1)
+    return dict(zip(index.tolist(), vector[index].tolist()))
 
 
 class Encoder:
@@ -162,6 +168,10 @@ class Encoder:
             pool_cfg.mode = pooling
         if normalize is not None:
             pool_cfg.normalize = normalize
+        if pool_cfg.mode == "splade" and getattr(model, "mlm", None) is None:
+            archs = ", ".join(config.get("architectures") or []) or config.get("model_type")
+            raise ModelLoadError(f"{model_dir}: SPLADE pooling needs a masked-LM head (a BERT, RoBERTa, XLM-RoBERTa, "
+                                 f"DistilBERT or MPNet ...ForMaskedLM checkpoint); this one is {archs}")
         enc = cls(model, tokenizer, pool_cfg, model_dir, config, max_batch_tokens)
         enc.prompts, enc.default_prompt_name = sentence.prompts, sentence.default_prompt_name
         enc.pair_template = pair_template
@@ -171,6 +181,9 @@ class Encoder:
             batches = [b for b, _ in enc._batches(tokenizer.encode(texts, truncate=True))]
             stats = quantize.input_absmax(model, batches)
             quantize.quantize_(model, view, stats, alpha=int8_alpha, keep=int8_keep)
+            model.fast_mlm_head()
+            if model.mlm is not None:
+                log.info("masked-LM decoder in %s, the fastest candidate on this machine", model.mlm.fast_decoder_name)
         elif dtype == "auto":
             enc._plan_precision(view, quality_bound, calibration, int8_alpha, replan)
         _check_batch_fits(model, max_batch_tokens, limit)
@@ -203,13 +216,13 @@ class Encoder:
 
         def batches(texts):
             return [b for b, _ in self._batches(self.tokenizer.encode(texts, truncate=True))]
-        settings = {"pooling": self.pooling.mode, "max_input_length": self.tokenizer.max_tokens, "alpha": alpha,
+        settings = {"pooling": self.pooling_key(), "max_input_length": self.tokenizer.max_tokens, "alpha": alpha,
                     "device": self.model.device.type, "calibration": hashlib.sha256(
                         "\n".join(user_calib + user_held).encode()).hexdigest()[:16] if calibration else None}
         plan = None if replan else precision.find_plan(self.model_dir, bound, settings)
         if plan is None:
             t = time.perf_counter()
-            plan = precision.make_plan(self.model, view, batches(calib), batches(held), self.pooling.mode, bound,
+            plan = precision.make_plan(self.model, view, batches(calib), batches(held), self._plan_embedding, bound,
                                        alpha=alpha, model_dir=self.model_dir, settings=settings)
             where = precision.save_plan(plan, self.model_dir)
             log.info("precision plan for min cosine %g made in %.1f s, saved to %s", bound, time.perf_counter() - t,
@@ -220,14 +233,29 @@ class Encoder:
         log.info("precision plan (min cosine %g; held-out %.5f): %s", bound,
                  plan.measured.get("heldout_min_cosine", float("nan")), plan.summary())
 
+    def pooling_key(self) -> str:
+        """The pooling as a key of what was measured under it (precision plans, cost tables)."""
+        p = self.pooling
+        return f"splade/{p.splade_strategy}/{p.splade_activation}" if p.mode == "splade" else p.mode
+
+    def _plan_embedding(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """What dtype auto bounds the cosine of: the pooled states (before any Dense modules), or the
+        SPLADE vector."""
+        if self.pooling.mode == "splade":
+            return sentence_embedding(hidden, batch, self.pooling, self.model)
+        return pool(hidden, batch, self.pooling.mode)
+
     @property
     def dtype(self) -> str:
         return self.model.dtype_name
 
     @property
     def dimension(self) -> int:
-        """The embeddings' width: the last Dense module's output, else the hidden size."""
-        return self.pooling.dense[-1][0].shape[0] if self.pooling.dense else self.model.hidden
+        """The embeddings' width: the last Dense module's output, else the vocabulary for SPLADE, else
+        the hidden size."""
+        if self.pooling.dense:
+            return self.pooling.dense[-1][0].shape[0]
+        return self.model.vocab_size if self.pooling.mode == "splade" else self.model.hidden
 
     # --------------------------------------------------------------- batching
     def _batches(self, encoded: list[Encoded]):
@@ -317,11 +345,20 @@ class Encoder:
         return [self.prompts[name] + x if isinstance(x, str) else x for x in items]
 
     def embed_encoded(self, encoded: list[Encoded], normalize: bool | None = None) -> torch.Tensor:
-        rows = self._run(encoded, lambda h, b: sentence_embedding(h, b, self.pooling))
+        rows = self._run(encoded, lambda h, b: sentence_embedding(h, b, self.pooling, self.model))
         out = torch.stack(rows)
         if self.pooling.normalize if normalize is None else normalize:
             out = torch.nn.functional.normalize(out, dim=-1)
         return out
+
+    def embed_sparse(self, inputs, truncate: bool = False, prompt_name: str | None = None) -> list[dict[int, float]]:
+        """SPLADE sparse embeddings: per input, {token id: weight} for the vocabulary entries with a
+        weight above 0, in token-id order (a model loaded with pooling "splade", or whose
+        sentence-transformers config is a SparseEncoder's)."""
+        if self.pooling.mode != "splade":
+            raise InvalidInputError("sparse embeddings need a SPLADE model: a masked-LM checkpoint loaded with "
+                                    f"pooling='splade' (this one pools by {self.pooling.mode!r})")
+        return [sparse_entries(row) for row in self.embed(inputs, truncate, normalize=False, prompt_name=prompt_name)]
 
     def hidden_states(self, inputs, truncate: bool = False, prompt_name: str | None = None) -> list[torch.Tensor]:
         """Per-token last hidden states, one [L_i, H] fp32 tensor per input; texts get the named (or

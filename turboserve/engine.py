@@ -39,7 +39,7 @@ from . import native
 from .encoder import Encoder
 from .errors import TurboServeError
 from .loader import weights_fingerprint
-from .model import pool, sentence_embedding
+from .model import sentence_embedding
 from .ops import use_device_on_this_thread
 from .parallel import RankFailure
 from .packing import pack_tokens
@@ -421,7 +421,7 @@ class EncoderEngine:
         hidden = enc.model.forward(packed)
         kinds = {i.job.kind for i in batch}
         # results leave the model's device here (no-ops on the CPU)
-        pooled = sentence_embedding(hidden, packed, enc.pooling).cpu() if "embed" in kinds else None
+        pooled = sentence_embedding(hidden, packed, enc.pooling, enc.model).cpu() if "embed" in kinds else None
         logits = enc.model.classify(hidden, packed).cpu() if "classify" in kinds else None
         cu = packed.cu_seqlens
         lengths = [b - a for a, b in zip(cu, cu[1:])]
@@ -460,7 +460,8 @@ class EncoderEngine:
 
 
 # ---------------------------------------------------------------------- cost table
-COST_VERSION = "2"          # bump when what a cell measures changes (cached tables keyed by it)
+COST_VERSION = "3"          # bump when what a cell measures changes (cached tables keyed by it);
+                            # 3: pooling includes the Dense modules and SPLADE's masked-LM head
 COST_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 COST_LENGTHS = [8, 16, 32, 64, 128, 256, 512]
 
@@ -473,7 +474,8 @@ def cost_cache_path(encoder: Encoder, max_batch_tokens: int) -> Path:
     kernels = [Path(__file__).with_name("native").joinpath("kernels.c").read_text()]
     if model.device.type == "cuda":
         kernels.append(Path(__file__).with_name("ops").joinpath("triton_kernels.py").read_text())
-    ident = [COST_VERSION, weights_fingerprint(encoder.model_dir), encoder.dtype, str(torch.get_num_threads()),
+    ident = [COST_VERSION, weights_fingerprint(encoder.model_dir), encoder.dtype, encoder.pooling_key(),
+             str(torch.get_num_threads()),
              str(model.device), f"tp{tp}", str(max_batch_tokens), *kernels]
     plan = getattr(encoder, "precision_plan", None)
     if plan is not None:
@@ -484,7 +486,7 @@ def cost_cache_path(encoder: Encoder, max_batch_tokens: int) -> Path:
 
 
 def measure_cost_table(encoder: Encoder, max_batch_tokens: int, use_cache: bool = True) -> CostTable:
-    """Batch latency (pack + forward + pool, best of 3) over a (batch size, length) grid, on this
+    """Batch latency (pack + forward + pooling, best of 3) over a (batch size, length) grid, on this
     machine, cached on disk (cost_cache_path: model, dtype, threads, device, tensor-parallel degree,
     budget and kernel sources). About 5-20 s for MiniLM on 2 cores."""
     path = cost_cache_path(encoder, max_batch_tokens)
@@ -509,7 +511,7 @@ def measure_cost_table(encoder: Encoder, max_batch_tokens: int, use_cache: bool 
                 # what a batch costs the engine: packing, forward and pooling
                 s = time.perf_counter()
                 packed = pack_tokens(seqs, None, model.position_offset)
-                pooled = pool(model.forward(packed), packed, encoder.pooling.mode)
+                pooled = sentence_embedding(model.forward(packed), packed, encoder.pooling, model)
                 if pooled.is_cuda:
                     torch.cuda.synchronize(pooled.device)      # time the work, not its launch
                 runs.append(time.perf_counter() - s)

@@ -103,7 +103,9 @@ class CheckpointView:
 # sentence-transformers' names (its `pooling_mode` strings, and the older boolean keys) -> ours
 _ST_POOLING = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
                "lasttoken": "lasttoken", "weightedmean": "weightedmean"}
-POOLING_MODES = tuple(_ST_POOLING.values())
+# "splade": a masked-LM checkpoint's sparse embedding over its vocabulary (model.py EncoderModel.splade)
+POOLING_MODES = (*_ST_POOLING.values(), "splade")
+SPLADE_STRATEGIES, SPLADE_ACTIVATIONS = ("max", "sum"), ("relu", "log1p_relu")
 _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_lasttoken": "lasttoken",
                     "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_mean_tokens": "mean"}
@@ -115,6 +117,10 @@ class PoolingConfig:
     normalize: bool = False
     include_prompt: bool = True
     dense: list = field(default_factory=list)   # sentence-transformers Dense modules: (weight, bias, act)
+    # mode "splade": how token scores join (max or sum over a sequence's tokens), and the activation
+    # before that (relu: log(1 + relu(logit)); log1p_relu: log of that plus 1 again)
+    splade_strategy: str = "max"
+    splade_activation: str = "relu"
 
 
 def _pooling_mode(cfg: dict, where: Path) -> str:
@@ -151,10 +157,20 @@ def _read_dense(module_dir: Path) -> tuple:
     return weight.float(), None if bias is None else bias.float(), _DENSE_ACTIVATIONS[act]
 
 
+def _read_splade(where: Path, pooling: PoolingConfig) -> None:
+    cfg = read_json(where / "config.json") if (where / "config.json").is_file() else {}
+    strategy, activation = cfg.get("pooling_strategy", "max"), cfg.get("activation_function", "relu")
+    if strategy not in SPLADE_STRATEGIES or activation not in SPLADE_ACTIVATIONS:
+        raise ModelLoadError(f"{where}: SpladePooling with pooling_strategy {strategy!r} and activation_function "
+                             f"{activation!r} is not supported; supported: {', '.join(SPLADE_STRATEGIES)} and "
+                             f"{', '.join(SPLADE_ACTIVATIONS)}")
+    pooling.mode, pooling.splade_strategy, pooling.splade_activation = "splade", strategy, activation
+
+
 def read_pooling(model_dir: Path) -> PoolingConfig | None:
-    """Pooling (and Dense, Normalize) from sentence-transformers' modules.json, or None if absent.
-    Modules other than Transformer, Pooling, Dense and Normalize are refused: dropping one would
-    silently change the embeddings."""
+    """Pooling (and Dense, Normalize) from sentence-transformers' modules.json, or None if absent; a
+    SparseEncoder's (MLMTransformer, then SpladePooling) as pooling mode "splade". Other modules are
+    refused: dropping one would silently change the embeddings."""
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
         return None
@@ -162,7 +178,7 @@ def read_pooling(model_dir: Path) -> PoolingConfig | None:
     for module in read_json(modules_file):
         kind = module.get("type", "").rsplit(".", 1)[-1]
         where = model_dir / module.get("path", "")
-        if kind == "Transformer":
+        if kind in ("Transformer", "MLMTransformer"):
             continue
         if kind == "Pooling":
             cfg = read_json(where / "config.json")
@@ -170,11 +186,14 @@ def read_pooling(model_dir: Path) -> PoolingConfig | None:
             pooling.include_prompt = bool(cfg.get("include_prompt", True))
         elif kind == "Dense":
             pooling.dense.append(_read_dense(where))
+        elif kind == "SpladePooling":
+            _read_splade(where, pooling)
         elif kind == "Normalize":
             pooling.normalize = True
         else:
             raise ModelLoadError(f"{model_dir}: sentence-transformers module {module.get('type')!r} is not "
-                                 "supported (Transformer, Pooling, Dense and Normalize are)")
+                                 "supported (Transformer, Pooling, Dense, Normalize, and a SparseEncoder's "
+                                 "MLMTransformer and SpladePooling are)")
     return pooling
 
 

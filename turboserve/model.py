@@ -13,6 +13,7 @@ the op numbers above are their lifetimes.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,46 @@ from .packing import PackedBatch
 from .workspace import NoWorkspace, Workspace
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+
+
+@dataclass
+class MaskedLMHead:
+    dense_weight: torch.Tensor
+    dense_bias: torch.Tensor
+    act: str                    # an ACTIVATIONS op name
+    ln: tuple
+    eps: float
+    decoder: torch.Tensor       # [vocab, hidden]
+    bias: torch.Tensor          # [vocab]
+    # dtype int8: the decoder GEMM in whichever low precision ran fastest here (fast_mlm_head), a
+    # callable [T, hidden] -> [T, vocab]; otherwise it runs on `decoder` as stored, in the model's dtype
+    fast_decoder: object = None
+    fast_decoder_name: str = ""
+
+    def logits(self, hidden: torch.Tensor, ops) -> torch.Tensor:
+        x = torch.nn.functional.linear(hidden, self.dense_weight, self.dense_bias)
+        x = _TORCH_ACTS[self.act](x)
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], *self.ln, self.eps)
+        if self.fast_decoder is not None:
+            return self.fast_decoder(x)
+        return torch.nn.functional.linear(x, self.decoder, self.bias)
+
+
+def _best_time(fn, x: torch.Tensor, repeat: int = 3) -> float:
+    fn(x)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+_TORCH_ACTS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
+               "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+SPLADE_CHUNK_TOKENS = 256   # rows of vocabulary logits alive at once: 256 x 30522 fp32 is 31 MB
 
 
 @dataclass
@@ -90,6 +131,7 @@ class EncoderModel:
             self.position_bias_weight = view.get(spec.position_bias + ".weight", (buckets, self.num_heads)).to(dev)
         self.layers = [self._load_layer(view, i) for i in range(self.num_layers)]
         self.head = self._load_head(view, config)
+        self.mlm = self._load_mlm_head(view, config)
 
         self.use_planner = use_planner
         self.tp = None           # a parallel.TPGroup when this model is one shard of a tensor-parallel one
@@ -160,6 +202,60 @@ class EncoderModel:
             layers.append((view.get(src, (out, self.hidden)).to(self.device),
                            view.get(src[:-len("weight")] + "bias", (out,)).to(self.device), act))
         return layers
+
+    def _load_mlm_head(self, view: CheckpointView, config: dict) -> MaskedLMHead | None:
+        """The masked-LM head of a ...ForMaskedLM checkpoint (SPLADE models are ones), or None: dense,
+        activation, LayerNorm, then the decoder to vocabulary logits, whose weight is the word
+        embeddings' unless the checkpoint stores its own."""
+        archs = config.get("architectures") or []
+        names = {"bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                          "cls.predictions.decoder", "cls.predictions.bias"),
+                 "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
+                 "distilbert": ("vocab_transform", "vocab_layer_norm", "vocab_projector", "vocab_projector.bias")}
+        dense, norm, decoder, bias = names[self.spec.head]
+        if not any(a.endswith("ForMaskedLM") for a in archs) and (archs or not view.has(dense + ".weight")):
+            return None
+        # the transform's activation: BERT's is the config's hidden_act, DistilBERT's its `activation`,
+        # RoBERTa's and MPNet's always the exact GELU
+        act = ACTIVATIONS.get(self.spec.config_value(config, "act") if self.spec.head != "roberta" else "gelu")
+        if act is None:
+            raise ModelLoadError(f"unsupported masked-LM head activation {self.spec.config_value(config, 'act')!r}")
+        H, V, adt, dev = self.hidden, self.vocab_size, self.act_dtype, self.device
+        weight = (view.get(decoder + ".weight", (V, H)).to(dev, adt) if view.has(decoder + ".weight")
+                  else self.word_emb)
+        # the decoder's own bias where stored (transformers 5 keeps it apart from the head's `bias`
+        # when the embeddings are not tied, and the forward adds the decoder's), else the head's
+        b = view.get(decoder + ".bias", (V,), required=False)
+        if b is None:
+            b = view.get(bias, (V,))
+        return MaskedLMHead(view.get(dense + ".weight", (H, H)).to(dev, adt),
+                            view.get(dense + ".bias", (H,)).to(dev, adt), act, _ln(view, norm, H, adt, dev), self.eps, weight, b.to(dev, adt))
+
+    def fast_mlm_head(self, only: str | None = None) -> None:
+        """dtype int8: the masked-LM decoder (hidden x vocabulary, a GEMM as large as 3-4 encoder
+        layers) in the fastest of W8A8 int8 (oneDNN's _int_mm or the native VNNI kernel) and bf16
+        weights, each timed here at SPLADE_CHUNK_TOKENS rows: which wins depends on the CPU (with AMX,
+        256 x 768 x 30,522 took 10 ms in bf16, 15 in oneDNN int8, 31 in the native kernel; without
+        AMX bf16 runs at half fp32's rate). bf16 is the more accurate of the two, so taking it when it
+        is faster costs nothing. The transform before the decoder stays in floating point. `only`:
+        take that candidate without timing (tests)."""
+        if self.mlm is None:
+            return
+        weight, bias, ops = self.mlm.decoder.float(), self.mlm.bias.float(), self.ops
+
+        def on(lin):
+            return lambda x: ops.linear(lin, x)
+
+        def bf16(w16, b16):
+            return lambda x: torch.nn.functional.linear(x.to(torch.bfloat16), w16, b16).float()
+        build = {"int8": lambda: on(ops.make_linear(weight, bias, "int8")),
+                 "int8 native": lambda: on(ops.make_decoder_linear(weight, bias, "int8")),
+                 "bf16": lambda: bf16(weight.bfloat16(), bias.bfloat16())}
+        if only is None:            # one candidate's weights alive at a time
+            x = torch.randn(SPLADE_CHUNK_TOKENS, self.hidden, generator=torch.Generator().manual_seed(0))
+            x = x.to(self.device)
+            only = min(build, key=lambda name: _best_time(build[name](), x))
+        self.mlm.fast_decoder, self.mlm.fast_decoder_name = build[only](), only
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
@@ -250,6 +346,35 @@ class EncoderModel:
         return h
 
 
+    @torch.inference_mode()
+    def splade(self, hidden: torch.Tensor, batch: PackedBatch, strategy: str = "max",
+               activation: str = "relu") -> torch.Tensor:
+        """SPLADE's sparse embedding [B, vocab] fp32: per token, log(1 + relu(masked-LM logit)) (with
+        activation "log1p_relu", log(1 + that) again) for every vocabulary entry, then the max (or sum)
+        over the sequence's tokens. Logits exist for SPLADE_CHUNK_TOKENS rows at a time (a sequence
+        longer than that is one chunk). Both activations are increasing, so with "max" they run on
+        the [B, vocab] maxima instead of every token's logits."""
+        if self.mlm is None:
+            raise ModelLoadError("this model has no masked-LM head: SPLADE pooling needs a ...ForMaskedLM checkpoint")
+        cu, out = batch.cu_seqlens, []
+
+        def activate(x):
+            x = x.relu_().log1p_()
+            return x.log1p_() if activation == "log1p_relu" else x
+        first = 0
+        while first < batch.num_seqs:
+            last = first + 1                     # sequences first .. last - 1 form this chunk
+            while last < batch.num_seqs and cu[last + 1] - cu[first] <= SPLADE_CHUNK_TOKENS:
+                last += 1
+            logits = self.mlm.logits(hidden[cu[first]:cu[last]], self.ops).float()
+            # per-sequence reductions over views: segment_reduce took 6x as long at vocabulary width
+            seqs = logits.split([cu[i + 1] - cu[i] for i in range(first, last)])
+            out += [x.amax(0) for x in seqs] if strategy == "max" else [activate(x).sum(0) for x in seqs]
+            first = last
+        pooled = torch.stack(out)
+        return activate(pooled) if strategy == "max" else pooled
+
+
 def relative_position_bias(weight: torch.Tensor, max_len: int, head0: int = 0, heads: int | None = None,
                            max_distance: int = 128) -> torch.Tensor:
     """MPNet's (T5's bidirectional) relative position bias as a table: fp32 [heads, 2 * max_len - 1],
@@ -296,10 +421,14 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
 _DENSE_ACTS = {None: lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
 
 
-def sentence_embedding(hidden: torch.Tensor, batch: PackedBatch, pooling) -> torch.Tensor:
-    """The sentence-transformers pipeline after the transformer: pooling (a PoolingConfig's mode),
-    then its Dense modules in order -> [B, D] fp32 (normalizing is the caller's: it may be turned off)."""
-    out = pool(hidden, batch, pooling.mode)
+def sentence_embedding(hidden: torch.Tensor, batch: PackedBatch, pooling, model) -> torch.Tensor:
+    """The sentence-transformers pipeline after the transformer: pooling (a PoolingConfig's mode;
+    "splade" is `model`'s masked-LM head), then its Dense modules in order -> [B, D] fp32
+    (normalizing is the caller's: it may be turned off)."""
+    if pooling.mode == "splade":
+        out = model.splade(hidden, batch, pooling.splade_strategy, pooling.splade_activation)
+    else:
+        out = pool(hidden, batch, pooling.mode)
     for weight, bias, act in pooling.dense:
         out = _DENSE_ACTS[act](torch.nn.functional.linear(out, weight.to(out.device),
                                                           None if bias is None else bias.to(out.device)))

@@ -41,7 +41,6 @@ import torch
 
 from . import quantize
 from .loader import CheckpointView, weights_fingerprint
-from .model import pool
 from .quantize import LINEARS
 
 log = logging.getLogger("turboserve")
@@ -181,8 +180,8 @@ class Candidates:
         self.model.linears_changed()
 
 
-def _pooled(model, batches, mode: str) -> torch.Tensor:
-    return torch.cat([pool(model.forward(b), b, mode) for b in batches]).double()
+def _pooled(model, batches, embed) -> torch.Tensor:
+    return torch.cat([embed(model.forward(b), b) for b in batches]).double()
 
 
 def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -211,19 +210,20 @@ def _time_linear(lin, x: torch.Tensor, prequantized: bool, ops, repeat: int = 5)
 
 
 @torch.inference_mode()
-def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, pool_mode: str,
+def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed,
               bound: float, alpha: float = 0.5, precisions=("int8", "bf16"), tokens: int = 1024,
               model_dir: Path | None = None, margin: float = 0.5, settings: dict | None = None) -> PrecisionPlan:
     """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model.
+    embed(hidden, batch) -> [B, D]: the embeddings whose cosines are bounded (the model's pooling).
     margin: the share of the error budget (1 - bound) kept unspent on the calibration inputs."""
     plan_bound = 1.0 - (1.0 - bound) * (1.0 - margin)
     t0 = time.perf_counter()
     stats = quantize.input_absmax(model, calib_batches) if model.smooth_quant else None
     cands = Candidates(model, view, stats, alpha, precisions)
     t_forward = time.perf_counter()
-    ref_calib = _pooled(model, calib_batches, pool_mode)
+    ref_calib = _pooled(model, calib_batches, embed)
     t_forward = time.perf_counter() - t_forward
-    ref_held = _pooled(model, heldout_batches, pool_mode)
+    ref_held = _pooled(model, heldout_batches, embed)
 
     # 1. time: every candidate of every linear at `tokens` rows
     gen = torch.Generator().manual_seed(0)
@@ -237,7 +237,7 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, pool_
     # 2. sensitivity of each move alone
     def score(assignment, batches, ref) -> float:
         cands.apply(assignment)
-        return _min_cosine(_pooled(model, batches, pool_mode), ref)
+        return _min_cosine(_pooled(model, batches, embed), ref)
 
     # first, every linear at its fastest measured precision: when that is inside the bound (bert-base
     # at 0.999 is), it is the plan, and the per-move search (360 s there) is not needed

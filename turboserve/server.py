@@ -27,7 +27,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import __version__, parallel
-from .encoder import Encoder
+from .encoder import Encoder, sparse_entries
 from .engine import DeadlineExceeded, EncoderEngine, NotReady, Overloaded, TooLarge, measure_cost_table
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .metrics import Metrics
@@ -72,6 +72,7 @@ class ServerConfig:
     task: str = "auto"                        # decoders: "generate", "embed", or auto (embed with modules.json)
     classifier_tokens: list | None = None     # a causal LM as classifier / reranker (Encoder.load)
     pair_template: str | None = None          # text pairs as one input (Encoder.load)
+    pooling: str | None = None                # encoders: a pooling mode over the model's own (Encoder.load)
 
     def __post_init__(self):
         for name in ("max_batch_tokens", "max_queued_requests", "max_queued_tokens", "max_client_batch_size",
@@ -266,6 +267,19 @@ def parse_tei_embed(body, state: State) -> Parsed:
 
 def respond_tei_embed(p: Parsed, results, encoded, state: State):
     return _shape_vectors(torch.stack(results), p.options["dimensions"], p.options["normalize"]).tolist()
+
+
+def parse_tei_embed_sparse(body, state: State) -> Parsed:
+    """TEI /embed_sparse: a SPLADE model's vocabulary weights above 0, per input."""
+    if state.encoder.pooling.mode != "splade":
+        raise ApiError(424, "this model is not a SPLADE model: /embed_sparse needs a masked-LM checkpoint served "
+                       "with --pooling splade (or a sentence-transformers SparseEncoder)", "Backend")
+    _, inputs, truncate = _tei_inputs(body, state)
+    return Parsed(inputs, truncate=truncate)
+
+
+def respond_tei_embed_sparse(p: Parsed, results, encoded, state: State):
+    return [[{"index": i, "value": v} for i, v in sparse_entries(r).items()] for r in results]
 
 
 def parse_tei_embed_all(body, state: State) -> Parsed:
@@ -496,7 +510,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
                                max_batch_tokens=config.max_batch_tokens, quality_bound=config.quality_bound,
                                calibration=config.calibration, tensor_parallel=config.tensor_parallel,
                                device=config.device, max_input_length=config.max_input_length,
-                               classifier_tokens=config.classifier_tokens, pair_template=config.pair_template)
+                               classifier_tokens=config.classifier_tokens, pair_template=config.pair_template,
+                               pooling=config.pooling)
             start_engine(enc)
         except Exception as exc:
             log.error("model failed to load: %s", exc)
@@ -611,6 +626,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         Route("/v1/embeddings", make_route(state, "/v1/embeddings", "openai", parse_openai_embeddings,
                                            respond_openai_embeddings), methods=["POST"]),
         Route("/embed", make_route(state, "/embed", "tei", parse_tei_embed, respond_tei_embed), methods=["POST"]),
+        Route("/embed_sparse", make_route(state, "/embed_sparse", "tei", parse_tei_embed_sparse,
+                                          respond_tei_embed_sparse), methods=["POST"]),
         Route("/embed_all", make_route(state, "/embed_all", "tei", parse_tei_embed_all, respond_tei_embed_all),
               methods=["POST"]),
         Route("/rerank", make_route(state, "/rerank", "tei", parse_tei_rerank, respond_tei_rerank), methods=["POST"]),
@@ -639,7 +656,7 @@ EMBEDDING_SERVER_ONLY = {
     "quality_bound": "--quality-bound", "calibration": "--calibration", "max_queued_tokens": "--max-queued-tokens",
     "max_client_batch_size": "--max-client-batch-size", "policy": "--batch-policy",
     "lazy_timeout": "--lazy-timeout-ms", "auto_truncate": "--auto-truncate", "pipeline": "--no-pipeline",
-    "max_input_length": "--max-input-length", "pair_template": "--pair-template"}
+    "max_input_length": "--max-input-length", "pair_template": "--pair-template", "pooling": "--pooling"}
 GENERATION_SERVER_ONLY = {"kv_dtype": "--kv-dtype", "cuda_graphs": "--no-cuda-graphs"}
 
 
