@@ -235,8 +235,8 @@ class EncoderModel:
         """dtype int8: the masked-LM decoder (hidden x vocabulary, a GEMM as large as 3-4 encoder
         layers) in the fastest of W8A8 int8 (oneDNN's _int_mm or the native VNNI kernel) and bf16
         weights, each timed here at SPLADE_CHUNK_TOKENS rows: which wins depends on the CPU (with AMX,
-        256 x 768 x 30,522 took 10 ms in bf16, 15 in oneDNN int8, 31 in the native kernel; without
-        AMX bf16 runs at half fp32's rate). bf16 is the more accurate of the two, so taking it when it
+        256 x 768 x 30,522 took 11.6 ms in bf16, 13.1 in oneDNN int8, 15.5 in the native kernel, 50
+        in fp32: benchmarks/sparse.py --head; without AMX bf16 runs at half fp32's rate). bf16 is the more accurate of the two, so taking it when it
         is faster costs nothing. The transform before the decoder stays in floating point. `only`:
         take that candidate without timing (tests)."""
         if self.mlm is None:
@@ -367,7 +367,7 @@ class EncoderModel:
             while last < batch.num_seqs and cu[last + 1] - cu[first] <= SPLADE_CHUNK_TOKENS:
                 last += 1
             logits = self.mlm.logits(hidden[cu[first]:cu[last]], self.ops).float()
-            # per-sequence reductions over views: segment_reduce took 6x as long at vocabulary width
+            # per-sequence reductions over views: segment_reduce took 8x as long at vocabulary width
             seqs = logits.split([cu[i + 1] - cu[i] for i in range(first, last)])
             out += [x.amax(0) for x in seqs] if strategy == "max" else [activate(x).sum(0) for x in seqs]
             first = last
