@@ -92,6 +92,12 @@ def test_info_models_health_metrics_tokenize(url):
     ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
     ("/embed", {"inputs": "x", "dimensions": 1000}, 422, "dimensions"),
     ("/rerank", {"query": "q", "texts": ["a"]}, 424, "no classification head"),
+    ("/similarity", {"inputs": "x"}, 422, "source_sentence"),
+    ("/similarity", {"inputs": {"source_sentence": "x", "sentences": []}}, 400, "non-empty list"),
+    ("/similarity", {"inputs": {"source_sentence": "x", "sentences": ["a", 3]}}, 422, "non-empty string"),
+    ("/similarity", {"inputs": {"source_sentence": "x", "sentences": ["a"] * 64}}, 413, "at most 63"),
+    ("/similarity", {"inputs": {"source_sentence": "x", "sentences": ["a"]}, "parameters": {"prompt_name": "q"}},
+     422, "unknown prompt_name"),
     ("/v1/embeddings", ["a list"], 400, "JSON object"),
 ])
 def test_errors_have_status_and_shape_and_do_not_harm_the_next_request(url, route, body, status, needle):
@@ -105,6 +111,21 @@ def test_errors_have_status_and_shape_and_do_not_harm_the_next_request(url, rout
         assert needle in err["error"] and err["error_type"]
     ok = httpx.post(url + "/embed", json={"inputs": ["still fine"]})
     assert ok.status_code == 200 and len(ok.json()[0]) == 384
+
+
+def test_tei_similarity_is_the_cosine_of_the_embeddings(url, minilm):
+    """/similarity (TEI's sentence-similarity task): each sentence's cosine to the source sentence,
+    as the embeddings give it; `parameters.truncate` cuts a long input instead of refusing it."""
+    source, sentences = "a cat sits on the mat", ["a cat is on the mat", "stock prices fell", "the mat"]
+    r = httpx.post(url + "/similarity", json={"inputs": {"source_sentence": source, "sentences": sentences}})
+    assert r.status_code == 200
+    e = minilm.embed([source, *sentences])
+    want = torch.nn.functional.cosine_similarity(e[1:], e[:1])
+    assert torch.allclose(torch.tensor(r.json()), want, atol=1e-5)
+    assert r.json()[0] > r.json()[1]
+    long = {"source_sentence": source, "sentences": ["word " * 600]}
+    assert httpx.post(url + "/similarity", json={"inputs": long}).status_code == 413
+    assert httpx.post(url + "/similarity", json={"inputs": long, "parameters": {"truncate": True}}).status_code == 200
 
 
 def test_oversized_body_is_413(url):

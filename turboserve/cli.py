@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed, parser=p)
 
     s = sub.add_parser("serve", help="HTTP server: encoders OpenAI /v1/embeddings and TEI /embed /embed_sparse "
-                            "/embed_all /rerank /predict "
+                            "/similarity /embed_all /rerank /predict "
                             "/tokenize /decode; decoders OpenAI /v1/completions /v1/chat/completions",
                        description="Every flag also reads TURBOSERVE_<FLAG> (e.g. TURBOSERVE_PORT=9000).")
     add_model_args(s)

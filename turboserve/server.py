@@ -282,6 +282,35 @@ def respond_tei_embed_sparse(p: Parsed, results, encoded, state: State):
     return [[{"index": i, "value": v} for i, v in sparse_entries(r).items()] for r in results]
 
 
+def parse_tei_similarity(body, state: State) -> Parsed:
+    """TEI /similarity (the sentence-similarity task): {"inputs": {"source_sentence", "sentences"},
+    "parameters": {"truncate", "prompt_name"}} -> each sentence's cosine to the source sentence."""
+    body = _object(body, "tei")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, dict):
+        raise ApiError(422, "`inputs` must be an object with `source_sentence` and `sentences`")
+    source, sentences = inputs.get("source_sentence"), inputs.get("sentences")
+    if not isinstance(source, str) or not source:
+        raise ApiError(422, "`source_sentence` must be a non-empty string")
+    if not isinstance(sentences, list) or not sentences:
+        raise ApiError(400, "`sentences` must be a non-empty list of strings", "Empty")
+    if len(sentences) + 1 > state.config.max_client_batch_size:
+        raise ApiError(413, f"`sentences` has {len(sentences)} entries; at most "
+                       f"{state.config.max_client_batch_size - 1} are accepted")
+    if not all(isinstance(t, str) and t for t in sentences):
+        raise ApiError(422, "every entry of `sentences` must be a non-empty string")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ApiError(422, "`parameters` must be an object")
+    return Parsed(_prompted(params, [source, *sentences], state),
+                  truncate=_bool(params, "truncate", state.config.auto_truncate, "tei"))
+
+
+def respond_tei_similarity(p: Parsed, results, encoded, state: State):
+    vectors = torch.nn.functional.normalize(torch.stack(results).double(), dim=-1)
+    return (vectors[1:] @ vectors[0]).tolist()
+
+
 def parse_tei_embed_all(body, state: State) -> Parsed:
     """TEI /embed_all: every token's last hidden state, per input (no pooling, no normalizing)."""
     _, inputs, truncate = _tei_inputs(body, state)
@@ -628,6 +657,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         Route("/embed", make_route(state, "/embed", "tei", parse_tei_embed, respond_tei_embed), methods=["POST"]),
         Route("/embed_sparse", make_route(state, "/embed_sparse", "tei", parse_tei_embed_sparse,
                                           respond_tei_embed_sparse), methods=["POST"]),
+        Route("/similarity", make_route(state, "/similarity", "tei", parse_tei_similarity, respond_tei_similarity),
+              methods=["POST"]),
         Route("/embed_all", make_route(state, "/embed_all", "tei", parse_tei_embed_all, respond_tei_embed_all),
               methods=["POST"]),
         Route("/rerank", make_route(state, "/rerank", "tei", parse_tei_rerank, respond_tei_rerank), methods=["POST"]),
