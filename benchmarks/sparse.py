@@ -160,18 +160,15 @@ def head_costs(path, seqs) -> None:
         print(f"- {dtype}: {tokens / t_all:,.0f} tokens/s with the head, {tokens / t_trunk:,.0f} forward alone: "
               f"head {1 - t_trunk / t_all:.0%} of the time")
     enc = Encoder.load(path, pooling="splade")
-    x = torch.randn(model_mod.SPLADE_CHUNK_TOKENS, enc.model.hidden)
-    w, b = enc.model.mlm.decoder, enc.model.mlm.bias
-    t_fp32 = timed(lambda: torch.nn.functional.linear(x, w, b))
-    print(f"- decoder GEMM at {x.shape[0]} rows: fp32 {t_fp32 * 1e3:.1f} ms", end="")
-    for name in ("bf16", "int8", "int8 native"):
-        enc.model.fast_mlm_head(only=name)
-        print(f", {name} {timed(lambda: enc.model.mlm.fast_decoder(x)) * 1e3:.1f} ms", end="")
-    logits = torch.randn(tokens, w.shape[0])
+    times = enc.model.mlm_head_timings()
+    print(f"- decoder GEMM at {model_mod.SPLADE_CHUNK_TOKENS} rows: "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()), end="")
+    vocab = enc.model.vocab_size
+    logits = torch.randn(tokens, vocab)
     lengths = [len(s) for s in seqs]
     t_seg = timed(lambda: torch.segment_reduce(logits, "max", lengths=torch.tensor(lengths)))
     t_views = timed(lambda: torch.stack([v.amax(0) for v in logits.split(lengths)]))
-    print(f"\n- max over tokens of [{tokens}, {w.shape[0]}] logits: segment_reduce {t_seg * 1e3:.0f} ms, "
+    print(f"\n- max over tokens of [{tokens}, {vocab}] logits: segment_reduce {t_seg * 1e3:.0f} ms, "
           f"per-sequence views {t_views * 1e3:.0f} ms")
 
 

@@ -101,19 +101,37 @@ def test_low_precision_splade_within_bound(mlm_dirs, dtype, bound):
     if dtype == "int8":
         assert enc.model.mlm.fast_decoder_name in ("int8", "int8 native", "bf16")
         for name in ("int8", "int8 native", "bf16"):
-            enc.model.fast_mlm_head(only=name)
+            enc.model.set_mlm_head(name)
             assert torch.nn.functional.cosine_similarity(enc.embed(seqs), ref).min() > bound, name
 
 
-def test_auto_precision_bounds_the_sparse_vectors(mlm_dirs, tmp_path):
+def test_auto_precision_bounds_the_sparse_vectors_and_plans_the_head(mlm_dirs, tmp_path, monkeypatch):
+    """dtype auto on a SPLADE model bounds the sparse vectors' cosine, with the masked-LM decoder as
+    one more move: taken (in its fastest candidate inside the bound) where it is faster, kept in the
+    plan file and applied again on the next load; a bound of 1.0 leaves it fp32. The head's timings
+    are fixed here (bf16 fastest), so which move is open does not depend on this machine."""
     import shutil
+    from turboserve.model import EncoderModel
+    from turboserve.precision import PrecisionPlan
     model_dir = tmp_path / "m"
     shutil.copytree(mlm_dirs["bert"], model_dir)
     seqs = random_sequences(LENGTHS, low=1000, seed=3)
     ref = Encoder.load(model_dir, pooling="splade").embed(seqs)
-    enc = Encoder.load(model_dir, pooling="splade", dtype="auto", quality_bound=0.999)
-    assert enc.precision_plan.settings["pooling"] == "splade/max/relu"
-    assert torch.nn.functional.cosine_similarity(enc.embed(seqs), ref).min() >= 0.999
+    monkeypatch.setattr(EncoderModel, "mlm_head_timings",
+                        lambda self: {"fp32": 4.0, "bf16": 1.0, "int8": 2.0, "int8 native": 3.0})
+    enc = Encoder.load(model_dir, pooling="splade", dtype="auto", quality_bound=0.99)
+    plan = enc.precision_plan
+    assert plan.settings["pooling"] == "splade/max/relu"
+    assert plan.head == "bf16" == enc.model.mlm.fast_decoder_name and "masked-LM head: bf16" in plan.summary()
+    got = enc.embed(seqs)
+    assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.99
+    again = Encoder.load(model_dir, pooling="splade", dtype="auto", quality_bound=0.99)
+    assert again.precision_plan.head == "bf16" and torch.equal(again.embed(seqs), got)
+    exact = Encoder.load(model_dir, pooling="splade", dtype="auto", quality_bound=1.0)
+    assert exact.precision_plan.head == "fp32" and exact.model.mlm.fast_decoder is None
+    assert torch.equal(exact.embed(seqs), ref)
+    with pytest.raises(ValueError, match="unknown precisions"):
+        PrecisionPlan.from_json({**plan.to_json(), "head": "fp8"})
 
 
 def test_splade_refusals(mlm_dirs, model_dirs, modernbert_dir, tmp_path):

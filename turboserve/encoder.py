@@ -220,15 +220,16 @@ class Encoder:
                     "device": self.model.device.type, "calibration": hashlib.sha256(
                         "\n".join(user_calib + user_held).encode()).hexdigest()[:16] if calibration else None}
         plan = None if replan else precision.find_plan(self.model_dir, bound, settings)
+        head = self.model if self.pooling.mode == "splade" else None       # its masked-LM decoder is planned too
         if plan is None:
             t = time.perf_counter()
             plan = precision.make_plan(self.model, view, batches(calib), batches(held), self._plan_embedding, bound,
-                                       alpha=alpha, model_dir=self.model_dir, settings=settings)
+                                       alpha=alpha, model_dir=self.model_dir, settings=settings, head=head)
             where = precision.save_plan(plan, self.model_dir)
             log.info("precision plan for min cosine %g made in %.1f s, saved to %s", bound, time.perf_counter() - t,
                      where)
         else:
-            precision.apply_plan(self.model, view, plan, batches(calib))
+            precision.apply_plan(self.model, view, plan, batches(calib), head)
         self.precision_plan = plan
         log.info("precision plan (min cosine %g; held-out %.5f): %s", bound,
                  plan.measured.get("heldout_min_cosine", float("nan")), plan.summary())

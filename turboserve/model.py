@@ -37,10 +37,11 @@ class MaskedLMHead:
     eps: float
     decoder: torch.Tensor       # [vocab, hidden]
     bias: torch.Tensor          # [vocab]
-    # dtype int8: the decoder GEMM in whichever low precision ran fastest here (fast_mlm_head), a
-    # callable [T, hidden] -> [T, vocab]; otherwise it runs on `decoder` as stored, in the model's dtype
+    # the decoder GEMM in another precision (EncoderModel.set_mlm_head: dtype int8 takes the fastest,
+    # a dtype auto plan may move it), a callable [T, hidden] -> [T, vocab]; None: on `decoder` as
+    # stored, in the model's dtype
     fast_decoder: object = None
-    fast_decoder_name: str = ""
+    fast_decoder_name: str = "fp32"
 
     def logits(self, hidden: torch.Tensor, ops) -> torch.Tensor:
         x = torch.nn.functional.linear(hidden, self.dense_weight, self.dense_bias)
@@ -229,33 +230,46 @@ class EncoderModel:
         if b is None:
             b = view.get(bias, (V,))
         return MaskedLMHead(view.get(dense + ".weight", (H, H)).to(dev, adt),
-                            view.get(dense + ".bias", (H,)).to(dev, adt), act, _ln(view, norm, H, adt, dev), self.eps, weight, b.to(dev, adt))
+                            view.get(dense + ".bias", (H,)).to(dev, adt), act, _ln(view, norm, H, adt, dev),
+                            self.eps, weight, b.to(dev, adt))
 
-    def fast_mlm_head(self, only: str | None = None) -> None:
-        """dtype int8: the masked-LM decoder (hidden x vocabulary, a GEMM as large as 3-4 encoder
-        layers) in the fastest of W8A8 int8 (oneDNN's _int_mm or the native VNNI kernel) and bf16
-        weights, each timed here at SPLADE_CHUNK_TOKENS rows: which wins depends on the CPU (with AMX,
-        256 x 768 x 30,522 took 11.6 ms in bf16, 13.1 in oneDNN int8, 15.5 in the native kernel, 50
-        in fp32: benchmarks/sparse.py --head; without AMX bf16 runs at half fp32's rate). bf16 is the more accurate of the two, so taking it when it
-        is faster costs nothing. The transform before the decoder stays in floating point. `only`:
-        take that candidate without timing (tests)."""
-        if self.mlm is None:
-            return
+    MLM_HEAD_PRECISIONS = ("fp32", "bf16", "int8", "int8 native")
+
+    def _mlm_decoder(self, name: str):
+        """The masked-LM decoder GEMM in one precision, a callable [T, hidden] -> [T, vocab] ("fp32":
+        on the weight as stored, in the model's dtype)."""
+        if name == "fp32":
+            return lambda x: torch.nn.functional.linear(x.to(self.act_dtype), self.mlm.decoder, self.mlm.bias)
         weight, bias, ops = self.mlm.decoder.float(), self.mlm.bias.float(), self.ops
-
-        def on(lin):
-            return lambda x: ops.linear(lin, x)
-
-        def bf16(w16, b16):
+        if name == "bf16":
+            w16, b16 = weight.bfloat16(), bias.bfloat16()
             return lambda x: torch.nn.functional.linear(x.to(torch.bfloat16), w16, b16).float()
-        build = {"int8": lambda: on(ops.make_linear(weight, bias, "int8")),
-                 "int8 native": lambda: on(ops.make_decoder_linear(weight, bias, "int8")),
-                 "bf16": lambda: bf16(weight.bfloat16(), bias.bfloat16())}
-        if only is None:            # one candidate's weights alive at a time
-            x = torch.randn(SPLADE_CHUNK_TOKENS, self.hidden, generator=torch.Generator().manual_seed(0))
-            x = x.to(self.device)
-            only = min(build, key=lambda name: _best_time(build[name](), x))
-        self.mlm.fast_decoder, self.mlm.fast_decoder_name = build[only](), only
+        lin = ops.make_linear(weight, bias, "int8") if name == "int8" else ops.make_decoder_linear(weight, bias, "int8")
+        return lambda x: ops.linear(lin, x)
+
+    def set_mlm_head(self, name: str) -> None:
+        """Run the masked-LM decoder in `name` (one of MLM_HEAD_PRECISIONS; "int8" is oneDNN's _int_mm,
+        "int8 native" the native VNNI kernel; the transform before it stays in floating point)."""
+        if name not in self.MLM_HEAD_PRECISIONS:
+            raise ValueError(f"masked-LM head precision {name!r}; one of {', '.join(self.MLM_HEAD_PRECISIONS)}")
+        self.mlm.fast_decoder = None if name == "fp32" else self._mlm_decoder(name)
+        self.mlm.fast_decoder_name = name
+
+    def mlm_head_timings(self) -> dict[str, float]:
+        """Seconds the decoder GEMM takes in each precision at SPLADE_CHUNK_TOKENS rows (best of 3),
+        one candidate's weights alive at a time. Which wins depends on the CPU: with AMX, 256 x 768 x
+        30,522 took 11.6 ms in bf16, 13.1 in oneDNN int8, 15.5 in the native kernel and 50 in fp32
+        (benchmarks/sparse.py --head); without AMX bf16 runs at half fp32's rate."""
+        x = torch.randn(SPLADE_CHUNK_TOKENS, self.hidden, generator=torch.Generator().manual_seed(0))
+        x = x.to(self.device)
+        return {name: _best_time(self._mlm_decoder(name), x) for name in self.MLM_HEAD_PRECISIONS}
+
+    def fast_mlm_head(self) -> None:
+        """dtype int8: the decoder in the fastest low precision measured here. bf16 is the more accurate
+        of int8 and bf16, so taking it when it is faster costs nothing."""
+        if self.mlm is not None:
+            times = self.mlm_head_timings()
+            self.set_mlm_head(min((n for n in times if n != "fp32"), key=times.get))
 
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()

@@ -19,6 +19,8 @@ The plan is made on this machine, for this model, from measurements (no rule of 
   is the longest prefix of the sorted moves inside the bounds, found by bisection.)
   4. Check on held-out inputs (a different seed of the built-in set, or every other line of the
      user's file): while the bound fails there, the last accepted moves are undone.
+  A SPLADE model's masked-LM decoder is one move of its own, made before 2-3: its fastest candidate
+  that keeps both bounds with the layers still fp32 (make_plan's `head`).
 Models: EncoderModel (BERT family) and PreNormEncoderModel (ModernBERT, EmbeddingGemma, decoder
 trunks), through `layers`, `linear_names`, `raw_linears`, `planned_linear`, `linears_changed` and
 `smooth_quant`.
@@ -49,6 +51,7 @@ PLAN_VERSION = 4       # 2: calibration texts up to the model limit, half the er
                        # 3: the settings it was measured under are part of its key;
                        # 4: a moved linear may move again to a faster precision (bf16 -> int8)
 HIGH = "fp32"
+HEAD_PRECISIONS = ("fp32", "bf16", "int8", "int8 native")      # EncoderModel.MLM_HEAD_PRECISIONS
 SLACK = 1e-9          # float64 cosine of identical vectors can read 1 - 2e-16
 SEARCH_BUDGET_S = 300.0   # the end-to-end search's estimated passes x the forward time above which the
                           # prefix search runs (make_plan)
@@ -65,6 +68,8 @@ class PrecisionPlan:
     # what else the cosines were measured under (pooling, input limit, calibration file, alpha,
     # device): a plan is reused only under the same ones
     settings: dict = field(default_factory=dict)
+    # a SPLADE model's masked-LM decoder (EncoderModel.set_mlm_head), planned as one move of its own
+    head: str = HIGH
 
     def precision(self, layer: int, name: str) -> str:
         return self.layers.get(f"{layer}.{name}", HIGH)
@@ -77,21 +82,24 @@ class PrecisionPlan:
         for p, keys in sorted(counts.items(), key=lambda kv: -len(kv[1])):
             listed = ", ".join(keys) if len(keys) <= 8 else f"{len(keys)} linears"
             parts.append(f"{p}: {listed}")
+        if self.head != HIGH:
+            parts.append(f"masked-LM head: {self.head}")
         return "; ".join(parts)
 
     def to_json(self) -> dict:
         return {"version": PLAN_VERSION, "bound": self.bound, "alpha": self.alpha, "fingerprint": self.fingerprint,
-                "layers": self.layers, "measured": self.measured, "settings": self.settings}
+                "layers": self.layers, "measured": self.measured, "settings": self.settings, "head": self.head}
 
     @classmethod
     def from_json(cls, data: dict) -> "PrecisionPlan":
         if data.get("version") != PLAN_VERSION:
             raise ValueError(f"precision plan version {data.get('version')!r}, expected {PLAN_VERSION}")
         bad = {p for p in data["layers"].values() if p not in ("fp32", "bf16", "int8")}
-        if bad:
-            raise ValueError(f"unknown precisions in plan: {', '.join(sorted(bad))}")
+        head = data.get("head", HIGH)          # plans from before SPLADE have none: fp32
+        if bad or head not in HEAD_PRECISIONS:
+            raise ValueError(f"unknown precisions in plan: {', '.join(sorted(bad | ({head} - set(HEAD_PRECISIONS))))}")
         return cls(float(data["bound"]), dict(data["layers"]), float(data.get("alpha", 0.5)),
-                   data.get("fingerprint", ""), data.get("measured", {}), dict(data.get("settings", {})))
+                   data.get("fingerprint", ""), data.get("measured", {}), dict(data.get("settings", {})), head)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,9 +220,12 @@ def _time_linear(lin, x: torch.Tensor, prequantized: bool, ops, repeat: int = 5)
 @torch.inference_mode()
 def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed,
               bound: float, alpha: float = 0.5, precisions=("int8", "bf16"), tokens: int = 1024,
-              model_dir: Path | None = None, margin: float = 0.5, settings: dict | None = None) -> PrecisionPlan:
+              model_dir: Path | None = None, margin: float = 0.5, settings: dict | None = None,
+              head=None) -> PrecisionPlan:
     """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model.
     embed(hidden, batch) -> [B, D]: the embeddings whose cosines are bounded (the model's pooling).
+    head: the model again where `embed` runs its masked-LM head (SPLADE), whose decoder is then
+    planned too (mlm_head_timings, set_mlm_head).
     margin: the share of the error budget (1 - bound) kept unspent on the calibration inputs."""
     plan_bound = 1.0 - (1.0 - bound) * (1.0 - margin)
     t0 = time.perf_counter()
@@ -238,6 +249,24 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
     def score(assignment, batches, ref) -> float:
         cands.apply(assignment)
         return _min_cosine(_pooled(model, batches, embed), ref)
+
+    # a SPLADE model's masked-LM decoder (hidden x vocabulary: as many FLOPs as 3-4 encoder layers, so
+    # its gain per error leads every single linear's) moves first, on its own: the fastest precision
+    # that, the layers still fp32, keeps both bounds. The layers' moves then spend what is left
+    head_p, head_times = HIGH, {}
+    if head is not None:
+        head_times = head.mlm_head_timings()
+        failed = set()
+        for p in sorted((p for p in head_times if head_times[p] < head_times[HIGH]), key=head_times.get):
+            if p.split()[0] in failed:       # int8 and int8 native: the same arithmetic, the same error
+                continue
+            head.set_mlm_head(p)
+            if (score({}, calib_batches, ref_calib) >= plan_bound - SLACK
+                    and score({}, heldout_batches, ref_held) >= bound - SLACK):
+                head_p = p
+                break
+            failed.add(p.split()[0])
+        head.set_mlm_head(head_p)
 
     # first, every linear at its fastest measured precision: when that is inside the bound (bert-base
     # at 0.999 is), it is the plan, and the per-move search (360 s there) is not needed
@@ -297,7 +326,7 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
         undone += 1
         held_cos = score(assignment, heldout_batches, ref_held)
     cands.apply(assignment)
-    model.dtype_name = "mixed" if assignment else HIGH
+    model.dtype_name = "mixed" if assignment or head_p != HIGH else HIGH
 
     est_high = sum(t[HIGH] for t in timings.values())
     est_plan = sum(timings[k][assignment.get(k, HIGH)] for k in timings)
@@ -315,11 +344,12 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
                                 for (i, n), t in sorted(timings.items())},
         "tokens": tokens,
         "linear_time_fraction_of_fp32": round(est_plan / est_high, 4),
+        "head_ms_at_tokens": {p: round(s * 1e3, 3) for p, s in head_times.items()},
         "threads": torch.get_num_threads(),
         "planned_in_s": round(time.perf_counter() - t0, 1),
     }
     return PrecisionPlan(bound, layers, alpha, weights_fingerprint(model_dir) if model_dir else "", measured,
-                         dict(settings or {}))
+                         dict(settings or {}), head_p)
 
 
 def _local_errors(model, cands: Candidates, batches) -> dict[tuple[int, str], dict[str, float]]:
@@ -392,8 +422,11 @@ def _prefix_plan(moves, timings, score, calib_batches, ref_calib, plan_bound, he
     return assignment(k), calib_cos, held_cos, k
 
 
-def apply_plan(model, view: CheckpointView, plan: PrecisionPlan, calib_batches) -> None:
-    """Swap `model`'s (fp32) linears for the plan's. int8 linears need the calibration statistics."""
+def apply_plan(model, view: CheckpointView, plan: PrecisionPlan, calib_batches, head=None) -> None:
+    """Swap `model`'s (fp32) linears for the plan's. int8 linears need the calibration statistics.
+    head: as make_plan's (the model, where the embeddings run its masked-LM head)."""
+    if plan.head != HIGH and head is None:
+        raise ValueError("precision plan moves a masked-LM head, which this model's pooling does not run")
     wanted = {p for p in plan.layers.values()} - {HIGH}
     stats = quantize.input_absmax(model, calib_batches) if "int8" in wanted and model.smooth_quant else None
     cands = Candidates(model, view, stats, plan.alpha, sorted(wanted))
@@ -405,4 +438,6 @@ def apply_plan(model, view: CheckpointView, plan: PrecisionPlan, calib_batches) 
         if p != HIGH:
             assignment[(int(i), name)] = p
     cands.apply(assignment)
-    model.dtype_name = "mixed" if assignment else HIGH
+    if head is not None:
+        head.set_mlm_head(plan.head)
+    model.dtype_name = "mixed" if assignment or plan.head != HIGH else HIGH
