@@ -181,8 +181,8 @@ class Encoder:
             batches = [b for b, _ in enc._batches(tokenizer.encode(texts, truncate=True))]
             stats = quantize.input_absmax(model, batches)
             quantize.quantize_(model, view, stats, alpha=int8_alpha, keep=int8_keep)
-            model.fast_mlm_head()
-            if model.mlm is not None:
+            if pool_cfg.mode == "splade":          # the masked-LM head is used only there
+                model.fast_mlm_head()
                 log.info("masked-LM decoder in %s, the fastest candidate on this machine", model.mlm.fast_decoder_name)
         elif dtype == "auto":
             enc._plan_precision(view, quality_bound, calibration, int8_alpha, replan)

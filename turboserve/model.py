@@ -43,7 +43,7 @@ class MaskedLMHead:
     fast_decoder: object = None
     fast_decoder_name: str = "fp32"
 
-    def logits(self, hidden: torch.Tensor, ops) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.linear(hidden, self.dense_weight, self.dense_bias)
         x = _TORCH_ACTS[self.act](x)
         x = torch.nn.functional.layer_norm(x, x.shape[-1:], *self.ln, self.eps)
@@ -265,8 +265,8 @@ class EncoderModel:
         return {name: _best_time(self._mlm_decoder(name), x) for name in self.MLM_HEAD_PRECISIONS}
 
     def fast_mlm_head(self) -> None:
-        """dtype int8: the decoder in the fastest low precision measured here. bf16 is the more accurate
-        of int8 and bf16, so taking it when it is faster costs nothing."""
+        """dtype int8: the decoder in the fastest of its low precisions as measured here (bf16 is the
+        more accurate of int8 and bf16, so taking it when it is faster costs nothing)."""
         if self.mlm is not None:
             times = self.mlm_head_timings()
             self.set_mlm_head(min((n for n in times if n != "fp32"), key=times.get))
@@ -359,7 +359,6 @@ class EncoderModel:
                 h = torch.relu(h)
         return h
 
-
     @torch.inference_mode()
     def splade(self, hidden: torch.Tensor, batch: PackedBatch, strategy: str = "max",
                activation: str = "relu") -> torch.Tensor:
@@ -380,7 +379,7 @@ class EncoderModel:
             last = first + 1                     # sequences first .. last - 1 form this chunk
             while last < batch.num_seqs and cu[last + 1] - cu[first] <= SPLADE_CHUNK_TOKENS:
                 last += 1
-            logits = self.mlm.logits(hidden[cu[first]:cu[last]], self.ops).float()
+            logits = self.mlm.logits(hidden[cu[first]:cu[last]]).float()
             # per-sequence reductions over views: segment_reduce took 8x as long at vocabulary width
             seqs = logits.split([cu[i + 1] - cu[i] for i in range(first, last)])
             out += [x.amax(0) for x in seqs] if strategy == "max" else [activate(x).sum(0) for x in seqs]
