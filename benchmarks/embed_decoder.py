@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from encoder import CACHE, batches_of, gemm_peaks, machine, min_cosine, padded, timed  # noqa: E402
+from encoder import CACHE, batches_of, gemm_peaks, interleaved, machine, min_cosine, padded, timed  # noqa: E402
 from turboserve import Encoder  # noqa: E402
 from turboserve.workloads import encoder_lengths  # noqa: E402
 
@@ -189,14 +189,7 @@ def main():
                     loaded[name] = (go, out)
                 else:
                     report(name, timed(go, repeat=3), out)
-            for go, _ in loaded.values():
-                go()
-            times = {k: [] for k in loaded}
-            for _ in range(args.interleave):
-                for name, (go, _) in loaded.items():
-                    t = time.perf_counter()
-                    go()
-                    times[name].append(time.perf_counter() - t)
+            times = interleaved(loaded, args.interleave)
             for name, (_, out) in loaded.items():
                 report(name, min(times[name]), out, f"{tokens / max(times[name]):,.0f}-{tokens / min(times[name]):,.0f}")
 

@@ -192,30 +192,35 @@ def run_turboserve(path, seqs, mode, dtype):
     return go, out
 
 
-class _HiddenStates(torch.nn.Module):
-    """(input_ids, attention_mask) -> last_hidden_state: a fixed positional signature for the ONNX
-    exporter (transformers 5 models take the second positional argument as something else)."""
+class _Output(torch.nn.Module):
+    """(input_ids, attention_mask) -> one output of the model (last_hidden_state, or a masked LM's
+    logits): a fixed positional signature for the ONNX exporter (transformers 5 models take the
+    second positional argument as something else)."""
 
-    def __init__(self, model):
+    def __init__(self, model, output: str):
         super().__init__()
-        self.model = model
+        self.model, self.output = model, output
 
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True), self.output)
 
 
-def onnx_model(path: Path, config: dict, quant: bool) -> Path:
+def onnx_model(path: Path, config: dict, quant: bool, masked_lm: bool = False) -> Path:
+    """The model exported to ONNX and optimized by ONNX Runtime's BERT optimizer (dynamic int8 too with
+    quant), cached: its last_hidden_state, or with masked_lm its ...ForMaskedLM logits."""
     import transformers
     from onnxruntime.transformers import optimizer
     d = CACHE / "onnx" / path.name
     d.mkdir(parents=True, exist_ok=True)
     raw, opt, q = d / "model.onnx", d / "model_opt.onnx", d / "model_opt_int8.onnx"
+    output = "logits" if masked_lm else "last_hidden_state"
     if not opt.exists():
-        model = _HiddenStates(transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval())
+        auto = transformers.AutoModelForMaskedLM if masked_lm else transformers.AutoModel
+        model = _Output(auto.from_pretrained(path, attn_implementation="eager").eval(), output)
         ids = torch.randint(1000, 2000, (2, 16))
         torch.onnx.export(model, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                          dynamic_axes={n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", "last_hidden_state")})
+                          output_names=[output], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", output)})
         optimizer.optimize_model(str(raw), model_type="bert", num_heads=config["num_attention_heads"],
                                  hidden_size=config["hidden_size"]).save_model_to_file(str(opt))
     if quant and not q.exists():
@@ -259,6 +264,21 @@ def run_ctranslate2(path, seqs, mode, threads, compute_type, batch=32):
             for r, i in enumerate(idx):
                 out[i] = pooled[r]
     return go, out
+
+
+def interleaved(loaded: dict, rounds: int) -> dict[str, list[float]]:
+    """Every system ({name: (go, ...)}) warmed, then timed once per round in turn, `rounds` rounds:
+    a drift of the VM's speed then reaches all systems alike instead of whichever happened to run
+    during it. {name: seconds of each round}."""
+    for go, *_ in loaded.values():
+        go()
+    times = {k: [] for k in loaded}
+    for _ in range(rounds):
+        for name, (go, *_) in loaded.items():
+            t = time.perf_counter()
+            go()
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 # ------------------------------------------------------------------ main
@@ -359,16 +379,7 @@ def main():
                     go, out, _ = loaded.pop(sys_name)
                     report(sys_name, timed(go, repeat=3), out, arith)
             if args.interleave:
-                # every system loaded and warmed, then timed once per round in turn: a drift of the VM's
-                # speed then reaches all systems alike instead of whichever happened to run during it
-                for go, _, _ in loaded.values():
-                    go()
-                times = {k: [] for k in loaded}
-                for _ in range(args.interleave):
-                    for sys_name, (go, _, _) in loaded.items():
-                        t = time.perf_counter()
-                        go()
-                        times[sys_name].append(time.perf_counter() - t)
+                times = interleaved(loaded, args.interleave)
                 for sys_name, (_, out, arith) in loaded.items():
                     spread = f"{tokens / max(times[sys_name]):,.0f}-{tokens / min(times[sys_name]):,.0f}"
                     report(sys_name, min(times[sys_name]), out, arith, spread)

@@ -18,9 +18,9 @@ batches of 32 pooled in numpy (the way fastembed serves SPLADE).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from encoder import CACHE, batches_of, machine, min_cosine, padded, timed  # noqa: E402
+from encoder import CACHE, batches_of, interleaved, machine, min_cosine, onnx_model, padded, timed  # noqa: E402
 from turboserve import Encoder  # noqa: E402
 from turboserve.loader import default_model_path  # noqa: E402
 from turboserve.workloads import WORKLOAD_MAX_LENGTH, encoder_lengths, token_sequences, word_token_ids  # noqa: E402
@@ -86,42 +86,13 @@ def run_sentence_transformers(path, seqs, dtype, batch=32):
     return go, out
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).logits
-
-
-def onnx_model(path: Path, quant: bool) -> Path:
-    import transformers
-    from onnxruntime.transformers import optimizer
-    d = CACHE / "onnx" / path.name
-    d.mkdir(parents=True, exist_ok=True)
-    raw, opt, q = d / "model.onnx", d / "model_opt.onnx", d / "model_opt_int8.onnx"
-    if not opt.exists():
-        model = _Logits(transformers.BertForMaskedLM.from_pretrained(path, attn_implementation="eager").eval())
-        ids = torch.randint(1000, 2000, (2, 16))
-        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(raw), input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={n: {0: "b", 1: "s"} for n in ("input_ids", "attention_mask", "logits")})
-        optimizer.optimize_model(str(raw), model_type="bert", num_heads=12,
-                                 hidden_size=768).save_model_to_file(str(opt))
-    if quant and not q.exists():
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(str(opt), str(q), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return q if quant else opt
-
-
 def run_onnxruntime(path, seqs, threads, quant, batch=32):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(str(onnx_model(path, quant)), so, providers=["CPUExecutionProvider"])
+    config = json.loads((path / "config.json").read_text())
+    sess = ort.InferenceSession(str(onnx_model(path, config, quant, masked_lm=True)), so,
+                                providers=["CPUExecutionProvider"])
     out = [None]
 
     def go():
@@ -226,14 +197,7 @@ def main():
                 print(f"| {name} | {tokens / t:,.0f} | {min_cosine(out[0], ref):.5f} | "
                       f"{term_overlap(out[0], ref):.3f} |", flush=True)
         if args.interleave:
-            for go, _ in loaded.values():
-                go()
-            times = {k: [] for k in loaded}
-            for _ in range(args.interleave):
-                for name, (go, _) in loaded.items():
-                    t = time.perf_counter()
-                    go()
-                    times[name].append(time.perf_counter() - t)
+            times = interleaved(loaded, args.interleave)
             for name, (_, out) in loaded.items():
                 lo, hi = tokens / max(times[name]), tokens / min(times[name])
                 print(f"| {name} | {hi:,.0f} (rounds {lo:,.0f}-{hi:,.0f}) | {min_cosine(out[0], ref):.5f} | "
