@@ -72,15 +72,19 @@ def test_rerank_matches_cross_encoder(tmp_path):
             assert abs(score - ref) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "bf16"])
 def test_batch_invariance(model_dirs, dtype):
-    """A text's result alone equals its result inside a batch of mixed lengths."""
+    """A text's result alone equals its result inside a batch of mixed lengths; bf16 up to its
+    rounding (oneDNN picks its bf16 kernels by row count, docs/architecture.md Precision)."""
     enc = Encoder.load(model_dirs["bert"], dtype=dtype)
     seqs = random_sequences([50, 3, 128, 50, 17, 99, 1, 50, 64], seed=4)
     batched = enc.embed(seqs)
     for i, s in enumerate(seqs):
         alone = enc.embed([s])[0]
-        assert torch.allclose(alone, batched[i], rtol=0, atol=1e-6), i
+        if dtype == "bf16":
+            assert torch.nn.functional.cosine_similarity(alone.double(), batched[i].double(), dim=0) >= 1 - 1e-5, i
+        else:
+            assert torch.allclose(alone, batched[i], rtol=0, atol=1e-6), i
 
 
 def test_pytorch_bin_weights_and_vocab_txt_tokenizer(tmp_path, model_dirs):
