@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from turboserve import Encoder
+from turboserve.encoder import cpu_has_native_bf16
 from turboserve.errors import InvalidInputError
 from turboserve.loader import default_model_path
 from turboserve.precision import PrecisionPlan, find_plan
@@ -69,10 +70,38 @@ def test_plan_meets_bound_on_held_out_inputs_and_is_reused(request, arch, bound)
     # carry a flipped ulp on (measured: 0.2% of the largest value, cosine 1 - 1e-6, where the bound
     # allows 1e-3)
     alone = torch.cat([auto.embed([t]) for t in texts[:6]])
-    if "bf16" in plan.layers.values():
+    if "bf16" in plan.layers.values() or plan.whole == "bf16":
         assert _min_cos(alone, auto.embed(texts[:6])) >= 1 - 1e-5
     else:
         assert torch.allclose(alone, auto.embed(texts[:6]), atol=1e-6 if arch == "bert" else 1e-5)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="the whole-model bf16 alternative needs native bf16")
+def test_whole_model_bf16_replaces_the_plan_when_inside_the_bounds_and_faster(wide_bert, tmp_path, monkeypatch):
+    """With AMX a bf16 model (bf16 activations, no casts around each linear) outran the 0.999 plan
+    that per-linear timings made: the plan's alternative is the whole model in bf16, taken when it
+    keeps both bounds and its forward passes are faster. The end-to-end timings are fixed here, each
+    way round."""
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(wide_bert, d)
+    texts = _texts(12, seed=8)
+    monkeypatch.setattr(Encoder, "_forward_seconds",
+                        lambda self, model, batches: 1.0 if model.dtype_name == "bf16" else 2.0)
+    enc = Encoder.load(d, dtype="auto", quality_bound=0.999)
+    plan = enc.precision_plan
+    assert plan.whole == "bf16" and enc.dtype == "bf16" and plan.summary().startswith("the whole model in bf16")
+    assert plan.measured["whole_bf16"]["heldout_min_cosine"] >= 0.999
+    bf16 = Encoder.load(d, dtype="bf16").embed(texts)
+    assert torch.equal(enc.embed(texts), bf16)
+    again = Encoder.load(d, dtype="auto", quality_bound=0.999)            # the saved plan says bf16
+    assert again.precision_plan.whole == "bf16" and torch.equal(again.embed(texts), bf16)
+    monkeypatch.setattr(Encoder, "_forward_seconds",
+                        lambda self, model, batches: 2.0 if model.dtype_name == "bf16" else 1.0)
+    slower = Encoder.load(d, dtype="auto", quality_bound=0.999, replan=True)
+    assert slower.precision_plan.whole is None and slower.dtype != "bf16"
+    exact = Encoder.load(d, dtype="auto", quality_bound=1.0, replan=True)    # bf16 is not inside 1.0
+    assert exact.precision_plan.whole is None and exact.dtype == "fp32"
 
 
 def test_bound_one_keeps_everything_in_fp32(wide_bert):

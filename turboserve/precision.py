@@ -21,6 +21,10 @@ The plan is made on this machine, for this model, from measurements (no rule of 
      user's file): while the bound fails there, the last accepted moves are undone.
   A SPLADE model's masked-LM decoder is one move of its own, made before 2-3: its fastest candidate
   that keeps both bounds with the layers still fp32 (make_plan's `head`).
+  5. Where bf16 is native, the whole model in bf16 (activations too) is the plan's alternative,
+     taken when it keeps both bounds and runs the calibration inputs faster end to end
+     (Encoder._try_whole_bf16): per-linear timings do not see the casts around a bf16 linear in an
+     fp32 model, and with AMX the bf16 model outran the plan.
 Models: EncoderModel (BERT family) and PreNormEncoderModel (ModernBERT, EmbeddingGemma, decoder
 trunks), through `layers`, `linear_names`, `raw_linears`, `planned_linear`, `linears_changed` and
 `smooth_quant`.
@@ -47,9 +51,10 @@ from .quantize import LINEARS
 
 log = logging.getLogger("turboserve")
 
-PLAN_VERSION = 4       # 2: calibration texts up to the model limit, half the error budget held back;
+PLAN_VERSION = 5       # 2: calibration texts up to the model limit, half the error budget held back;
                        # 3: the settings it was measured under are part of its key;
-                       # 4: a moved linear may move again to a faster precision (bf16 -> int8)
+                       # 4: a moved linear may move again to a faster precision (bf16 -> int8);
+                       # 5: a SPLADE model's head, and the whole model in bf16 as the plan's alternative
 HIGH = "fp32"
 HEAD_PRECISIONS = ("fp32", "bf16", "int8", "int8 native")      # EncoderModel.MLM_HEAD_PRECISIONS
 SLACK = 1e-9          # float64 cosine of identical vectors can read 1 - 2e-16
@@ -70,6 +75,9 @@ class PrecisionPlan:
     settings: dict = field(default_factory=dict)
     # a SPLADE model's masked-LM decoder (EncoderModel.set_mlm_head), planned as one move of its own
     head: str = HIGH
+    # "bf16": the whole model in bf16 instead of the layers' plan, measured inside the bounds and
+    # faster end to end (Encoder._try_whole_bf16); None: the plan
+    whole: str | None = None
 
     def precision(self, layer: int, name: str) -> str:
         return self.layers.get(f"{layer}.{name}", HIGH)
@@ -84,11 +92,14 @@ class PrecisionPlan:
             parts.append(f"{p}: {listed}")
         if self.head != HIGH:
             parts.append(f"masked-LM head: {self.head}")
+        if self.whole is not None:
+            return f"the whole model in {self.whole} (faster end to end than the plan of {'; '.join(parts)})"
         return "; ".join(parts)
 
     def to_json(self) -> dict:
         return {"version": PLAN_VERSION, "bound": self.bound, "alpha": self.alpha, "fingerprint": self.fingerprint,
-                "layers": self.layers, "measured": self.measured, "settings": self.settings, "head": self.head}
+                "layers": self.layers, "measured": self.measured, "settings": self.settings, "head": self.head,
+                "whole": self.whole}
 
     @classmethod
     def from_json(cls, data: dict) -> "PrecisionPlan":
@@ -96,10 +107,13 @@ class PrecisionPlan:
             raise ValueError(f"precision plan version {data.get('version')!r}, expected {PLAN_VERSION}")
         bad = {p for p in data["layers"].values() if p not in ("fp32", "bf16", "int8")}
         head = data.get("head", HIGH)          # plans from before SPLADE have none: fp32
+        whole = data.get("whole")
+        if whole not in (None, "bf16"):
+            bad = bad | {whole}
         if bad or head not in HEAD_PRECISIONS:
             raise ValueError(f"unknown precisions in plan: {', '.join(sorted(bad | ({head} - set(HEAD_PRECISIONS))))}")
         return cls(float(data["bound"]), dict(data["layers"]), float(data.get("alpha", 0.5)),
-                   data.get("fingerprint", ""), data.get("measured", {}), dict(data.get("settings", {})), head)
+                   data.get("fingerprint", ""), data.get("measured", {}), dict(data.get("settings", {})), head, whole)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +206,7 @@ def _pooled(model, batches, embed) -> torch.Tensor:
     return torch.cat([embed(model.forward(b), b) for b in batches]).double()
 
 
-def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
 
 
@@ -221,11 +235,12 @@ def _time_linear(lin, x: torch.Tensor, prequantized: bool, ops, repeat: int = 5)
 def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed,
               bound: float, alpha: float = 0.5, precisions=("int8", "bf16"), tokens: int = 1024,
               model_dir: Path | None = None, margin: float = 0.5, settings: dict | None = None,
-              head=None) -> PrecisionPlan:
+              head=None, references: dict | None = None) -> PrecisionPlan:
     """Plan and apply: on return `model` runs the plan's linears. `model` must be the fp32 model.
     embed(hidden, batch) -> [B, D]: the embeddings whose cosines are bounded (the model's pooling).
     head: the model again where `embed` runs its masked-LM head (SPLADE), whose decoder is then
-    planned too (mlm_head_timings, set_mlm_head).
+    planned too (mlm_head_timings, set_mlm_head). references: a dict to receive the fp32 model's
+    embeddings of both input sets ("calib", "held"), for comparisons after the plan.
     margin: the share of the error budget (1 - bound) kept unspent on the calibration inputs."""
     plan_bound = 1.0 - (1.0 - bound) * (1.0 - margin)
     t0 = time.perf_counter()
@@ -235,6 +250,8 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
     ref_calib = _pooled(model, calib_batches, embed)
     t_forward = time.perf_counter() - t_forward
     ref_held = _pooled(model, heldout_batches, embed)
+    if references is not None:
+        references.update(calib=ref_calib, held=ref_held)
 
     # 1. time: every candidate of every linear at `tokens` rows
     gen = torch.Generator().manual_seed(0)
@@ -248,7 +265,7 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
     # 2. sensitivity of each move alone
     def score(assignment, batches, ref) -> float:
         cands.apply(assignment)
-        return _min_cosine(_pooled(model, batches, embed), ref)
+        return min_cosine(_pooled(model, batches, embed), ref)
 
     # a SPLADE model's masked-LM decoder (hidden x vocabulary: as many FLOPs as 3-4 encoder layers, so
     # its gain per error leads every single linear's) moves first, on its own: the fastest precision
