@@ -11,7 +11,11 @@ to the model's positions, is ours, for the long-context encoders). Every system 
 throughput counts real (non-padding) tokens per second of wall time, 2 threads unless --threads.
 With --interleave N every system is loaded first and then timed once per round in turn, N rounds, best
 round reported with the range: on a VM whose speed drifts by 20-40% over minutes, systems timed one
-after another can differ by more than they do. Quality is the minimum cosine, over all requests,
+after another can differ by more than they do. CTranslate2 brings its own libgomp: once it has run,
+its thread pool sits beside torch's for the rest of the process, and two OpenMP pools on 2 cores make
+libgomp sleep between parallel regions (docs/generation.md, Threads). turboserve bf16 on MiniLM
+`short` measured 26,217 tokens/s interleaved with a loaded CTranslate2 and 34,356 with ONNX Runtime
+(AMX VM): time the ctranslate2 systems in their own invocation for figures of the others. Quality is the minimum cosine, over all requests,
 between a system's pooled embedding and the fp32 reference (transformers, each request alone). Peers need the `peers` extra (onnxruntime,
 ctranslate2); systems whose package is missing are reported as skipped.
 The GEMM peaks are measured at start on this machine, and each system's FLOP rate (linear layers plus
