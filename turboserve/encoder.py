@@ -173,7 +173,7 @@ class Encoder:
             pool_cfg.mode = pooling
         if normalize is not None:
             pool_cfg.normalize = normalize
-        if pool_cfg.mode == "splade" and getattr(model, "mlm", None) is None:
+        if pool_cfg.mode == "splade" and model.mlm is None:
             archs = ", ".join(config.get("architectures") or []) or config.get("model_type")
             raise ModelLoadError(f"{model_dir}: SPLADE pooling needs a masked-LM head (a BERT, RoBERTa, XLM-RoBERTa, "
                                  f"DistilBERT or MPNet ...ForMaskedLM checkpoint); this one is {archs}")
@@ -231,7 +231,7 @@ class Encoder:
         if plan is None:
             t = time.perf_counter()
             calib_b, held_b, refs = batches(calib), batches(held), {}
-            plan = precision.make_plan(self.model, view, calib_b, held_b, self._plan_embedding, bound,
+            plan = precision.make_plan(self.model, view, calib_b, held_b, self._embedding_of(self.model), bound,
                                        alpha=alpha, model_dir=self.model_dir, settings=settings, head=head,
                                        references=refs)
             if self.model.device.type == "cuda" or cpu_has_native_bf16():
@@ -255,11 +255,8 @@ class Encoder:
         cosine 0.99989 (docs/benchmarks.md): per-linear timings do not see those casts."""
         from . import precision
         model = build("bf16")
-
-        def cosine(m, batches, ref) -> float:
-            out = torch.cat([self._embed_with(m, m.forward(b), b) for b in batches]).double()
-            return precision.min_cosine(out, ref)
-        calib_cos, held_cos = cosine(model, calib_b, refs["calib"]), cosine(model, held_b, refs["held"])
+        calib_cos, held_cos = (precision.min_cosine(precision.pooled(model, batches, self._embedding_of(model)), ref)
+                               for batches, ref in ((calib_b, refs["calib"]), (held_b, refs["held"])))
         t_bf16, t_plan = self._forward_seconds(model, calib_b), self._forward_seconds(self.model, calib_b)
         plan.measured["whole_bf16"] = {"calibration_min_cosine": round(calib_cos, 6),
                                        "heldout_min_cosine": round(held_cos, 6), "forward_s": round(t_bf16, 4),
@@ -271,11 +268,11 @@ class Encoder:
 
     def _forward_seconds(self, model, batches) -> float:
         """Best of two timed passes (after one untimed) of `model` and the pooling over `batches`."""
+        from .precision import pooled
         best = float("inf")
         for i in range(3):
             start = time.perf_counter()
-            for b in batches:
-                self._embed_with(model, model.forward(b), b)
+            pooled(model, batches, self._embedding_of(model))
             if i:
                 best = min(best, time.perf_counter() - start)
         return best
@@ -285,15 +282,12 @@ class Encoder:
         p = self.pooling
         return f"splade/{p.splade_strategy}/{p.splade_activation}" if p.mode == "splade" else p.mode
 
-    def _plan_embedding(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        return self._embed_with(self.model, hidden, batch)
-
-    def _embed_with(self, model, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """What dtype auto bounds the cosine of: the pooled states (before any Dense modules), or the
-        SPLADE vector of `model`'s head."""
+    def _embedding_of(self, model):
+        """What dtype auto bounds the cosine of, as embed(hidden, batch): the pooled states (before any
+        Dense modules), or the SPLADE vector of `model`'s head."""
         if self.pooling.mode == "splade":
-            return sentence_embedding(hidden, batch, self.pooling, model)
-        return pool(hidden, batch, self.pooling.mode)
+            return lambda hidden, batch: sentence_embedding(hidden, batch, self.pooling, model)
+        return lambda hidden, batch: pool(hidden, batch, self.pooling.mode)
 
     @property
     def dtype(self) -> str:

@@ -66,6 +66,8 @@ def _best_time(fn, x: torch.Tensor, repeat: int = 3) -> float:
 
 _TORCH_ACTS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
                "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+# the masked-LM decoder's candidates: "int8" oneDNN's _int_mm, "int8 native" the native VNNI kernel
+MLM_HEAD_PRECISIONS = ("fp32", "bf16", "int8", "int8 native")
 SPLADE_CHUNK_TOKENS = 256   # rows of vocabulary logits alive at once: 256 x 30522 fp32 is 31 MB
 
 
@@ -233,8 +235,6 @@ class EncoderModel:
                             view.get(dense + ".bias", (H,)).to(dev, adt), act, _ln(view, norm, H, adt, dev),
                             self.eps, weight, b.to(dev, adt))
 
-    MLM_HEAD_PRECISIONS = ("fp32", "bf16", "int8", "int8 native")
-
     def _mlm_decoder(self, name: str):
         """The masked-LM decoder GEMM in one precision, a callable [T, hidden] -> [T, vocab] ("fp32":
         on the weight as stored, in the model's dtype)."""
@@ -248,10 +248,10 @@ class EncoderModel:
         return lambda x: ops.linear(lin, x)
 
     def set_mlm_head(self, name: str) -> None:
-        """Run the masked-LM decoder in `name` (one of MLM_HEAD_PRECISIONS; "int8" is oneDNN's _int_mm,
-        "int8 native" the native VNNI kernel; the transform before it stays in floating point)."""
-        if name not in self.MLM_HEAD_PRECISIONS:
-            raise ValueError(f"masked-LM head precision {name!r}; one of {', '.join(self.MLM_HEAD_PRECISIONS)}")
+        """Run the masked-LM decoder in `name` (one of MLM_HEAD_PRECISIONS; the transform before it
+        stays in floating point)."""
+        if name not in MLM_HEAD_PRECISIONS:
+            raise ValueError(f"masked-LM head precision {name!r}; one of {', '.join(MLM_HEAD_PRECISIONS)}")
         self.mlm.fast_decoder = None if name == "fp32" else self._mlm_decoder(name)
         self.mlm.fast_decoder_name = name
 
@@ -262,7 +262,7 @@ class EncoderModel:
         (benchmarks/sparse.py --head); without AMX bf16 runs at half fp32's rate."""
         x = torch.randn(SPLADE_CHUNK_TOKENS, self.hidden, generator=torch.Generator().manual_seed(0))
         x = x.to(self.device)
-        return {name: _best_time(self._mlm_decoder(name), x) for name in self.MLM_HEAD_PRECISIONS}
+        return {name: _best_time(self._mlm_decoder(name), x) for name in MLM_HEAD_PRECISIONS}
 
     def fast_mlm_head(self) -> None:
         """dtype int8: the decoder in the fastest of its low precisions as measured here (bf16 is the

@@ -47,6 +47,7 @@ import torch
 
 from . import quantize
 from .loader import CheckpointView, weights_fingerprint
+from .model import MLM_HEAD_PRECISIONS
 from .quantize import LINEARS
 
 log = logging.getLogger("turboserve")
@@ -56,7 +57,6 @@ PLAN_VERSION = 5       # 2: calibration texts up to the model limit, half the er
                        # 4: a moved linear may move again to a faster precision (bf16 -> int8);
                        # 5: a SPLADE model's head, and the whole model in bf16 as the plan's alternative
 HIGH = "fp32"
-HEAD_PRECISIONS = ("fp32", "bf16", "int8", "int8 native")      # EncoderModel.MLM_HEAD_PRECISIONS
 SLACK = 1e-9          # float64 cosine of identical vectors can read 1 - 2e-16
 SEARCH_BUDGET_S = 300.0   # the end-to-end search's estimated passes x the forward time above which the
                           # prefix search runs (make_plan)
@@ -105,13 +105,11 @@ class PrecisionPlan:
     def from_json(cls, data: dict) -> "PrecisionPlan":
         if data.get("version") != PLAN_VERSION:
             raise ValueError(f"precision plan version {data.get('version')!r}, expected {PLAN_VERSION}")
-        bad = {p for p in data["layers"].values() if p not in ("fp32", "bf16", "int8")}
-        head = data.get("head", HIGH)          # plans from before SPLADE have none: fp32
-        whole = data.get("whole")
-        if whole not in (None, "bf16"):
-            bad = bad | {whole}
-        if bad or head not in HEAD_PRECISIONS:
-            raise ValueError(f"unknown precisions in plan: {', '.join(sorted(bad | ({head} - set(HEAD_PRECISIONS))))}")
+        head, whole = data.get("head", HIGH), data.get("whole")
+        bad = ({p for p in data["layers"].values() if p not in ("fp32", "bf16", "int8")}
+               | ({head} - set(MLM_HEAD_PRECISIONS)) | ({whole} - {None, "bf16"}))
+        if bad:
+            raise ValueError(f"unknown precisions in plan: {', '.join(sorted(map(str, bad)))}")
         return cls(float(data["bound"]), dict(data["layers"]), float(data.get("alpha", 0.5)),
                    data.get("fingerprint", ""), data.get("measured", {}), dict(data.get("settings", {})), head, whole)
 
@@ -202,7 +200,8 @@ class Candidates:
         self.model.linears_changed()
 
 
-def _pooled(model, batches, embed) -> torch.Tensor:
+def pooled(model, batches, embed) -> torch.Tensor:
+    """embed(hidden, batch) of `model`'s forward pass over `batches`, float64 [N, D]."""
     return torch.cat([embed(model.forward(b), b) for b in batches]).double()
 
 
@@ -247,9 +246,9 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
     stats = quantize.input_absmax(model, calib_batches) if model.smooth_quant else None
     cands = Candidates(model, view, stats, alpha, precisions)
     t_forward = time.perf_counter()
-    ref_calib = _pooled(model, calib_batches, embed)
+    ref_calib = pooled(model, calib_batches, embed)
     t_forward = time.perf_counter() - t_forward
-    ref_held = _pooled(model, heldout_batches, embed)
+    ref_held = pooled(model, heldout_batches, embed)
     if references is not None:
         references.update(calib=ref_calib, held=ref_held)
 
@@ -265,7 +264,7 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
     # 2. sensitivity of each move alone
     def score(assignment, batches, ref) -> float:
         cands.apply(assignment)
-        return min_cosine(_pooled(model, batches, embed), ref)
+        return min_cosine(pooled(model, batches, embed), ref)
 
     # a SPLADE model's masked-LM decoder (hidden x vocabulary: as many FLOPs as 3-4 encoder layers, so
     # its gain per error leads every single linear's) moves first, on its own: the fastest precision

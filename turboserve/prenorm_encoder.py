@@ -137,6 +137,7 @@ class PreNormEncoderModel:
 
     position_offset = None   # positions count 0 .. L-1 (RoPE or learned), as pack_tokens' default
     type_emb = None          # no token types: a text pair is the two texts joined by the tokenizer
+    mlm = None               # no masked-LM head (SPLADE pooling is refused)
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", device: str = "cpu",
                  classifier_tokens: list[int] | None = None):

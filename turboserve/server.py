@@ -290,15 +290,8 @@ def parse_tei_similarity(body, state: State) -> Parsed:
     if not isinstance(inputs, dict):
         raise ApiError(422, "`inputs` must be an object with `source_sentence` and `sentences`")
     source, sentences = inputs.get("source_sentence"), inputs.get("sentences")
-    if not isinstance(source, str) or not source:
-        raise ApiError(422, "`source_sentence` must be a non-empty string")
-    if not isinstance(sentences, list) or not sentences:
-        raise ApiError(400, "`sentences` must be a non-empty list of strings", "Empty")
-    if len(sentences) + 1 > state.config.max_client_batch_size:
-        raise ApiError(413, f"`sentences` has {len(sentences)} entries; at most "
-                       f"{state.config.max_client_batch_size - 1} are accepted")
-    if not all(isinstance(t, str) and t for t in sentences):
-        raise ApiError(422, "every entry of `sentences` must be a non-empty string")
+    # the source sentence is one of the request's inputs too
+    _query_and_texts(source, sentences, ("source_sentence", "sentences"), state.config.max_client_batch_size - 1)
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
         raise ApiError(422, "`parameters` must be an object")
@@ -329,18 +322,24 @@ def _require_head(state: State, rerank: bool) -> None:
         raise ApiError(424, "this model is a classifier with several labels, not a reranker", "Backend")
 
 
+def _query_and_texts(query, texts, names: tuple[str, str], limit: int) -> None:
+    """A rerank's query and texts, or a similarity's source sentence and sentences, checked as TEI does."""
+    q, t = names
+    if not isinstance(query, str) or not query:
+        raise ApiError(422, f"`{q}` must be a non-empty string")
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(400, f"`{t}` must be a non-empty list of strings", "Empty")
+    if len(texts) > limit:
+        raise ApiError(413, f"`{t}` has {len(texts)} entries; at most {limit} are accepted")
+    if not all(isinstance(x, str) and x for x in texts):
+        raise ApiError(422, f"every entry of `{t}` must be a non-empty string")
+
+
 def parse_tei_rerank(body, state: State) -> Parsed:
     body = _object(body, "tei")
     _require_head(state, rerank=True)
     query, texts = body.get("query"), body.get("texts")
-    if not isinstance(query, str) or not query:
-        raise ApiError(422, "`query` must be a non-empty string")
-    if not isinstance(texts, list) or not texts:
-        raise ApiError(400, "`texts` must be a non-empty list of strings", "Empty")
-    if len(texts) > state.config.max_client_batch_size:
-        raise ApiError(413, f"`texts` has {len(texts)} entries; at most {state.config.max_client_batch_size} are accepted")
-    if not all(isinstance(t, str) and t for t in texts):
-        raise ApiError(422, "every entry of `texts` must be a non-empty string")
+    _query_and_texts(query, texts, ("query", "texts"), state.config.max_client_batch_size)
     return Parsed([query] * len(texts), list(texts), "classify", _bool(body, "truncate", state.config.auto_truncate, "tei"),
                   {"raw": _bool(body, "raw_scores", False, "tei"), "return_text": _bool(body, "return_text", False, "tei"),
                    "texts": texts})
