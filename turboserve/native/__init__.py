@@ -102,8 +102,8 @@ def _load():
         return None
     L = ctypes.CDLL(str(path))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, i32, p, p, p, p, i64, i64, i32]
-    L.varlen_attention_f32.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, p, i64, i64, i64, i32]
+    L.row_epilogue.argtypes = [p, p, p, p, p, i32, p, p, p, f32, i32, p, p, p, p, i64, i64, i32, i32]
+    L.varlen_attention.argtypes = [p, p, p, p, i64, i64, i64, f32, i64, p, i64, i64, i64, i32, i32]
     L.paged_attention.argtypes = [p, i64, p, p, p, p, i32, p, i64, p, p, i64, i64, i64, i64, i64, i64, f32, f32, p,
                                   i64, i64, i32]
     L.int8_gemm_packed.argtypes = [p, i64, p, p, p, i64, i64, i64, i32]
@@ -153,16 +153,19 @@ def row_epilogue(src: torch.Tensor, *, row_scale=None, col_scale=None, bias=None
                  residual=None, ln=None, rms=False, out=None, inv_smooth=None, q=None, qscale=None) -> None:
     """See kernels.c: dequantize (src int32) or copy (src fp32), activation ("silu_mul" / "gelu_mul"
     halve the row: act(gate) * up), + residual, LayerNorm (RMSNorm with rms), store to `out`, quantize to
-    `q`/`qscale` with `inv_smooth`. ln: (gamma, beta, eps); beta None with rms."""
+    `q`/`qscale` with `inv_smooth`. ln: (gamma, beta, eps); beta None with rms. A bf16 `src` takes
+    bf16 residual, gamma, beta and out (the arithmetic is fp32)."""
     rows, cols = src.shape
     gamma, beta, eps = ln if ln is not None else (None, None, 0.0)
     _check(*(t for t in (src, row_scale, col_scale, bias, residual, gamma, beta, out, inv_smooth, q, qscale)
              if t is not None))
-    is_int = src.dtype == torch.int32
+    is_int, bf16 = src.dtype == torch.int32, src.dtype == torch.bfloat16
+    _require(all(t is None or (t.dtype == torch.bfloat16) == bf16 for t in (residual, gamma, beta, out)),
+             "row_epilogue: src, residual, ln weights and out are all bf16 or none of them")
     lib().row_epilogue(None if is_int else src.data_ptr(), src.data_ptr() if is_int else None,
                        _opt(row_scale), _opt(col_scale), _opt(bias), ACTIVATIONS[activation], _opt(residual),
                        _opt(gamma), _opt(beta), eps, int(rms), _opt(out), _opt(inv_smooth), _opt(q), _opt(qscale),
-                       rows, cols, _threads())
+                       rows, cols, int(bf16), _threads())
 
 
 def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, num_heads: int,
@@ -172,8 +175,9 @@ def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, n
     [h, max_len - 1 + j - i] (model.relative_position_bias), added to the scaled scores. window > 0:
     query i attends to keys |j - i| < window only (the others are not computed)."""
     _check(qkv, cu, order, out)
-    _require(qkv.dtype == out.dtype == torch.float32 and cu.dtype == order.dtype == torch.int64,
-             "varlen_attention takes fp32 qkv / out and int64 cu_seqlens / order")
+    _require(qkv.dtype == out.dtype and qkv.dtype in (torch.float32, torch.bfloat16)
+             and cu.dtype == order.dtype == torch.int64,
+             "varlen_attention takes fp32 or bf16 qkv / out and int64 cu_seqlens / order")
     _require(qkv.shape[1] % (3 * num_heads) == 0 and out.shape == (qkv.shape[0], qkv.shape[1] // 3)
              and cu.numel() == order.numel() + 1 and int(cu[-1]) == qkv.shape[0]
              and (order.numel() == 0 or max_len >= int((cu[1:] - cu[:-1]).max())),
@@ -183,12 +187,12 @@ def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, order: torch.Tensor, n
     scale = head_dim ** -0.5
     bias = None
     if position_bias is not None:
-        _require(position_bias.dtype == torch.float32 and position_bias.shape == (num_heads, 2 * max_len - 1),
-                 "varlen_attention: position_bias must be fp32 [num_heads, 2 * max_len - 1]")
-        bias = (position_bias / scale).contiguous()      # the kernel adds it to raw q.k before scaling
-    lib().varlen_attention_f32(_ptr(qkv), _ptr(out), _ptr(cu), _ptr(order), order.numel(), num_heads, head_dim,
-                               scale, max_len, None if bias is None else _ptr(bias), 2 * max_len - 1, max_len - 1,
-                               window, _threads())
+        _require(position_bias.is_floating_point() and position_bias.shape == (num_heads, 2 * max_len - 1),
+                 "varlen_attention: position_bias must be [num_heads, 2 * max_len - 1]")
+        bias = (position_bias.float() / scale).contiguous()     # the kernel adds it to raw q.k before scaling
+    lib().varlen_attention(_ptr(qkv), _ptr(out), _ptr(cu), _ptr(order), order.numel(), num_heads, head_dim,
+                           scale, max_len, None if bias is None else _ptr(bias), 2 * max_len - 1, max_len - 1,
+                           window, int(qkv.dtype == torch.bfloat16), _threads())
     return out
 
 

@@ -14,6 +14,27 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* bf16 is the upper half of an fp32: widening is a shift; narrowing rounds to nearest even, as torch
+ * does, and keeps a NaN a NaN (quiet). The row loops vectorize. */
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static void bf16_to_f32_row(const uint16_t *s, float *d, int64_t n) {
+    for (int64_t i = 0; i < n; i++) d[i] = bf16_to_f32(s[i]);
+}
+static void f32_to_bf16_row(const float *s, uint16_t *d, int64_t n) {
+    for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(s[i]);
+}
+
 #ifdef __AVX2__
 /* Horizontal max / sum of 8 fp32 lanes, and the 8 column sums of two int32 vectors whose lanes hold
  * pairs of partial sums (lanes 2c, 2c + 1 of a: column c of 0-3, of b: column 4 + c), as vpmaddwd
@@ -62,7 +83,10 @@ static inline void store_i32_lanes(int32_t *o, __m256i v, int64_t n) {
  *   out = v                                      if out (may alias src or residual: rows are
  *                                                read whole before they are written)
  *   q, qscale = int8(v * inv_smooth), per row    if q (the next int8 GEMM's input)
- * `row` is a per-thread scratch of `cols` floats. */
+ * With bf16 set, src, residual, gamma, beta and out are bf16 (a bf16 model's activations): rows are
+ * widened on load and rounded once on store, the arithmetic between is fp32 as above (torch's own
+ * version took four passes over the rows, 1.8 ms against 0.4 for MiniLM's LayerNorm of 4k tokens).
+ * `v` is a per-thread scratch of `cols` floats. */
 enum { ACT_NONE = 0, ACT_GELU = 1, ACT_GELU_TANH = 2, ACT_RELU = 3, ACT_SILU = 4, ACT_SILU_MUL = 5, ACT_GELU_MUL = 6,
        ACT_GELU_TANH_MUL = 7 };
 
@@ -277,24 +301,33 @@ static float quantize_row(const float *v, const float *inv_smooth, int8_t *qr, i
     return scale;
 }
 
-void row_epilogue(const float *src, const int32_t *src_i32, const float *row_scale, const float *col_scale,
-                  const float *bias, int act, const float *residual, const float *gamma, const float *beta,
-                  float eps, int rms, float *out, const float *inv_smooth, int8_t *q, float *qscale,
-                  int64_t rows, int64_t cols, int nthreads) {
+void row_epilogue(const void *src, const int32_t *src_i32, const float *row_scale, const float *col_scale,
+                  const float *bias, int act, const void *residual, const void *gamma_in, const void *beta_in,
+                  float eps, int rms, void *out, const float *inv_smooth, int8_t *q, float *qscale,
+                  int64_t rows, int64_t cols, int bf16, int nthreads) {
     /* act(first half) * second half */
     const int gated = act == ACT_SILU_MUL || act == ACT_GELU_MUL || act == ACT_GELU_TANH_MUL;
     const int64_t oc = gated ? cols / 2 : cols;                       /* output columns */
     #pragma omp parallel num_threads(nthreads)
     {
-        float *v = malloc(sizeof(float) * cols);
+        float *v = malloc(sizeof(float) * (bf16 ? 4 * cols : cols));
+        const float *gamma = gamma_in, *beta = beta_in;
+        if (bf16) {                        /* the norm's weights widened once per thread */
+            float *g = v + cols, *b = v + 2 * cols;
+            if (gamma) { bf16_to_f32_row(gamma_in, g, oc); gamma = g; }
+            if (beta) { bf16_to_f32_row(beta_in, b, oc); beta = b; }
+        }
+        float *res = v + 3 * cols;         /* a bf16 residual row, widened */
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (src_i32) {
                 const int32_t *ar = src_i32 + r * cols;
                 const float rs = row_scale[r];
                 for (int64_t c = 0; c < cols; c++) v[c] = (float)ar[c] * rs * col_scale[c] + bias[c];
+            } else if (bf16) {
+                bf16_to_f32_row((const uint16_t *)src + r * cols, v, cols);
             } else {
-                memcpy(v, src + r * cols, sizeof(float) * cols);
+                memcpy(v, (const float *)src + r * cols, sizeof(float) * cols);
             }
             if (gated) {
                 activate_row(v, oc, act == ACT_SILU_MUL ? ACT_SILU : act == ACT_GELU_MUL ? ACT_GELU : ACT_GELU_TANH);
@@ -303,7 +336,11 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
                 activate_row(v, cols, act);
             }
             if (residual) {
-                const float *rr = residual + r * oc;
+                const float *rr = (const float *)residual + r * oc;
+                if (bf16) {
+                    bf16_to_f32_row((const uint16_t *)residual + r * oc, res, oc);
+                    rr = res;
+                }
                 for (int64_t c = 0; c < oc; c++) v[c] += rr[c];
             }
             if (gamma && rms) {
@@ -319,7 +356,8 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
                 const float rstd = 1.0f / sqrtf(var / (float)oc + eps);
                 for (int64_t c = 0; c < oc; c++) v[c] = (v[c] - mean) * rstd * gamma[c] + (beta ? beta[c] : 0.0f);
             }
-            if (out) memcpy(out + r * oc, v, sizeof(float) * oc);
+            if (out && bf16) f32_to_bf16_row(v, (uint16_t *)out + r * oc, oc);
+            else if (out) memcpy((float *)out + r * oc, v, sizeof(float) * oc);
             if (q) qscale[r] = quantize_row(v, inv_smooth, q + r * oc, oc);
         }
         free(v);
@@ -337,7 +375,9 @@ void row_epilogue(const float *src, const int32_t *src_i32, const float *row_sca
  * q.k scores), added to the scores before the softmax; NULL for none. window > 0 bounds attention
  * to keys |j - i| < window (ModernBERT's and EmbeddingGemma's sliding layers): each block of MR
  * query rows reads only the keys its rows' windows cover, so a sliding layer costs O(L * window),
- * not O(L^2). */
+ * not O(L^2). bf16 qkv / out (a bf16 model): each task widens its head's rows to fp32 first and
+ * rounds its output once, so the arithmetic is the fp32 kernel's (against torch's bf16 SDPA: 7 ms
+ * against 16 for a 64-sequence MiniLM batch on a Zen 4 CPU without AMX). */
 #define MR 8   /* query rows per micro-kernel */
 
 #ifdef __AVX512F__
@@ -682,10 +722,10 @@ static void attend_rows(const float *base, float *out, int64_t row, int64_t H, i
         for (int64_t k = 0; k < d; k++) out[(i0 + r) * H + h * d + k] = acc[r * d + k] * inv[r];
 }
 
-void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const int64_t *order,
-                          int64_t nseq, int64_t nheads, int64_t d, float scale, int64_t max_len,
-                          const float *bias, int64_t bias_stride, int64_t bias_center, int64_t window,
-                          int nthreads) {
+void varlen_attention(const void *qkv, void *out, const int64_t *cu, const int64_t *order,
+                      int64_t nseq, int64_t nheads, int64_t d, float scale, int64_t max_len,
+                      const float *bias, int64_t bias_stride, int64_t bias_center, int64_t window,
+                      int bf16, int nthreads) {
     const int64_t H = nheads * d, row = 3 * H;
     const int64_t max_lp = (max_len + 15) / 16 * 16;
     #pragma omp parallel num_threads(nthreads)
@@ -693,18 +733,31 @@ void varlen_attention_f32(const float *qkv, float *out, const int64_t *cu, const
         float *kt = malloc(sizeof(float) * d * max_lp);
         float *s = malloc(sizeof(float) * MR * max_lp);
         float *acc = malloc(sizeof(float) * MR * d);
+        /* bf16: the task's head widened to fp32, [L][q | k | v] rows, and its fp32 output [L][d] */
+        float *x = bf16 ? malloc(sizeof(float) * 4 * d * max_lp) : NULL;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < nseq * nheads; task++) {
             const int64_t seq = order[task / nheads], h = task % nheads;
             const int64_t start = cu[seq], L = cu[seq + 1] - start, Lp = (L + 15) / 16 * 16;
-            const float *base = qkv + start * row;
             const float *bh = bias ? bias + h * bias_stride + bias_center : NULL;
+            if (bf16) {
+                const uint16_t *src = (const uint16_t *)qkv + start * row + h * d;
+                float *o = x + 3 * d * L;
+                for (int64_t i = 0; i < L; i++)
+                    for (int p = 0; p < 3; p++) bf16_to_f32_row(src + i * row + p * H, x + (i * 3 + p) * d, d);
+                transpose_keys(x + d, 3 * d, L, Lp, d, kt);
+                for (int64_t i0 = 0; i0 < L; i0 += MR)
+                    attend_rows(x, o, 3 * d, d, 0, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR, kt, s, acc, scale, bh, window);
+                for (int64_t i = 0; i < L; i++) f32_to_bf16_row(o + i * d, (uint16_t *)out + (start + i) * H + h * d, d);
+                continue;
+            }
+            const float *base = (const float *)qkv + start * row;
             transpose_keys(base + H + h * d, row, L, Lp, d, kt);
             for (int64_t i0 = 0; i0 < L; i0 += MR)
-                attend_rows(base, out + start * H, row, H, h, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR,
+                attend_rows(base, (float *)out + start * H, row, H, h, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR,
                             kt, s, acc, scale, bh, window);
         }
-        free(kt); free(s); free(acc);
+        free(kt); free(s); free(acc); free(x);
     }
 }
 
@@ -760,12 +813,7 @@ static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i
 #endif
 
 static inline float kv_at(const void *base, int64_t idx, int kind) {
-    if (kind == KV_BF16) {
-        const uint32_t bits = (uint32_t)((const uint16_t *)base)[idx] << 16;
-        float f;
-        memcpy(&f, &bits, 4);
-        return f;
-    }
+    if (kind == KV_BF16) return bf16_to_f32(((const uint16_t *)base)[idx]);
     if (kind == KV_I8) return (float)((const int8_t *)base)[idx];
     return ((const float *)base)[idx];
 }
@@ -1929,12 +1977,7 @@ static void kv_store_row(const float *src, int64_t d, int kind, void *part, int 
     if (kind == KV_F32) {
         for (int64_t c = 0; c < d; c++) ((float *)part)[AT(c)] = src[c];
     } else if (kind == KV_BF16) {
-        for (int64_t c = 0; c < d; c++) {
-            uint32_t u;
-            memcpy(&u, &src[c], 4);
-            u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);   /* NaN stays NaN */
-            ((uint16_t *)part)[AT(c)] = (uint16_t)(u >> 16);
-        }
+        for (int64_t c = 0; c < d; c++) ((uint16_t *)part)[AT(c)] = f32_to_bf16(src[c]);
     } else {
         float amax = 0.f;
         int64_t c = 0;
