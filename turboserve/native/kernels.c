@@ -747,8 +747,10 @@ void varlen_attention(const void *qkv, void *out, const int64_t *cu, const int64
                     for (int p = 0; p < 3; p++) bf16_to_f32_row(src + i * row + p * H, x + (i * 3 + p) * d, d);
                 transpose_keys(x + d, 3 * d, L, Lp, d, kt);
                 for (int64_t i0 = 0; i0 < L; i0 += MR)
-                    attend_rows(x, o, 3 * d, d, 0, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR, kt, s, acc, scale, bh, window);
-                for (int64_t i = 0; i < L; i++) f32_to_bf16_row(o + i * d, (uint16_t *)out + (start + i) * H + h * d, d);
+                    attend_rows(x, o, 3 * d, d, 0, d, L, Lp, i0, L - i0 < MR ? L - i0 : MR, kt, s, acc, scale, bh,
+                                window);
+                for (int64_t i = 0; i < L; i++)
+                    f32_to_bf16_row(o + i * d, (uint16_t *)out + (start + i) * H + h * d, d);
                 continue;
             }
             const float *base = (const float *)qkv + start * row;
