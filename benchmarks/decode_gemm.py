@@ -12,9 +12,8 @@ the multiply-add rate (GOP/s, 2 operations each), and checks the two int8 ones g
 results (both are exact) and the fp32 ones agree (max error relative to the largest |result|). `--cold N` cycles through N copies
 of each weight per timed call, so the weights come from memory as in a decode step, not from cache
 (the LM head is skipped there: N copies of it do not fit the budget of a quick run; the fp32 column
-stays one warm copy). Ops/cpu.py's
-Int8Linear.PACKED_ROWS and WIDE_COLS, which decide when decoders use the native kernel, come from
-this table.
+stays one warm copy). Which of the two int8 kernels a decoder takes at which row count is measured at
+load on the machine (ops/cpu.py tune_int8_rows); this table shows the whole picture for GPT-2's shapes.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 preemption, sampling, stop handling, and the paged attention kernel against its PyTorch version."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
@@ -487,6 +489,70 @@ def test_packed_int8_gemm_equals_int_mm(k, n):
         x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
         out = native.int8_gemm_packed(x, packed, colsum, n, torch.empty(m, n, dtype=torch.int32))
         assert torch.equal(out, torch._int_mm(x, w)), m
+
+
+def test_int8_kernel_limit_is_the_largest_probe_the_native_kernel_wins_throughout(monkeypatch):
+    """measure_native_limit: the native kernel up to the last probe row count before oneDNN first wins
+    (scripted timings: the real ones depend on the CPU), inf when it never does, 0 when it loses at
+    one row; probing stops at the first loss, and with inf after a probe slower than
+    INT8_PROBE_SECONDS."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None or native.int8_gemm_everywhere():
+        pytest.skip("no VNNI native kernel beside oneDNN's")
+    lin = cpu.Int8Linear(torch.randn(48, 40), None, small_rows=True)
+    for oneDNN_from, expected in ((128, 64), (None, math.inf), (1, 0)):
+        calls = []
+
+        def scripted(fn, repeat=3, _from=oneDNN_from):
+            native_turn = len(calls) % 2 == 0          # the native kernel is timed first at each probe
+            m = cpu.INT8_PROBE_ROWS[len(calls) // 2]
+            calls.append(m)
+            return 2e-3 if native_turn == (_from is not None and m >= _from) else 1e-3
+        monkeypatch.setattr(cpu, "_best_seconds", scripted)
+        assert cpu.measure_native_limit(lin) == expected
+        assert max(calls) == (oneDNN_from or cpu.INT8_PROBE_ROWS[-1])
+    calls = []
+    monkeypatch.setattr(cpu, "_best_seconds", lambda fn, repeat=3: calls.append(1) or 1.0)    # a slow GEMM
+    assert cpu.measure_native_limit(lin) == math.inf and len(calls) == 2
+
+
+def test_tuned_int8_limits_are_cached_per_shape_and_pick_the_kernel(monkeypatch, tmp_path):
+    """tune_int8_rows sets each decoder linear's limit by its weight shape, measures each shape once
+    and then reads the cache file; a GEMM takes the native kernel up to the limit and oneDNN above it,
+    with the same exact int32 results either way. A real measurement gives a limit of 0, a probe or
+    inf."""
+    from turboserve import native
+    from turboserve.ops import cpu
+    if native.lib() is None or native.int8_gemm_everywhere():
+        pytest.skip("no VNNI native kernel beside oneDNN's")
+    monkeypatch.setenv("TURBOSERVE_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (cpu.Int8Linear(torch.randn(n, k, generator=g), None, small_rows=True)
+               for n, k in ((40, 48), (40, 48), (24, 64)))
+    measured = []
+    monkeypatch.setattr(cpu, "measure_native_limit", lambda lin: measured.append(lin) or (16 if lin.in_features == 48
+                                                                                       else math.inf))
+    assert cpu.tune_int8_rows([a, b, c, None]) == {"48x40": 16.0, "64x24": math.inf}
+    assert (a.native_limit, b.native_limit, c.native_limit) == (16, 16, math.inf) and len(measured) == 2
+    d = cpu.Int8Linear(torch.randn(40, 48, generator=g), None, small_rows=True)
+    cpu.tune_int8_rows([d])
+    assert d.native_limit == 16 and len(measured) == 2              # from the file
+    used = []
+    monkeypatch.setattr(native, "int8_gemm_packed",
+                        lambda *args, _f=native.int8_gemm_packed: used.append(1) or _f(*args))
+    for m, native_expected in ((16, True), (17, False)):
+        x = torch.randn(m, 48, generator=g)
+        used.clear()
+        out, _ = d(x, out=torch.empty(m, 40))
+        assert bool(used) == native_expected
+        d.native_limit = math.inf if native_expected else 0        # the other kernel: the same numbers
+        assert torch.equal(out, d(x, out=torch.empty(m, 40))[0])
+        d.native_limit = 16
+    monkeypatch.undo()
+    monkeypatch.setenv("TURBOSERVE_CACHE", str(tmp_path / "real"))
+    limit = cpu.tune_int8_rows([cpu.Int8Linear(torch.randn(24, 32), None, small_rows=True)])["32x24"]
+    assert limit in (0, math.inf, *cpu.INT8_PROBE_ROWS)
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp32", "bf16", "int8"])

@@ -246,6 +246,15 @@ class DecoderModel:
         return DecoderLayer(norm1, lin["qkv"], lin["o"], self._norm(view, p + n["norm2"]), lin["up"], lin["down"],
                             **qk_norms, **post)
 
+    def tune_kernels(self) -> None:
+        """int8 on the CPU: which GEMM kernel each linear takes at which row count, as measured on this
+        machine (ops/cpu.py tune_int8_rows, cached on disk). Called once the model (or a tensor-parallel
+        rank's shard) has its final shapes."""
+        tune = getattr(self.ops, "tune_int8_rows", None)
+        if tune is not None and self.dtype_name == "int8":
+            tune([lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.down)]
+                 + [self.lm_head_int8])
+
     # ------------------------------------------------------------------ cache
     def heads(self) -> tuple[int, int]:
         """(query heads, KV heads) this model computes: all of them, or a tensor-parallel shard's."""

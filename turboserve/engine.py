@@ -481,8 +481,7 @@ def cost_cache_path(encoder: Encoder, max_batch_tokens: int) -> Path:
     if plan is not None:
         ident.append(json.dumps(plan.layers, sort_keys=True))
     key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
-    return base / "costs" / f"{key}.json"
+    return native.cache_dir() / "costs" / f"{key}.json"
 
 
 def measure_cost_table(encoder: Encoder, max_batch_tokens: int, use_cache: bool = True) -> CostTable:

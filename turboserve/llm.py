@@ -439,6 +439,7 @@ class LLM:
         if tensor_parallel != 1:
             from . import parallel
             model = parallel.start(model, tensor_parallel, threads)
+        model.tune_kernels()
         return cls(model, DecoderTokenizer(model.model_dir), **engine_kw)
 
     def close(self) -> None:

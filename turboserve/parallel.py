@@ -538,6 +538,8 @@ def run_worker(rank: int, world: int) -> None:
     model.tp = TPGroup(rank, world, vocab)
     if kind == "encoder":
         model._build_workspace()
+    else:
+        model.tune_kernels()
     dist.barrier()
     cache = None
     while True:

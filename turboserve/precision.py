@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from . import quantize
+from . import native, quantize
 from .loader import CheckpointView, weights_fingerprint
 from .model import MLM_HEAD_PRECISIONS
 from .quantize import LINEARS
@@ -140,8 +140,7 @@ def plan_paths(model_dir: Path, bound: float, settings: dict) -> list[Path]:
     """Where a plan for `bound` and `settings` is looked for, in order: beside the model, then the
     cache directory (the bound exactly: repr, not %g's six digits, which made 0.9999995 and 1 one file)."""
     name = f"turboserve-precision-{bound!r}-{settings_key(settings)}.json"
-    cache = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
-    return [Path(model_dir) / name, cache / "precision" / weights_fingerprint(model_dir) / name]
+    return [Path(model_dir) / name, native.cache_dir() / "precision" / weights_fingerprint(model_dir) / name]
 
 
 def save_plan(plan: PrecisionPlan, model_dir: Path) -> Path:

@@ -144,6 +144,7 @@ class PreNormEncoderModel:
         self.decoder = d = DecoderModel(
             model_dir, dtype, device, kv_dtype="fp32", with_lm_head=False,
             extra_weights=lambda view, config: load_classifier(view, config, torch.device(device), classifier_tokens))
+        d.tune_kernels()
         self.head = d.extra     # a PooledClassifier / LastTokenClassifier (load_classifier), or None
         self.spec, self.dtype_name, self.device, self.ops = d.spec, dtype, d.device, d.ops
         self.causal = not d.bidirectional

@@ -45,6 +45,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_identity() -> str:
+    """The CPU's model name and flags: what keys measurements made on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name + _cpu_flags()
+
+
+def cache_dir() -> Path:
+    """Where turboserve keeps what it builds and measures: $TURBOSERVE_CACHE, else ~/.cache/turboserve."""
+    return Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
+
+
 # extra compiler flags of each kernel tier below the CPU's own (x86; elsewhere only "native" applies)
 _ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 
@@ -60,7 +75,7 @@ def _build() -> Path | None:
         isa = []
     key = hashlib.sha256(src + _cpu_flags().encode() + platform.machine().encode()
                          + " ".join(isa).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("TURBOSERVE_CACHE", Path.home() / ".cache" / "turboserve"))
+    cache = cache_dir()
     target = cache / f"kernels-{key}.so"
     if target.exists():
         return target

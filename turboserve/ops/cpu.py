@@ -17,14 +17,22 @@ model's rows take the same kernel (widened on load, rounded on store). Without t
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import native
+
+log = logging.getLogger("turboserve")
 
 
 @dataclass
@@ -235,10 +243,12 @@ class Int8Linear:
     takes_int8 = True
 
     # decoder linears: the native VNNI kernel on weights packed for it (kernels.c int8_gemm_packed) up to
-    # PACKED_ROWS rows, and at any row count for weights of WIDE_COLS columns or more (the LM head).
-    # benchmarks/decode_gemm.py, one run: 2-4x oneDNN's _int_mm at 1-4 rows, 1.1-1.6x at 16-32, even at
-    # 64-128; at 512-2048 rows oneDNN is 5-30% faster on GPT-2's layer shapes, while on the 768 x 50257
-    # LM head the native kernel stays 1.2-1.8x ahead at every row count (oneDNN slows down on wide N)
+    # `native_limit` rows, oneDNN's _int_mm above. tune_int8_rows measures the limit per weight shape on
+    # the machine; until then (and where it is not called) PACKED_ROWS, or no limit for weights of
+    # WIDE_COLS columns or more (the LM head). Those defaults come from CPUs without AMX
+    # (benchmarks/decode_gemm.py: 2-4x oneDNN at 1-4 rows, even at 64-128, oneDNN 5-30% faster at
+    # 512-2048 on GPT-2's layer shapes; on the 768 x 50257 LM head native 1.2-1.8x ahead at every row
+    # count); with AMX oneDNN overtakes from 32-64 rows
     PACKED_ROWS = 128
     WIDE_COLS = 8192
 
@@ -255,10 +265,13 @@ class Int8Linear:
         self.bias = (torch.zeros(w.shape[0]) if bias is None else bias.detach().float()).contiguous()
         self.in_features, self.out_features = self.weight_q.shape
         self.dtype = torch.float32
-        # small_rows (decoder linears), or a CPU where the native kernel serves every row count: a second
-        # copy of the weights in the packed kernel's layout
-        self.native_rows = native.int8_gemm_everywhere()
-        self.packed, self.colsum = pack_vnni(self.weight_q) if small_rows or self.native_rows else (None, None)
+        # small_rows (decoder linears), or a CPU where the native kernel serves every row count (AVX2
+        # without VNNI: torch._int_mm has no fast path there): a second copy of the weights in the packed
+        # kernel's layout
+        everywhere = native.int8_gemm_everywhere()
+        self.packed, self.colsum = pack_vnni(self.weight_q) if small_rows or everywhere else (None, None)
+        self.native_limit = math.inf if everywhere or small_rows and self.out_features >= self.WIDE_COLS else \
+            self.PACKED_ROWS if small_rows else 0
 
     def resliced(self) -> None:
         """Re-derive the packed copy after weight_q was cut (a tensor-parallel shard)."""
@@ -271,8 +284,7 @@ class Int8Linear:
         return self.weight_q.numel() + packed + 4 * (self.weight_scale.numel() + self.bias.numel() + self.inv_smooth.numel())
 
     def _int_mm(self, q: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
-        if (self.packed is not None and native.lib() is not None
-                and (self.native_rows or q.shape[0] <= self.PACKED_ROWS or self.out_features >= self.WIDE_COLS)):
+        if self.packed is not None and native.lib() is not None and q.shape[0] <= self.native_limit:
             out = acc if acc is not None else torch.empty(q.shape[0], self.out_features, dtype=torch.int32)
             return native.int8_gemm_packed(q, self.packed, self.colsum, self.out_features, out)
         return torch._int_mm(q, self.weight_q, out=acc) if acc is not None else torch._int_mm(q, self.weight_q)
@@ -283,6 +295,94 @@ class Int8Linear:
             _, xq = epilogue(x, quant_for=self)
         acc = self._int_mm(xq.q, acc)
         return epilogue(IntAccumulator(acc, xq.scale, self.weight_scale, self.bias), out=out, **epi)
+
+
+INT8_PROBE_ROWS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+INT8_PROBE_SECONDS = 0.02      # a probe this slow is the last: the LM head's wide GEMMs stop at 128-256 rows
+INT8_ROWS_VERSION = "1"
+
+
+def _int8_rows_path() -> Path:
+    """The measured limits' file: one per CPU, thread count, torch version and kernel source."""
+    ident = [INT8_ROWS_VERSION, native.cpu_identity(), str(torch.get_num_threads()), torch.__version__,
+             native.SOURCE.read_text()]
+    key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
+    return native.cache_dir() / "int8-rows" / f"{key}.json"
+
+
+def _best_seconds(fn, repeat: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_native_limit(linear: Int8Linear, margin: float = 1.05) -> float:
+    """The largest of INT8_PROBE_ROWS up to which oneDNN's _int_mm is not faster than the native kernel
+    by more than `margin` at any probe on this weight (math.inf: at none of them; 0: already at one
+    row). Probing stops at the first probe oneDNN wins, or with math.inf after a probe that took
+    INT8_PROBE_SECONDS. The margin keeps near-ties (o 768 x 768 at 32-64 rows on a Zen 4: 3-6% apart,
+    either way from run to run) from cutting the native range short."""
+    k, n = linear.in_features, linear.out_features
+    g = torch.Generator().manual_seed(0)
+    limit = 0
+    for m in INT8_PROBE_ROWS:
+        q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        acc = torch.empty(m, n, dtype=torch.int32)
+        ours = _best_seconds(lambda: native.int8_gemm_packed(q, linear.packed, linear.colsum, n, acc))
+        theirs = _best_seconds(lambda: torch._int_mm(q, linear.weight_q, out=acc))
+        if ours > theirs * margin:
+            return limit
+        if theirs > INT8_PROBE_SECONDS:
+            break
+        limit = m
+    return math.inf
+
+
+def tune_int8_rows(linears, use_cache: bool = True) -> dict[str, float]:
+    """Set each decoder int8 linear's native_limit to what this machine measures for its weight shape
+    (measure_native_limit), cached on disk per CPU, thread count, torch and kernel source: the
+    crossover depends on the CPU (without AMX the native kernel keeps up with oneDNN to 512 rows on
+    GPT-2's shapes; with AMX oneDNN overtakes from 32-64). Returns {"KxN": limit} of the shapes given."""
+    todo = [lin for lin in linears if isinstance(lin, Int8Linear) and lin.packed is not None]
+    if native.lib() is None or native.int8_gemm_everywhere() or not todo:
+        return {}
+    path = _int8_rows_path()
+    table = {}
+    if use_cache and path.exists():
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+    shapes = {}
+    for lin in todo:
+        shapes.setdefault(f"{lin.in_features}x{lin.out_features}", lin)
+    missing = [key for key in shapes if key not in table]
+    if missing:
+        start = time.perf_counter()
+        for key in missing:
+            limit = measure_native_limit(shapes[key])
+            table[key] = "inf" if limit == math.inf else limit
+        log.info("int8 kernel choice measured for %d weight shape(s) in %.1f s (native kernel up to: %s)",
+                 len(missing), time.perf_counter() - start, ", ".join(f"{k} {table[k]} rows" for k in missing))
+        _write_atomic(path, json.dumps(table, sort_keys=True))
+    for lin in todo:
+        lin.native_limit = float(table[f"{lin.in_features}x{lin.out_features}"])
+    return {key: float(table[key]) for key in shapes}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Best effort: a cache that cannot be written is measured again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc)
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str,
