@@ -128,8 +128,6 @@ def test_an_input_limit_past_the_batch_budget_must_fit_in_memory_too(decoder_dir
 
 
 def test_refusals(decoder_dirs):
-    with pytest.raises(InvalidInputError, match="tensor parallelism"):
-        Encoder.load(decoder_dirs["llama"], tensor_parallel=2)
     enc = Encoder.load(decoder_dirs["llama"])
     with pytest.raises(Exception, match="classification head"):
         enc.classify(["a"])
@@ -351,8 +349,6 @@ def test_modernbert_is_served_for_embeddings_and_refused_for_generation(modernbe
         serves_generation(ServerConfig(model=str(modernbert_dir), task="generate"))
     with pytest.raises(UnsupportedArchitectureError, match="is an encoder"):
         LLM.load(modernbert_dir)
-    with pytest.raises(InvalidInputError, match="tensor parallelism"):
-        Encoder.load(modernbert_dir, tensor_parallel=2)
 
 
 @pytest.mark.parametrize("labels,pooling", [(1, "cls"), (3, "mean")])

@@ -92,7 +92,6 @@ class Encoder:
         RoBERTa, XLM-RoBERTa, DistilBERT, MPNet; ModernBERT and EmbeddingGemma on the pre-norm layers), or
         a decoder's trunk as an embedding model (GPT-2, LLaMA, Qwen2, Qwen3, Mistral, Gemma 2 / 3;
         prenorm_encoder.py; pooled by its sentence-transformers config, else the last token's state).
-        tensor_parallel is for the post-LN encoders only.
 
         dtype: "fp32", "bf16", "int8" (W8A8 with SmoothQuant, see quantize.py; `int8_keep` names the
         linears that stay fp32; the pre-norm layers' int8 is W8A8 without SmoothQuant) or "auto": per
@@ -136,9 +135,6 @@ class Encoder:
         if dtype == "auto" and not 0.0 < quality_bound <= 1.0:
             raise InvalidInputError(f"quality_bound is a minimum cosine in (0, 1], not {quality_bound}")
         if prenorm:
-            kind = "decoder embedding" if causal else config.get("model_type")
-            if tensor_parallel != 1:
-                raise InvalidInputError(f"tensor parallelism is not supported for {kind} models")
             from .prenorm_encoder import PreNormEncoderModel
             tokens = token_ids(model_dir, classifier_tokens) if classifier_tokens else None
 

@@ -256,7 +256,8 @@ def make_gen_app(config: ServerConfig) -> Starlette:
             if config.tensor_parallel != 1:
                 model = parallel.start(model, config.tensor_parallel, config.threads)
                 parallel.on_failure(model, lambda exc: state.on_rank_failure and state.on_rank_failure(exc))
-            model.tune_kernels()
+            else:
+                model.tune_kernels()              # tensor-parallel ranks tune their own shards
             tok = DecoderTokenizer(model.model_dir)
             engine = LLMEngine(model, tok, max_batch_tokens=config.max_batch_tokens,
                                max_waiting=config.max_queued_requests, cuda_graphs=config.cuda_graphs)

@@ -438,8 +438,9 @@ class LLM:
         model = DecoderModel(path, dtype, device=device, kv_dtype=kv_dtype)
         if tensor_parallel != 1:
             from . import parallel
-            model = parallel.start(model, tensor_parallel, threads)
-        model.tune_kernels()
+            model = parallel.start(model, tensor_parallel, threads)      # each rank tunes its shard
+        else:
+            model.tune_kernels()
         return cls(model, DecoderTokenizer(model.model_dir), **engine_kw)
 
     def close(self) -> None:

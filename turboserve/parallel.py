@@ -183,6 +183,7 @@ def check_shardable(model, world: int) -> None:
     """Raise ModelLoadError, naming the counts, when `model` cannot be cut into `world` shards."""
     if world < 1:
         raise ModelLoadError(f"--tensor-parallel must be at least 1, not {world}")
+    model = getattr(model, "decoder", model)                    # a pre-norm encoder: its decoder trunk's sizes
     kv = getattr(model, "num_kv_heads", model.num_heads)       # decoders with grouped-query attention
     bad = []
     if model.num_heads % world:
@@ -235,8 +236,19 @@ def shard_decoder(model, tp: TPGroup):
     if model.lm_head_int8 is not None:
         per = tp.vocab_per_rank
         shard.lm_head_int8 = column_shard(model.lm_head_int8, torch.arange(r * per, min((r + 1) * per, model.vocab_size)))
-    else:
+    elif model.lm_head is not None:                        # none in a pre-norm encoder's trunk
         shard.lm_head = shard.word_emb if tied else _vocab_rows(model.lm_head, tp)
+    shard.tp = tp
+    return shard
+
+
+def shard_prenorm(model, tp: TPGroup):
+    """Rank `tp.rank`'s shard of a PreNormEncoderModel (ModernBERT, EmbeddingGemma, a decoder as an
+    embedding model): its decoder trunk's shard, with a scratch cache of its own KV heads. The
+    classifier head, if any, runs on rank 0 after the forward pass."""
+    shard = copy.copy(model)
+    shard.decoder = shard_decoder(model.decoder, tp)
+    shard._cache, shard._cache_blocks = None, 0
     shard.tp = tp
     return shard
 
@@ -413,7 +425,7 @@ class ParallelModel:
 
     def forward(self, batch, cache=None):
         """EncoderModel.forward(PackedBatch) or DecoderModel.forward(StepBatch, cache), on every rank."""
-        if self.kind == "encoder":
+        if self.kind != "decoder":
             return self.leader.run(_ENCODE, _packed_to_wire(batch), lambda: self.shard.forward(batch))
         return self.leader.run(_DECODE, _step_to_wire(batch), lambda: self.shard.forward(batch, cache))
 
@@ -456,11 +468,40 @@ def rank_threads(threads: int | None, world: int) -> int:
 
 
 def _model_state(shard) -> dict:
-    """What a worker needs of its shard: plain data and tensors (no ops module, no workspace)."""
+    """What a worker needs of its shard: plain data and tensors (no ops module, no workspace); a
+    pre-norm encoder's decoder trunk as a state of its own."""
     state = {k: v for k, v in vars(shard).items() if k not in ("ops", "workspace", "tp")}
-    if "head" in state:
-        state["head"] = None              # classification runs on rank 0
+    for head in ("head", "extra"):
+        if head in state:
+            state[head] = None            # classification runs on rank 0
+    if "decoder" in state:
+        state["decoder"] = _model_state(state["decoder"])
     return state
+
+
+def _rebuild(kind: str, state: dict, tp: TPGroup):
+    """A worker's shard from _model_state's state."""
+    from .decoder import DecoderModel
+    from .model import EncoderModel
+    from .ops import backend_for
+    from .prenorm_encoder import PreNormEncoderModel
+    cls = {"encoder": EncoderModel, "decoder": DecoderModel, "prenorm": PreNormEncoderModel}[kind]
+    model = cls.__new__(cls)
+    vars(model).update(state)
+    model.ops = backend_for("cpu")
+    model.tp = tp
+    if kind == "prenorm":
+        model.decoder = _rebuild("decoder", state["decoder"], tp)
+    return model
+
+
+def _ready(shard, kind: str) -> None:
+    """What a shard builds on its own rank: the encoder's workspace, a decoder trunk's kernel choice
+    (measured for the shard's own shapes)."""
+    if kind == "encoder":
+        shard._build_workspace()
+    else:
+        getattr(shard, "decoder", shard).tune_kernels()
 
 
 def start(model, world: int, threads: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> ParallelModel:
@@ -472,7 +513,7 @@ def start(model, world: int, threads: int | None = None, timeout: float = DEFAUL
                               "(docs/gpu.md)")
     if dist.is_initialized():
         raise TurboServeError("a tensor-parallel model already runs in this process; close() it first")
-    kind = "decoder" if hasattr(model, "num_kv_heads") else "encoder"
+    kind = "decoder" if hasattr(model, "num_kv_heads") else "prenorm" if hasattr(model, "decoder") else "encoder"
     per_rank = rank_threads(threads, world)
     td = datetime.timedelta(seconds=timeout)
     processes = []
@@ -502,8 +543,7 @@ def start(model, world: int, threads: int | None = None, timeout: float = DEFAUL
             dist.send_object_list([kind, _model_state(shard), shard.tp.vocab], dst=r)
             del shard
         shard = _shard(model, kind, TPGroup(0, world))
-        if kind == "encoder":
-            shard._build_workspace()
+        _ready(shard, kind)
         dist.barrier()                                   # every worker holds its shard
     except Exception as exc:
         for p in processes:
@@ -517,7 +557,7 @@ def start(model, world: int, threads: int | None = None, timeout: float = DEFAUL
 
 
 def _shard(model, kind: str, tp: TPGroup):
-    return shard_encoder(model, tp) if kind == "encoder" else shard_decoder(model, tp)
+    return {"encoder": shard_encoder, "decoder": shard_decoder, "prenorm": shard_prenorm}[kind](model, tp)
 
 
 # ---------------------------------------------------------------------- ranks > 0
@@ -525,21 +565,11 @@ def run_worker(rank: int, world: int) -> None:
     """A worker rank's life, inside an initialized process group: receive the shard, then run every
     step rank 0 broadcasts until it says stop. A failed collective (rank 0 gone, or past the
     timeout) raises and ends the process."""
-    from .decoder import DecoderModel
-    from .model import EncoderModel
-    from .ops import backend_for
     got = [None, None, None]
     dist.recv_object_list(got, src=0)
     kind, state, vocab = got
-    cls = EncoderModel if kind == "encoder" else DecoderModel
-    model = cls.__new__(cls)
-    vars(model).update(state)
-    model.ops = backend_for("cpu")
-    model.tp = TPGroup(rank, world, vocab)
-    if kind == "encoder":
-        model._build_workspace()
-    else:
-        model.tune_kernels()
+    model = _rebuild(kind, state, TPGroup(rank, world, vocab))
+    _ready(model, kind)
     dist.barrier()
     cache = None
     while True:

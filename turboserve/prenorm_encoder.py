@@ -205,7 +205,7 @@ class PreNormEncoderModel:
         if blocks > self._cache_blocks:
             d = self.decoder
             self._cache = None            # the old one goes before the new one is made
-            self._cache = d.ops.allocate_kv_cache(1, blocks, d.num_kv_heads, self.BLOCK_SIZE, d.head_dim,
+            self._cache = d.ops.allocate_kv_cache(1, blocks, d.heads()[1], self.BLOCK_SIZE, d.head_dim,
                                                   self.kv_dtype)[0]
             self._cache_blocks = blocks
         return self._cache
