@@ -515,22 +515,19 @@ def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: 
         x = x.to(out_dtype)
     if quant_for is not None and x.dtype == torch.float32:
         return epilogue(x.contiguous(), ln=(weight, bias, eps), rms=kind == "rmsnorm", quant_for=quant_for)[1]
-    if x.dtype == torch.float32:
-        # one native pass (torch's RMSNorm is five: square, mean, rsqrt, two multiplies; 4% of a Qwen3
-        # embedding forward with its per-head q / k norms)
-        x = x.contiguous()
-        return epilogue(x, out=torch.empty_like(x), ln=(weight, bias, eps), rms=kind == "rmsnorm")[0]
-    if kind == "rmsnorm":
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    # one native pass for fp32 rows, and bf16 rows with bf16 weights (torch's RMSNorm is five: square,
+    # mean, rsqrt, two multiplies; 4% of a Qwen3 embedding forward with its per-head q / k norms); in
+    # fp32 arithmetic, rounded once (the torch fallback computes the same)
+    x = x.contiguous()
+    return epilogue(x, out=torch.empty_like(x), ln=(weight, bias, eps), rms=kind == "rmsnorm")[0]
 
 
 def act_and_mul(gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
-    """[T, 2I] (gate | up) -> act(gate) * up, [T, I] (SwiGLU with silu, GeGLU with gelu): fp32 in one
-    native pass."""
-    if gate_up.dtype == torch.float32 and gate_up.is_contiguous() and native.lib() is not None:
-        return epilogue(gate_up, out=torch.empty(gate_up.shape[0], gate_up.shape[1] // 2), act=f"{act}_mul")[0]
+    """[T, 2I] (gate | up) -> act(gate) * up, [T, I] (SwiGLU with silu, GeGLU with gelu): fp32 or bf16
+    rows in one native pass."""
+    if gate_up.is_contiguous():
+        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
+        return epilogue(gate_up, out=out, act=f"{act}_mul")[0]
     return _act_and_mul_torch(gate_up, act)
 
 
