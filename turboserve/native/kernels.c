@@ -1178,86 +1178,104 @@ static void paged_rows_scalar(int kind, int nr, const float *const qr[PA_ROWS], 
 }
 
 #ifdef __AVX512F__
-/* One group of nr <= PA_ROWS rows of a work item, fp32 or bf16 cache; keys lo .. hi (inclusive) cover
- * every row's range [row_lo[r], row_hi[r]]. sc: PA_ROWS x stride scratch. `kind` and `nr` are
- * compile-time constants at every call (see paged_attention), so the loops below unroll into straight
- * FMA runs with enough independent accumulators (8 or more) to keep both FMA ports busy even at one
- * row (decode without GQA): the first version had one FMA chain per row and ran at a third of the
- * cache bandwidth. Every accumulator index is a constant at each use: with a computed index GCC kept
- * the accumulators on the stack, a load and a store around every FMA. */
+/* One group of nr <= PA_ROWS rows of a work item, fp32 or bf16 cache, for nh consecutive KV heads at
+ * once (kh0 ..): head hh's rows are row r's query and output moved by hh * head_step floats, its
+ * scores sit at sc + (hh * PA_ROWS + r) * stride, its output accumulates in acc + (hh * PA_ROWS + r) * d.
+ * Keys lo .. hi (inclusive) cover every row's range [row_lo[r], row_hi[r]]. Blocks are the outer loop
+ * and the group's heads the inner one, as in paged_heads_i8: a block's parts for consecutive heads are
+ * adjacent, so each block is read as one run of nh parts (one head at a time, 4 KB fp32 / 2 KB bf16
+ * runs scattered over the cache, decode attention read 14 / 11 GB/s of a 28 GB/s Zen 4 VM).
+ * `kind` and `nr` are compile-time constants at every call (see paged_attention), so the loops
+ * unroll into straight FMA runs with enough independent accumulators (8 or more) to keep both FMA
+ * ports busy even at one row (decode without GQA). Every accumulator index is a constant at each use:
+ * with a computed index GCC kept the accumulators on the stack, a load and a store around every FMA. */
 static inline __attribute__((always_inline)) void paged_rows(
-        int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+        int kind, int nr, int64_t nh, int64_t head_step, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
         const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
-        const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh,
-        int64_t d, int64_t bs, float scale, float cap, float *sc, int64_t stride) {
-    const int64_t es = elem_size(kind), n = hi - lo + 1;
+        const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh0,
+        int64_t d, int64_t bs, float scale, float cap, float *sc, int64_t stride, float *acc_mem) {
+    const int64_t es = elem_size(kind), n = hi - lo + 1, part = d * bs * es;
     /* 1. scores s[r][j - lo] = scale * q_r . k_j; dimension c goes to chain c % CS of its row (4 rows
      *    x 8 chains would be all 32 registers) */
     enum { CS = 8 };
     const int cs = nr >= 3 ? 4 : CS;
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
-        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
-        const char *kb = k_cache + slot * d * bs * es;
         const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
-        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh, 1, d * bs * es, k_cache, v_cache, NULL, NULL, bs);
-        for (int64_t j0 = j_first; j0 <= j_last; j0 += 16) {
-            const int64_t off = j0 - b * bs;
-            const __mmask16 m = lanes(j_last - j0 + 1);
-            __m512 a[PA_ROWS][CS];
-            for (int r = 0; r < nr; r++)
-                for (int u = 0; u < cs; u++) a[r][u] = _mm512_setzero_ps();
-            int64_t c = 0;
-            for (; c + cs <= d; c += cs) {
-                #pragma GCC unroll 8
-                for (int u = 0; u < cs; u++) {
-                    const __m512 kv = kv_load(kb, (c + u) * bs + off, m, kind);
-                    for (int r = 0; r < nr; r++) a[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c + u]), kv, a[r][u]);
+        prefetch_block(b, lo / bs, hi / bs, table, kv_heads, kh0, nh, part, k_cache, v_cache, NULL, NULL, bs);
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const char *kb = k_cache + ((int64_t)table[b] * kv_heads + kh0 + hh) * part;
+            float *sh = sc + hh * PA_ROWS * stride;
+            for (int64_t j0 = j_first; j0 <= j_last; j0 += 16) {
+                const int64_t off = j0 - b * bs;
+                const __mmask16 m = lanes(j_last - j0 + 1);
+                __m512 a[PA_ROWS][CS];
+                for (int r = 0; r < nr; r++)
+                    for (int u = 0; u < cs; u++) a[r][u] = _mm512_setzero_ps();
+                int64_t c = 0;
+                for (; c + cs <= d; c += cs) {
+                    #pragma GCC unroll 8
+                    for (int u = 0; u < cs; u++) {
+                        const __m512 kv = kv_load(kb, (c + u) * bs + off, m, kind);
+                        for (int r = 0; r < nr; r++)
+                            a[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][hh * head_step + c + u]), kv, a[r][u]);
+                    }
+                }
+                for (; c < d; c++) {
+                    const __m512 kv = kv_load(kb, c * bs + off, m, kind);
+                    for (int r = 0; r < nr; r++)
+                        a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][hh * head_step + c]), kv, a[r][0]);
+                }
+                for (int r = 0; r < nr; r++) {
+                    __m512 t = a[r][0];
+                    for (int u = 1; u < cs; u++) t = _mm512_add_ps(t, a[r][u]);
+                    _mm512_mask_storeu_ps(sh + r * stride + (j0 - lo), m, _mm512_mul_ps(t, _mm512_set1_ps(scale)));
                 }
             }
-            for (; c < d; c++) {
-                const __m512 kv = kv_load(kb, c * bs + off, m, kind);
-                for (int r = 0; r < nr; r++) a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][c]), kv, a[r][0]);
-            }
-            for (int r = 0; r < nr; r++) {
-                __m512 t = a[r][0];
-                for (int u = 1; u < cs; u++) t = _mm512_add_ps(t, a[r][u]);
-                _mm512_mask_storeu_ps(sc + r * stride + (j0 - lo), m, _mm512_mul_ps(t, _mm512_set1_ps(scale)));
-            }
         }
     }
-    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n, cap);
-    /* 3. out_r = sum_j p_r[j] v_j, 64 columns per pass; with one or two rows, even and odd keys go to
-     *    separate accumulators so at least 8 FMA chains are in flight */
+    for (int64_t hh = 0; hh < nh; hh++) softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n, cap);
+    /* 3. out_r = sum_j p_r[j] v_j, 64 columns per pass, accumulated per block in acc_mem; with one or
+     *    two rows, even and odd keys go to separate accumulators so at least 8 FMA chains are in flight */
     const int kp = nr <= 2 ? 2 : 1;
-    for (int64_t c0 = 0; c0 < d; c0 += 64) {
-        const int64_t cw = d - c0 < 64 ? d - c0 : 64;
-        const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16), lanes(cw - 32), lanes(cw - 48)};
-        __m512 acc[PA_ROWS][2][4];
-        for (int r = 0; r < nr; r++)
-            for (int p = 0; p < 2; p++)
-                for (int u = 0; u < 4; u++) acc[r][p][u] = _mm512_setzero_ps();
-        for (int64_t b = lo / bs; b <= hi / bs; b++) {
-            const char *vb = v_cache + ((int64_t)table[b] * kv_heads + kh) * bs * d * es;
-            const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
-            /* key j into accumulator set P; all four vectors run, the masks zero those past d */
+    memset(acc_mem, 0, sizeof(float) * (size_t)(nh * PA_ROWS * d));
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const char *vb = v_cache + ((int64_t)table[b] * kv_heads + kh0 + hh) * part;
+            const float *sh = sc + hh * PA_ROWS * stride;
+            for (int64_t c0 = 0; c0 < d; c0 += 64) {
+                const int64_t cw = d - c0 < 64 ? d - c0 : 64;
+                const __mmask16 mk[4] = {lanes(cw), lanes(cw - 16), lanes(cw - 32), lanes(cw - 48)};
+                __m512 acc[PA_ROWS][2][4];
+                for (int r = 0; r < nr; r++)
+                    for (int u = 0; u < 4; u++) {
+                        acc[r][0][u] = _mm512_maskz_loadu_ps(mk[u], acc_mem + (hh * PA_ROWS + r) * d + c0 + 16 * u);
+                        acc[r][1][u] = _mm512_setzero_ps();
+                    }
+                /* key j into accumulator set P; all four vectors run, the masks zero those past d */
 #define V_KEY(P, j) do { \
-                const int64_t off = (j) - b * bs; \
-                __m512 x[4]; \
-                for (int u = 0; u < 4; u++) x[u] = kv_load(vb, off * d + c0 + 16 * u, mk[u], kind); \
-                for (int r = 0; r < nr; r++) { \
-                    const __m512 pj = _mm512_set1_ps(sc[r * stride + ((j) - lo)]); \
-                    for (int u = 0; u < 4; u++) acc[r][P][u] = _mm512_fmadd_ps(pj, x[u], acc[r][P][u]); \
-                } } while (0)
-            int64_t j = j_first;
-            if (kp == 2)
-                for (; j + 1 <= j_last; j += 2) { V_KEY(0, j); V_KEY(1, j + 1); }
-            for (; j <= j_last; j++) V_KEY(0, j);
+                    const int64_t off = (j) - b * bs; \
+                    __m512 x[4]; \
+                    for (int u = 0; u < 4; u++) x[u] = kv_load(vb, off * d + c0 + 16 * u, mk[u], kind); \
+                    for (int r = 0; r < nr; r++) { \
+                        const __m512 pj = _mm512_set1_ps(sh[r * stride + ((j) - lo)]); \
+                        for (int u = 0; u < 4; u++) acc[r][P][u] = _mm512_fmadd_ps(pj, x[u], acc[r][P][u]); \
+                    } } while (0)
+                int64_t j = j_first;
+                if (kp == 2)
+                    for (; j + 1 <= j_last; j += 2) { V_KEY(0, j); V_KEY(1, j + 1); }
+                for (; j <= j_last; j++) V_KEY(0, j);
 #undef V_KEY
+                for (int r = 0; r < nr; r++)
+                    for (int u = 0; u < 4; u++)
+                        _mm512_mask_storeu_ps(acc_mem + (hh * PA_ROWS + r) * d + c0 + 16 * u, mk[u],
+                                              _mm512_add_ps(acc[r][0][u], acc[r][1][u]));
+            }
         }
-        for (int r = 0; r < nr; r++)
-            for (int u = 0; u < 4; u++)
-                _mm512_mask_storeu_ps(dst[r] + c0 + 16 * u, mk[u], _mm512_add_ps(acc[r][0][u], acc[r][1][u]));
     }
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int r = 0; r < nr; r++)
+            memcpy(dst[r] + hh * head_step, acc_mem + (hh * PA_ROWS + r) * d, sizeof(float) * (size_t)d);
 }
 #endif
 
@@ -1422,15 +1440,18 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
     for (int64_t s = 0, k = 0; s < num_seqs; s++)
         for (int64_t i = 0; i < cu_q[s + 1] - cu_q[s]; i += QCHUNK) { item_seq[k] = s; item_q0[k] = i; k++; }
     const int64_t stride = (max_ctx > 0 ? max_ctx : 1) + 16 + SC_PAD;
-    /* work item = (query chunk, group of `gsize` KV heads): one head each, except on the int8 VNNI path,
-     * which reads a block's heads together; its groups are as large as leaves every thread 4 items
-     * (at most 16 heads, which bounds the scratch) */
-    int vnni = 0;
+    /* work item = (query chunk, group of `gsize` KV heads): on AVX-512 (fp32, bf16, int8 with VNNI) a
+     * block's heads are read together, in groups as large as leaves every thread 4 items (at most 16
+     * heads, which bounds the scratch); elsewhere one head each */
+    int vnni = 0, grouped = 0;
 #ifdef HAVE_VNNI
     vnni = kind == KV_I8 && block_size % 16 == 0 && d % 4 == 0;
 #endif
+#ifdef __AVX512F__
+    grouped = vnni || kind == KV_F32 || kind == KV_BF16;
+#endif
     int64_t gsize = 1;
-    if (vnni) {
+    if (grouped) {
         const int64_t want = (4 * threads + n_items - 1) / (n_items > 0 ? n_items : 1);   /* groups per chunk */
         const int64_t groups = want < 1 ? 1 : want > num_kv_heads ? num_kv_heads : want;
         gsize = (num_kv_heads + groups - 1) / groups;
@@ -1451,7 +1472,7 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         for (int64_t w = 0; w < n_items * n_groups; w++) {
             const int64_t it = w / n_groups, kh = (w % n_groups) * gsize, s = item_seq[it];
             const int64_t nh = num_kv_heads - kh < gsize ? num_kv_heads - kh : gsize;
-            (void)nh;                                              /* used by the VNNI path only */
+            (void)nh;                                              /* used by the AVX-512 paths only */
             const int64_t nq = cu_q[s + 1] - cu_q[s], q0 = item_q0[it];
             const int64_t q1 = q0 + QCHUNK < nq ? q0 + QCHUNK : nq;
             const int64_t first = ctx_len[s] - nq;                 /* position of query 0 */
@@ -1477,10 +1498,12 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
 #define I8_ROWS(NR) paged_heads_i8(NR, nh, g * d, qr, dst, row_lo, row_hi, lo, hi, (const int8_t *)k_cache, \
                                    (const int8_t *)v_cache, k_scale, v_scale, table, num_kv_heads, kh, d, \
                                    block_size, scale, softcap, sc, stride, qb, qs, acc)
-#define F32_ROWS(NR) paged_rows(KV_F32, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
-#define BF16_ROWS(NR) paged_rows(KV_BF16, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                 (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
+#define F32_ROWS(NR) paged_rows(KV_F32, NR, nh, g * d, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, \
+                                stride, acc)
+#define BF16_ROWS(NR) paged_rows(KV_BF16, NR, nh, g * d, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                 (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, \
+                                 stride, acc)
 #ifdef HAVE_VNNI
                 if (vnni) { BY_ROWS(I8_ROWS); continue; }
 #endif
