@@ -947,72 +947,89 @@ static inline __m256 kv_load8(const void *base, int64_t idx, int64_t n, __m256i 
 }
 
 static inline __attribute__((always_inline)) void paged_rows_avx2(
-        int kind, int nr, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
+        int kind, int nr, int64_t nh, int64_t head_step, const float *const qr[PA_ROWS], float *const dst[PA_ROWS],
         const int64_t row_lo[PA_ROWS], const int64_t row_hi[PA_ROWS], int64_t lo, int64_t hi,
-        const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh,
-        int64_t d, int64_t bs, float scale, float cap, float *sc, int64_t stride) {
-    const int64_t es = elem_size(kind), n = hi - lo + 1;
+        const char *k_cache, const char *v_cache, const int32_t *table, int64_t kv_heads, int64_t kh0,
+        int64_t d, int64_t bs, float scale, float cap, float *sc, int64_t stride, float *acc_mem) {
+    const int64_t es = elem_size(kind), n = hi - lo + 1, part = d * bs * es;
     enum { CS = 4 };
     const int cs = nr >= 3 ? 2 : CS;          /* rows x chains accumulators: at most 8 */
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
-        const int64_t slot = (int64_t)table[b] * kv_heads + kh;
-        const char *kb = k_cache + slot * d * bs * es;
         const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
-        for (int64_t j0 = j_first; j0 <= j_last; j0 += 8) {
-            const int64_t off = j0 - b * bs, nk = j_last - j0 + 1;
-            const __m256i m = lanes8(nk);
-            __m256 a[PA_ROWS][CS];
-            for (int r = 0; r < nr; r++)
-                for (int u = 0; u < cs; u++) a[r][u] = _mm256_setzero_ps();
-            int64_t c = 0;
-            for (; c + cs <= d; c += cs) {
-                #pragma GCC unroll 4
-                for (int u = 0; u < cs; u++) {
-                    const __m256 kv = kv_load8(kb, (c + u) * bs + off, nk, m, kind);
-                    for (int r = 0; r < nr; r++) a[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(qr[r] + c + u), kv, a[r][u]);
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const char *kb = k_cache + ((int64_t)table[b] * kv_heads + kh0 + hh) * part;
+            float *sh = sc + hh * PA_ROWS * stride;
+            for (int64_t j0 = j_first; j0 <= j_last; j0 += 8) {
+                const int64_t off = j0 - b * bs, nk = j_last - j0 + 1;
+                const __m256i m = lanes8(nk);
+                __m256 a[PA_ROWS][CS];
+                for (int r = 0; r < nr; r++)
+                    for (int u = 0; u < cs; u++) a[r][u] = _mm256_setzero_ps();
+                int64_t c = 0;
+                for (; c + cs <= d; c += cs) {
+                    #pragma GCC unroll 4
+                    for (int u = 0; u < cs; u++) {
+                        const __m256 kv = kv_load8(kb, (c + u) * bs + off, nk, m, kind);
+                        for (int r = 0; r < nr; r++)
+                            a[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(qr[r] + hh * head_step + c + u), kv, a[r][u]);
+                    }
                 }
-            }
-            for (; c < d; c++) {
-                const __m256 kv = kv_load8(kb, c * bs + off, nk, m, kind);
-                for (int r = 0; r < nr; r++) a[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(qr[r] + c), kv, a[r][0]);
-            }
-            for (int r = 0; r < nr; r++) {
-                __m256 t = a[r][0];
-                for (int u = 1; u < cs; u++) t = _mm256_add_ps(t, a[r][u]);
-                _mm256_maskstore_ps(sc + r * stride + (j0 - lo), m, _mm256_mul_ps(t, _mm256_set1_ps(scale)));
+                for (; c < d; c++) {
+                    const __m256 kv = kv_load8(kb, c * bs + off, nk, m, kind);
+                    for (int r = 0; r < nr; r++)
+                        a[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(qr[r] + hh * head_step + c), kv, a[r][0]);
+                }
+                for (int r = 0; r < nr; r++) {
+                    __m256 t = a[r][0];
+                    for (int u = 1; u < cs; u++) t = _mm256_add_ps(t, a[r][u]);
+                    _mm256_maskstore_ps(sh + r * stride + (j0 - lo), m, _mm256_mul_ps(t, _mm256_set1_ps(scale)));
+                }
             }
         }
     }
-    softmax_rows(nr, sc, stride, row_lo, row_hi, lo, n, cap);
-    /* P.V in passes of nv vectors (8 nv columns) per row, nr x nv <= 8 accumulators: one row (a
-     * decode step without grouped-query attention) takes 64 columns per pass, so a head of 64 reads
-     * its values once instead of once per 16 columns (GPT-2's decode shape, benchmarks/
-     * paged_attention.py, fp32 cache: 15.0 -> 12.4 ms interleaved, bf16 3% faster) */
+    for (int64_t hh = 0; hh < nh; hh++)
+        softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n, cap);
+    /* P.V in passes of nv vectors (8 nv columns) per row, nr x nv <= 8 accumulators, per block and
+     * head in acc_mem: one row (a decode step without grouped-query attention) takes 64 columns per
+     * pass, so a head of 64 reads its values once instead of once per 16 columns (GPT-2's decode
+     * shape, benchmarks/paged_attention.py, fp32 cache: 15.0 -> 12.4 ms interleaved, bf16 3% faster) */
     enum { NV = 8 };
     const int nv = nr == 1 ? 8 : nr == 2 ? 4 : 2;
-    for (int64_t c0 = 0; c0 < d; c0 += 8 * nv) {
-        const int64_t cw = d - c0 < 8 * nv ? d - c0 : 8 * nv;
-        __m256i mk[NV];
-        for (int u = 0; u < nv; u++) mk[u] = lanes8(cw - 8 * u);
-        __m256 acc[PA_ROWS][NV];
-        for (int r = 0; r < nr; r++)
-            for (int u = 0; u < nv; u++) acc[r][u] = _mm256_setzero_ps();
-        for (int64_t b = lo / bs; b <= hi / bs; b++) {
-            const char *vb = v_cache + ((int64_t)table[b] * kv_heads + kh) * bs * d * es;
-            const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
-            for (int64_t j = j_first; j <= j_last; j++) {
-                const int64_t off = (j - b * bs) * d + c0;
-                __m256 pj[PA_ROWS];
-                for (int r = 0; r < nr; r++) pj[r] = _mm256_broadcast_ss(sc + r * stride + (j - lo));
-                for (int u = 0; u < nv; u++) {
-                    const __m256 x = 8 * u < cw ? kv_load8(vb, off + 8 * u, cw - 8 * u, mk[u], kind) : _mm256_setzero_ps();
-                    for (int r = 0; r < nr; r++) acc[r][u] = _mm256_fmadd_ps(pj[r], x, acc[r][u]);
+    memset(acc_mem, 0, sizeof(float) * (size_t)(nh * PA_ROWS * d));
+    for (int64_t b = lo / bs; b <= hi / bs; b++) {
+        const int64_t j_first = block_first(b, bs, lo), j_last = block_last(b, bs, hi);
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const char *vb = v_cache + ((int64_t)table[b] * kv_heads + kh0 + hh) * part;
+            const float *sh = sc + hh * PA_ROWS * stride;
+            for (int64_t c0 = 0; c0 < d; c0 += 8 * nv) {
+                const int64_t cw = d - c0 < 8 * nv ? d - c0 : 8 * nv;
+                __m256i mk[NV];
+                for (int u = 0; u < nv; u++) mk[u] = lanes8(cw - 8 * u);
+                __m256 acc[PA_ROWS][NV];
+                for (int r = 0; r < nr; r++)
+                    for (int u = 0; u < nv; u++)
+                        acc[r][u] = 8 * u < cw
+                            ? _mm256_maskload_ps(acc_mem + (hh * PA_ROWS + r) * d + c0 + 8 * u, mk[u])
+                            : _mm256_setzero_ps();
+                for (int64_t j = j_first; j <= j_last; j++) {
+                    const int64_t off = (j - b * bs) * d + c0;
+                    __m256 pj[PA_ROWS];
+                    for (int r = 0; r < nr; r++) pj[r] = _mm256_broadcast_ss(sh + r * stride + (j - lo));
+                    for (int u = 0; u < nv; u++) {
+                        const __m256 x = 8 * u < cw ? kv_load8(vb, off + 8 * u, cw - 8 * u, mk[u], kind)
+                                                    : _mm256_setzero_ps();
+                        for (int r = 0; r < nr; r++) acc[r][u] = _mm256_fmadd_ps(pj[r], x, acc[r][u]);
+                    }
                 }
+                for (int r = 0; r < nr; r++)
+                    for (int u = 0; u < nv && 8 * u < cw; u++)
+                        _mm256_maskstore_ps(acc_mem + (hh * PA_ROWS + r) * d + c0 + 8 * u, mk[u], acc[r][u]);
             }
         }
-        for (int r = 0; r < nr; r++)
-            for (int u = 0; u < nv && 8 * u < cw; u++) _mm256_maskstore_ps(dst[r] + c0 + 8 * u, mk[u], acc[r][u]);
     }
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int r = 0; r < nr; r++)
+            memcpy(dst[r] + hh * head_step, acc_mem + (hh * PA_ROWS + r) * d, sizeof(float) * (size_t)d);
 }
 #endif
 
@@ -1233,7 +1250,8 @@ static inline __attribute__((always_inline)) void paged_rows(
             }
         }
     }
-    for (int64_t hh = 0; hh < nh; hh++) softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n, cap);
+    for (int64_t hh = 0; hh < nh; hh++)
+        softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n, cap);
     /* 3. out_r = sum_j p_r[j] v_j, 64 columns per pass, accumulated per block in acc_mem; with one or
      *    two rows, even and odd keys go to separate accumulators so at least 8 FMA chains are in flight */
     const int kp = nr <= 2 ? 2 : 1;
@@ -1380,7 +1398,8 @@ static inline __attribute__((always_inline)) void paged_heads_i8(
             }
         }
     }
-    for (int64_t hh = 0; hh < nh; hh++) softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n, cap);
+    for (int64_t hh = 0; hh < nh; hh++)
+        softmax_rows(nr, sc + hh * PA_ROWS * stride, stride, row_lo, row_hi, lo, n, cap);
     /* 3. values */
     memset(acc, 0, sizeof(float) * (size_t)(nh * PA_ROWS * d));
     for (int64_t b = lo / bs; b <= hi / bs; b++) {
@@ -1440,14 +1459,14 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
     for (int64_t s = 0, k = 0; s < num_seqs; s++)
         for (int64_t i = 0; i < cu_q[s + 1] - cu_q[s]; i += QCHUNK) { item_seq[k] = s; item_q0[k] = i; k++; }
     const int64_t stride = (max_ctx > 0 ? max_ctx : 1) + 16 + SC_PAD;
-    /* work item = (query chunk, group of `gsize` KV heads): on AVX-512 (fp32, bf16, int8 with VNNI) a
-     * block's heads are read together, in groups as large as leaves every thread 4 items (at most 16
-     * heads, which bounds the scratch); elsewhere one head each */
+    /* work item = (query chunk, group of `gsize` KV heads): with AVX-512 or AVX2 (fp32, bf16; int8 with
+     * VNNI) a block's heads are read together, in groups as large as leaves every thread 4 items (at
+     * most 16 heads, which bounds the scratch); elsewhere one head each */
     int vnni = 0, grouped = 0;
 #ifdef HAVE_VNNI
     vnni = kind == KV_I8 && block_size % 16 == 0 && d % 4 == 0;
 #endif
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
     grouped = vnni || kind == KV_F32 || kind == KV_BF16;
 #endif
     int64_t gsize = 1;
@@ -1472,7 +1491,7 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         for (int64_t w = 0; w < n_items * n_groups; w++) {
             const int64_t it = w / n_groups, kh = (w % n_groups) * gsize, s = item_seq[it];
             const int64_t nh = num_kv_heads - kh < gsize ? num_kv_heads - kh : gsize;
-            (void)nh;                                              /* used by the AVX-512 paths only */
+            (void)nh;                                              /* used by the vector paths only */
             const int64_t nq = cu_q[s + 1] - cu_q[s], q0 = item_q0[it];
             const int64_t q1 = q0 + QCHUNK < nq ? q0 + QCHUNK : nq;
             const int64_t first = ctx_len[s] - nq;                 /* position of query 0 */
@@ -1513,10 +1532,12 @@ void paged_attention(const float *q, int64_t q_stride, const void *k_cache, cons
 #elif defined(__AVX2__)
 #undef F32_ROWS
 #undef BF16_ROWS
-#define F32_ROWS(NR) paged_rows_avx2(KV_F32, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                     (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
-#define BF16_ROWS(NR) paged_rows_avx2(KV_BF16, NR, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
-                                      (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, sc, stride)
+#define F32_ROWS(NR) paged_rows_avx2(KV_F32, NR, nh, g * d, qr, dst, row_lo, row_hi, lo, hi, (const char *)k_cache, \
+                                     (const char *)v_cache, table, num_kv_heads, kh, d, block_size, scale, softcap, \
+                                     sc, stride, acc)
+#define BF16_ROWS(NR) paged_rows_avx2(KV_BF16, NR, nh, g * d, qr, dst, row_lo, row_hi, lo, hi, \
+                                      (const char *)k_cache, (const char *)v_cache, table, num_kv_heads, kh, d, \
+                                      block_size, scale, softcap, sc, stride, acc)
                 if (kind == KV_F32) { BY_ROWS(F32_ROWS); continue; }
                 if (kind == KV_BF16) { BY_ROWS(BF16_ROWS); continue; }
 #endif
