@@ -51,6 +51,13 @@ def test_openai_completions_match_offline(gen_server, offline):
             usage = chunk.usage
     assert "".join(pieces) == ref.text and reasons[-1] == ref.finish_reason
     assert usage.completion_tokens == len(ref.token_ids)
+    # logit_bias (token ids as the JSON object's string keys) and min_tokens, as offline
+    params = SamplingParams(temperature=0.0, max_tokens=4, logit_bias={77: 30}, min_tokens=2,
+                            stop_token_ids=[ref.token_ids[0]])
+    want = offline.generate([prompt], params)[0].outputs[0]
+    got = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0, logit_bias={"77": 30},
+                                    extra_body={"min_tokens": 2, "stop_token_ids": [ref.token_ids[0]]})
+    assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
 
 
 def test_openai_chat_streaming_and_not(gen_server, offline):
@@ -97,7 +104,11 @@ def test_sse_wire_format_ends_with_done(gen_server):
     ({"prompt": [1, 2], "stream": "false"}, 400, "stream"),
     ({"prompt": [1, 2], "n": 9}, 400, "bound of 8"),           # more than may ever wait: not a 429
     ({"prompt": [[1, 2], "hi", 3]}, 400, "prompt"),
-    ({"prompt": [1, 2], "logit_bias": {"5": 100}}, 400, "logit_bias"),     # not silently ignored
+    ({"prompt": [1, 2], "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": [1, 2], "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ({"prompt": [1, 2], "logit_bias": {"99999999": 1}}, 400, "logit_bias"),    # past the vocabulary
+    ({"prompt": [1, 2], "logit_bias": [5]}, 400, "logit_bias"),
+    ({"prompt": [1, 2], "min_tokens": 1.5}, 400, "min_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "text"),     # was a 500
     ({"prompt": [1, 2], "echo": True}, 400, "echo"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,

@@ -188,6 +188,45 @@ def test_penalties_change_greedy_choice():
     assert torch.allclose(freq, torch.tensor([2.0 - 1.0 - 0.1, 1.9, -1.0 - 0.5 - 0.1]))
 
 
+def test_logit_bias_and_min_tokens_on_constructed_logits():
+    """logit_bias adds to the logits after the penalties; while fewer than min_tokens tokens are out,
+    the model's end ids (unless ignore_eos) and stop_token_ids are masked."""
+    from turboserve.sampling import apply_penalties
+    logits = torch.tensor([2.0, 1.9, -1.0, 0.5])
+    p = SamplingParams(logit_bias={2: 5.0, 0: -0.5}, min_tokens=2, stop_token_ids=[1])
+    early = apply_penalties(logits.clone(), [], [7], p, end_ids=[3])
+    assert torch.equal(early, torch.tensor([1.5, float("-inf"), 4.0, float("-inf")]))
+    assert torch.equal(apply_penalties(logits.clone(), [], [7, 7], p, end_ids=[3]), torch.tensor([1.5, 1.9, 4.0, 0.5]))
+    ignoring = SamplingParams(min_tokens=2, ignore_eos=True)
+    assert torch.equal(apply_penalties(logits.clone(), [], [], ignoring, end_ids=[3]), logits)
+
+
+def test_logit_bias_and_min_tokens_steer_generation(decoder_dirs):
+    """End to end: a +100 bias makes greedy emit that token at every step, -100 on greedy's first token
+    makes the first token the runner-up; min_tokens keeps a stop token id from ending the output
+    before min_tokens tokens (without it the same request stops at once); bad values are refused."""
+    llm = LLM.load(decoder_dirs["gpt2"])
+    prompt = random_sequences([9], seed=3)[0]
+    plain = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, logprobs=2))[0].outputs[0]
+    forced = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5, logit_bias={77: 100}))[0]
+    assert forced.outputs[0].token_ids == [77] * 5
+    first = plain.token_ids[0]
+    banned = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, logit_bias={first: -100}))[0]
+    assert banned.outputs[0].token_ids == [plain.logprobs[0].top[1][0]]
+    stop = SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[first])
+    assert llm.generate([prompt], stop)[0].outputs[0].token_ids == [first]
+    held = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[first],
+                                                 min_tokens=3))[0].outputs[0].token_ids
+    assert len(held) >= 3 and first not in held[:3]
+    for bad in (dict(logit_bias={5: 101}), dict(logit_bias={-1: 1}), dict(logit_bias=[5]), dict(logit_bias={5: "x"}),
+                dict(min_tokens=-1), dict(min_tokens=7, max_tokens=6), dict(min_tokens=True)):
+        with pytest.raises(InvalidInputError):
+            SamplingParams(**bad)
+    with pytest.raises(InvalidInputError, match="logit_bias"):
+        llm.generate([prompt], SamplingParams(logit_bias={10**6: 1}))
+    assert not llm.engine.has_work()
+
+
 def test_stop_strings_cut_where_they_start(decoder_dirs):
     tok = DecoderTokenizer(decoder_dirs["gpt2"])
     ids = tok.encode("the cat sat on the mat today", add_special_tokens=False)

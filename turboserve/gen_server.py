@@ -91,7 +91,7 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
     """OpenAI fields that would change the answer and that this server does not implement are a 400,
     not silently ignored (a client asking for JSON output or tool calls must not get plain text)."""
     given = {k: v for k, v in body.items() if v not in (None, False, {}, [])}
-    for key in ("logit_bias", "tools", "functions", "suffix", "audio", "prediction"):
+    for key in ("tools", "functions", "suffix", "audio", "prediction"):
         if key in given:
             raise ApiError(400, f"`{key}` is not supported by this server")
     if not chat and "echo" in given:
@@ -103,6 +103,19 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
         raise ApiError(400, "`best_of` other than `n` is not supported by this server")
     if given.get("modalities") not in (None, ["text"]):
         raise ApiError(400, "only the text modality is supported")
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: a JSON object whose keys are token ids as strings."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ApiError(400, "`logit_bias` must be an object mapping token ids to numbers")
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise ApiError(400, "`logit_bias` keys must be token ids") from None
 
 
 def sampling_from(body: dict, chat: bool) -> SamplingParams:
@@ -126,7 +139,8 @@ def sampling_from(body: dict, chat: bool) -> SamplingParams:
             presence_penalty=_num(body, "presence_penalty", 0.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0),
             seed=body.get("seed"), stop=stop or [], stop_token_ids=body.get("stop_token_ids") or [],
-            ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs)
+            ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs, logit_bias=_logit_bias(body),
+            min_tokens=_num(body, "min_tokens", 0, int))
     except InvalidInputError as exc:
         raise ApiError(400, str(exc)) from None
 

@@ -218,6 +218,8 @@ class LLMEngine:
             raise InvalidInputError("the prompt is empty")
         if any(not isinstance(t, int) or t < 0 or t >= self.model.vocab_size for t in prompt_ids):
             raise InvalidInputError(f"prompt token ids must be integers in [0, {self.model.vocab_size})")
+        if any(t >= self.model.vocab_size for t in (*params.logit_bias, *params.stop_token_ids)):
+            raise InvalidInputError(f"logit_bias and stop_token_ids take token ids in [0, {self.model.vocab_size})")
         room = self.max_context - len(prompt_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if len(prompt_ids) + max_tokens > self.max_context or room < 1:
@@ -338,7 +340,7 @@ class LLMEngine:
         self.stats.steps += 1
         outputs = []
         now = time.perf_counter()
-        for seq, draw in zip(sampled, sample(logits, sampled)):
+        for seq, draw in zip(sampled, sample(logits, sampled, self.model.eos_token_ids)):
             seq.output_ids.append(draw.token)
             if seq.first_token_time is None:
                 seq.first_token_time = now

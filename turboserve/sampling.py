@@ -1,8 +1,10 @@
 """Sampling parameters and the batched sampler.
 
 Order of operations on a row of logits (as vLLM and transformers do it): repetition penalty (over
-prompt and output tokens), presence and frequency penalties (over output tokens), then greedy
-(temperature 0) or temperature -> top-k -> top-p -> min-p -> a draw from the request's own generator.
+prompt and output tokens), presence and frequency penalties (over output tokens), logit_bias (OpenAI's:
+added to the logits), and while fewer than min_tokens tokens have been generated the end-of-sequence
+and stop token ids masked out (vLLM's min_tokens), then greedy (temperature 0) or temperature ->
+top-k -> top-p -> min-p -> a draw from the request's own generator.
 Each request owns a torch.Generator seeded from its `seed` (or from the engine's generator), so a
 seeded request draws the same tokens whatever runs beside it. Logprobs are of the model's raw
 distribution (log-softmax of the logits before any penalty or temperature).
@@ -34,6 +36,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None          # top alternatives per token, 0..5 (None: no logprobs)
+    logit_bias: dict[int, float] | None = None    # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0                  # EOS and stop_token_ids cannot end the output before this many
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -44,6 +48,9 @@ class SamplingParams:
             raise InvalidInputError("stop_token_ids must be a list of token ids")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise InvalidInputError("logit_bias must map token ids to numbers")
+        self.logit_bias = dict(self.logit_bias or {})
         if self.top_k == -1:
             self.top_k = 0
         numbers = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -51,8 +58,8 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidInputError(f"{name} must be a number, not {value!r}")
-        if isinstance(self.max_tokens, bool) or isinstance(self.n, bool) or isinstance(self.top_k, bool):
-            raise InvalidInputError("n, max_tokens and top_k must be integers, not booleans")
+        if any(isinstance(v, bool) for v in (self.max_tokens, self.n, self.top_k, self.min_tokens)):
+            raise InvalidInputError("n, max_tokens, min_tokens and top_k must be integers, not booleans")
         checks = [
             (isinstance(self.n, int) and 1 <= self.n <= 16, "n must be an integer from 1 to 16"),
             (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
@@ -71,6 +78,13 @@ class SamplingParams:
              "stop must be up to 16 non-empty strings"),
             (all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be token ids"),
+            (all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias),
+             "logit_bias keys must be token ids"),
+            (all(isinstance(b, (int, float)) and not isinstance(b, bool) and -100 <= b <= 100
+                 for b in self.logit_bias.values()), "logit_bias values must be numbers in [-100, 100]"),
+            (isinstance(self.min_tokens, int) and self.min_tokens >= 0 and (
+                self.max_tokens is None or not isinstance(self.max_tokens, int) or self.min_tokens <= self.max_tokens),
+             "min_tokens must be an integer from 0 to max_tokens"),
             # continuation i (n <= 16) draws from seed + i: all within torch.Generator's 64-bit range
             (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                    and -2**63 <= self.seed <= 2**63 - 17),
@@ -117,9 +131,11 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
-                    params: SamplingParams) -> torch.Tensor:
+                    params: SamplingParams, end_ids=()) -> torch.Tensor:
     """One row [V]. repetition: HF's rule over prompt and output tokens (positive logits divided,
-    negative multiplied); presence / frequency: OpenAI's rule over output tokens."""
+    negative multiplied); presence / frequency: OpenAI's rule over output tokens; logit_bias added;
+    before min_tokens outputs, `end_ids` (the model's EOS unless ignore_eos) and stop_token_ids
+    masked to -inf."""
     if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
         v = logits[seen]
@@ -127,11 +143,19 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: lis
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    if len(output_ids) < params.min_tokens:
+        ends = [*params.stop_token_ids, *(() if params.ignore_eos else end_ids)]
+        if ends:
+            logits[torch.tensor(ends, dtype=torch.long)] = float("-inf")
     return logits
 
 
 def _has_penalties(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+    return (params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+            or bool(params.logit_bias) or params.min_tokens > 0)
 
 
 @dataclass
@@ -141,9 +165,9 @@ class Draw:
     top: list[tuple[int, float]] | None = None      # the most likely alternatives, with logprobs
 
 
-def sample(logits: torch.Tensor, requests: list) -> list[Draw]:
+def sample(logits: torch.Tensor, requests: list, end_ids=()) -> list[Draw]:
     """logits: fp32 [R, V], one row per request in `requests` (objects with .params, .prompt_ids,
-    .output_ids and .generator)."""
+    .output_ids and .generator); end_ids: the model's end-of-sequence ids (min_tokens holds them off)."""
     logprobs = None
     if any(r.params.logprobs is not None for r in requests):
         logprobs = logits.log_softmax(-1)
@@ -160,9 +184,9 @@ def sample(logits: torch.Tensor, requests: list) -> list[Draw]:
         if i in argmax:
             token = argmax[i]
         elif p.greedy:
-            token = int(apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p).argmax())
+            token = int(apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p, end_ids).argmax())
         else:
-            row = apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p)
+            row = apply_penalties(logits[i].clone(), r.prompt_ids, r.output_ids, p, end_ids)
             row = (row - row.max()) / p.temperature         # the max first: no overflow at small T
             row = apply_min_p(apply_top_p(apply_top_k(row[None], p.top_k), p.top_p), p.min_p)[0]
             token = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
