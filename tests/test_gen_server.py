@@ -60,6 +60,30 @@ def test_openai_completions_match_offline(gen_server, offline):
     assert got.choices[0].text == want.text and got.usage.completion_tokens == len(want.token_ids)
 
 
+def test_echo_with_logprobs_scores_the_prompt(gen_server, offline):
+    """Completions' echo (what evaluation harnesses send: echo, logprobs, a token-id prompt): the text
+    and the logprobs start with the prompt's, the first prompt token without a logprob and the others
+    as offline's prompt_logprobs; a second identical request, whose prompt blocks sit in the prefix
+    cache, still scores every prompt token."""
+    base, _ = gen_server
+    prompt = random_sequences([37], seed=4)[0]
+    ref = offline.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, logprobs=1, prompt_logprobs=1))[0]
+    for _ in range(2):
+        r = httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0,
+                                                        "logprobs": 1, "echo": True})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        lp = choice["logprobs"]
+        assert choice["text"] == offline.tokenizer.decode(prompt, False) + ref.outputs[0].text
+        assert len(lp["tokens"]) == len(prompt) + 2
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        want = [d.logprob for d in ref.prompt_logprobs[1:]] + [d.logprob for d in ref.outputs[0].logprobs]
+        assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+    plain = httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0,
+                                                        "echo": True}).json()["choices"][0]
+    assert plain["text"] == choice["text"] and plain["logprobs"] is None
+
+
 def test_openai_chat_streaming_and_not(gen_server, offline):
     from openai import OpenAI
     base, _ = gen_server
@@ -110,7 +134,8 @@ def test_sse_wire_format_ends_with_done(gen_server):
     ({"prompt": [1, 2], "logit_bias": [5]}, 400, "logit_bias"),
     ({"prompt": [1, 2], "min_tokens": 1.5}, 400, "min_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400, "text"),     # was a 500
-    ({"prompt": [1, 2], "echo": True}, 400, "echo"),
+    ({"prompt": [1, 2], "echo": True, "stream": True}, 400, "echo"),
+    ({"messages": [{"role": "user", "content": "hi"}], "echo": True}, 400, "echo"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400,
      "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools"),

@@ -156,6 +156,26 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(decoder_d
     assert c[0].outputs[0].token_ids != a
 
 
+def test_prompt_logprobs_match_transformers(decoder_dirs):
+    """Each prompt token's log-probability given the tokens before it (and the top alternatives), as
+    transformers' forward gives them, over a prompt prefilled in several chunks (a 64-token step
+    budget); the same again when the prompt's blocks are in the prefix cache (a request that scores
+    its prompt does not take them from there)."""
+    llm = LLM.load(decoder_dirs["llama"], max_batch_tokens=64)
+    prompt = random_sequences([150], seed=3)[0]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(decoder_dirs["llama"]).eval()
+    with torch.no_grad():
+        lp = ref(input_ids=torch.tensor([prompt])).logits[0].log_softmax(-1)
+    llm.generate([prompt], GREEDY)                                  # the prompt's blocks now cached
+    for _ in range(2):
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2))[0]
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        for i, draw in enumerate(out.prompt_logprobs[1:]):
+            assert draw.token == prompt[i + 1] and draw.logprob == pytest.approx(float(lp[i, prompt[i + 1]]), abs=1e-4)
+            assert [t for t, _ in draw.top] == lp[i].topk(2).indices.tolist()
+    assert llm.generate([prompt], GREEDY)[0].prompt_logprobs is None
+
+
 def test_n_continuations_and_logprobs(decoder_dirs):
     llm = LLM.load(decoder_dirs["qwen2"])
     out = llm.generate([random_sequences([10], seed=6)[0]],
@@ -461,7 +481,7 @@ def test_low_precision_kv_cache_stays_close_to_fp32(kv_dtype, bound, bs):
 def next_token_logits(llm, prompt) -> torch.Tensor:
     eng = llm.engine
     eng.add_request("probe", prompt, SamplingParams(temperature=0.0, max_tokens=1))
-    step, _ = eng._batch(eng.schedule())
+    step = eng._batch(eng.schedule())[0]
     return eng.model.forward(step, eng.cache)[0]
 
 

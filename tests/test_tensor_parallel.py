@@ -164,7 +164,7 @@ def test_int8_decoder_next_token_close_to_single_process_int8(decoder_dirs):
     def logits(llm):
         eng = llm.engine
         eng.add_request("probe", prompt, SamplingParams(temperature=0.0, max_tokens=1))
-        step, _ = eng._batch(eng.schedule())
+        step = eng._batch(eng.schedule())[0]
         return eng.model.forward(step, eng.cache)[0]
     ref = logits(LLM.load(decoder_dirs["llama"], dtype="int8", threads=2))
     llm = LLM.load(decoder_dirs["llama"], dtype="int8", threads=2, tensor_parallel=2)

@@ -569,7 +569,7 @@ def _decode_step(decoder_dirs):
     for i, p in enumerate(random_sequences([1, 20, 37], seed=2)):
         eng.add_request(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
     eng.step()                                      # prefill all three
-    step, _ = eng._batch(eng.schedule())
+    step = eng._batch(eng.schedule())[0]
     assert cuda_graphs.is_decode_only(step)
     return eng, step
 
@@ -664,7 +664,7 @@ def test_16_bit_decoders_on_the_cuda_backend(decoder_dirs, monkeypatch, arch, dt
     for e in (ref, eng):
         for i, p in enumerate(random_sequences([1, 20, 37], seed=4)):
             e.add_request(f"q{i}", p, SamplingParams(temperature=0.0, max_tokens=2))
-        step, _ = e._batch(e.schedule())
+        step = e._batch(e.schedule())[0]
         logits.append(e.model.forward(step, e.cache))
     assert logits[1].shape == logits[0].shape and rel_err(logits[1], logits[0]) < bound
     assert logits[1].dtype == torch.float32          # the sampler's numpy argmax takes no bf16 (int8's LM head)

@@ -33,7 +33,7 @@ from . import parallel
 from .errors import InvalidInputError, TurboServeError
 from .llm import AsyncLLM, DecoderTokenizer, EngineDead, LLMEngine, QueueFull, StreamEvent
 from .metrics import LATENCY_BUCKETS
-from .sampling import SamplingParams
+from .sampling import Draw, SamplingParams
 from .server import ApiError, JSONResponse, ServerConfig, _read_json, _until_disconnect, error_body, error_response, log
 
 
@@ -94,8 +94,8 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
     for key in ("tools", "functions", "suffix", "audio", "prediction"):
         if key in given:
             raise ApiError(400, f"`{key}` is not supported by this server")
-    if not chat and "echo" in given:
-        raise ApiError(400, "`echo` is not supported by this server")
+    if "echo" in given and (chat or _flag(body, "stream")):
+        raise ApiError(400, "`echo` is supported for completions without `stream` only")
     fmt = given.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "`response_format` other than {\"type\": \"text\"} is not supported by this server")
@@ -131,6 +131,8 @@ def sampling_from(body: dict, chat: bool) -> SamplingParams:
     else:
         logprobs = body.get("logprobs")
         max_tokens = body.get("max_tokens", 16)
+    # echo with logprobs: the prompt's tokens are scored too (what evaluation harnesses read)
+    prompt_logprobs = logprobs if not chat and _flag(body, "echo") else None
     try:
         return SamplingParams(
             n=_num(body, "n", 1, int), max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0),
@@ -139,7 +141,8 @@ def sampling_from(body: dict, chat: bool) -> SamplingParams:
             presence_penalty=_num(body, "presence_penalty", 0.0),
             frequency_penalty=_num(body, "frequency_penalty", 0.0),
             seed=body.get("seed"), stop=stop or [], stop_token_ids=body.get("stop_token_ids") or [],
-            ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs, logit_bias=_logit_bias(body),
+            ignore_eos=_flag(body, "ignore_eos"), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            logit_bias=_logit_bias(body),
             min_tokens=_num(body, "min_tokens", 0, int))
     except InvalidInputError as exc:
         raise ApiError(400, str(exc)) from None
@@ -205,7 +208,8 @@ def _logprobs_payload(draws, tokenizer, chat: bool, offset: int = 0):
         offsets.append(offset)
         offset += len(t)
     return {"tokens": tokens, "token_logprobs": [d.logprob for d in draws],
-            "top_logprobs": [{tokenizer.decode([i], False): lp for i, lp in (d.top or [])} for d in draws],
+            "top_logprobs": [None if d.logprob is None else
+                             {tokenizer.decode([i], False): lp for i, lp in (d.top or [])} for d in draws],
             "text_offset": offsets}
 
 
@@ -344,7 +348,12 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                         raise
                     return StreamingResponse(_sse(job, chat, include_usage, meta, tok, first),
                                              media_type="text/event-stream")
-                payload = await _collect(job, chat, meta, request, tok)
+                echo = None
+                if not chat and _flag(body, "echo"):     # each prompt as given, or its ids decoded
+                    raw = body.get("prompt")
+                    raw = [raw] if isinstance(raw, str) or _is_ids(raw) else raw
+                    echo = [(r if isinstance(r, str) else tok.decode(r, False), ids) for r, ids in zip(raw, prompts)]
+                payload = await _collect(job, chat, meta, request, tok, echo)
                 if payload is None:
                     status = 499                      # client closed the request; nobody reads this
                     return Response(status_code=499)
@@ -356,10 +365,12 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 metrics.requests.labels(route, str(status)).inc()
         return handler
 
-    async def _collect(job: _Job, chat, meta, request, tok):
-        """The whole answer, or None if the client went away first (its requests aborted at once)."""
+    async def _collect(job: _Job, chat, meta, request, tok, echo=None):
+        """The whole answer, or None if the client went away first (its requests aborted at once).
+        echo: per prompt (text, token ids), put before its choices' text and logprobs."""
         n = job.choices
         text, lps, count, reasons = [""] * n, [[] for _ in range(n)], [0] * n, [None] * n
+        prompt_lps = [None] * n
         watcher = asyncio.ensure_future(_until_disconnect(request))
         try:
             finished = 0
@@ -374,6 +385,8 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                 text[ev.index] += ev.text
                 count[ev.index] = ev.num_tokens
                 lps[ev.index].extend(ev.logprobs or [])
+                if ev.prompt_logprobs is not None:
+                    prompt_lps[ev.index] = ev.prompt_logprobs
                 if ev.finished:
                     reasons[ev.index] = ev.finish_reason
                     finished += 1
@@ -384,6 +397,11 @@ def make_gen_app(config: ServerConfig) -> Starlette:
             watcher.cancel()
         choices = []
         for i in range(n):
+            if echo is not None:
+                prompt_text, prompt_ids = echo[i // job.params.n]
+                text[i] = prompt_text + text[i]
+                if prompt_lps[i] is not None:      # the first prompt token has no logprob
+                    lps[i] = [Draw(prompt_ids[0]), *prompt_lps[i][1:], *lps[i]]
             lp = _logprobs_payload(lps[i] if job.params.logprobs is not None else None, tok, chat)
             if chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": text[i]},

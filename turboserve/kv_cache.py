@@ -72,15 +72,16 @@ class BlockManager:
         self._ref[block] = 1
         return block
 
-    def allocate_prompt(self, request, tokens: list[int]) -> int:
+    def allocate_prompt(self, request, tokens: list[int], reuse: bool = True) -> int:
         """Give a new request the blocks for its prompt. Returns how many leading tokens are already
         in the cache (shared full blocks), which the model need not compute; at least one token is
-        always left to compute, so the request has logits to sample from."""
+        always left to compute, so the request has logits to sample from. reuse False: none are taken
+        from the cache (a request that wants every prompt position's logits)."""
         if request in self.tables:
             raise ValueError(f"request {request!r} already has blocks")
         table: list[int] = []
         cached = 0
-        if self.prefix_caching:
+        if self.prefix_caching and reuse:
             h = 0
             for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % self.block_size, self.block_size):
                 chunk = tuple(tokens[start:start + self.block_size])

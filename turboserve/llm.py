@@ -32,7 +32,7 @@ from .ops import use_device_on_this_thread
 from .errors import InputTooLongError, InvalidInputError, TurboServeError
 from .kv_cache import BlockManager, CacheFull
 from .loader import read_json
-from .sampling import SamplingParams, StopChecker, sample
+from .sampling import SamplingParams, StopChecker, sample, scored
 from .workspace import available_memory
 
 log = logging.getLogger("turboserve")
@@ -127,6 +127,7 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=lambda: [None])     # params.prompt_logprobs: token i's Draw
     num_computed: int = 0            # tokens whose K/V are in the cache
     finish_reason: str | None = None
     first_token_time: float | None = None
@@ -292,7 +293,8 @@ class LLMEngine:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             try:
-                seq.num_computed = self.blocks.allocate_prompt(seq, seq.tokens)
+                seq.num_computed = self.blocks.allocate_prompt(seq, seq.tokens,
+                                                               reuse=seq.params.prompt_logprobs is None)
             except CacheFull:
                 break
             self.waiting.popleft()
@@ -302,9 +304,13 @@ class LLMEngine:
             budget -= n
         return plan
 
-    def _batch(self, plan: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence]]:
+    def _batch(self, plan: list[tuple[Sequence, int]]) -> tuple[StepBatch, list[Sequence], list]:
+        """The step's inputs, the sequences that sample, and (sequence, position) of the prompt positions
+        whose logits score the next prompt token (prompt_logprobs), whose logit rows follow the
+        sampled ones."""
         bs = self.blocks.block_size
         ids, pos, blocks, offsets, cu, ctx, rows, sampled = [], [], [], [], [0], [], [], []
+        prompt_rows, scoring = [], []
         for seq, n in plan:
             start = seq.num_computed
             toks = seq.tokens
@@ -318,20 +324,30 @@ class LLMEngine:
             if start + n == len(toks):
                 rows.append(cu[-1] - 1)
                 sampled.append(seq)
+            if seq.params.prompt_logprobs is not None:
+                # position p's logits score prompt token p + 1; each once (a recomputed prompt is not rescored)
+                for p in range(max(start, len(seq.prompt_logprobs) - 1), min(start + n, len(seq.prompt_ids) - 1)):
+                    prompt_rows.append(cu[-2] + p - start)
+                    scoring.append((seq, p))
         step = StepBatch(torch.tensor(ids), torch.tensor(pos), torch.tensor(cu), torch.tensor(ctx),
                          self.blocks.block_table_tensor([s for s, _ in plan]), torch.tensor(blocks),
                          torch.tensor(offsets),
-                         torch.tensor(rows, dtype=torch.long), max(ctx))
-        return step, sampled
+                         torch.tensor(rows + prompt_rows, dtype=torch.long), max(ctx))
+        return step, sampled, scoring
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[StepOutput]:
         plan = self.schedule()
         if not plan:
             return []
-        step, sampled = self._batch(plan)
+        step, sampled, scoring = self._batch(plan)
         self.last_step_tokens = len(step.input_ids)
         logits = self._forward(step).cpu()       # sampling runs on the CPU, with per-request generators
+        if scoring:
+            prompt_lp = logits[len(sampled):].log_softmax(-1)
+            for (seq, p), row in zip(scoring, prompt_lp):
+                seq.prompt_logprobs.append(scored(row, seq.prompt_ids[p + 1], seq.params.prompt_logprobs))
+            logits = logits[:len(sampled)]
         for seq, n in plan:
             seq.num_computed += n
             if seq.num_computed <= len(seq.prompt_ids):
@@ -410,6 +426,7 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list | None = None      # params.prompt_logprobs: None, then a Draw per prompt token
 
 
 def _completion(seq: Sequence) -> CompletionOutput:
@@ -484,7 +501,9 @@ class LLM:
         while self.engine.has_work():
             self.engine.step()
         self.last_sequences = [s for _, seqs in groups for s in seqs]
-        return [RequestOutput(rid, seqs[0].prompt_ids, [_completion(s) for s in seqs]) for rid, seqs in groups]
+        return [RequestOutput(rid, seqs[0].prompt_ids, [_completion(s) for s in seqs],
+                              seqs[0].prompt_logprobs if seqs[0].params.prompt_logprobs is not None else None)
+                for rid, seqs in groups]
 
 
 # ---------------------------------------------------------------------- async API (the server's)
@@ -499,6 +518,7 @@ class StreamEvent:
     finished: bool
     finish_reason: str | None
     logprobs: list | None  # the new tokens' draws (None: not asked for)
+    prompt_logprobs: list | None = None     # in a continuation's first event, if asked for: see RequestOutput
 
 
 class AsyncLLM:
@@ -588,8 +608,9 @@ class AsyncLLM:
         s = out.seq
         text, new = out.text[s.streamed_chars:], s.output_ids[s.streamed_tokens:]
         lps = s.logprobs[s.streamed_tokens:] if s.params.logprobs is not None else None
+        prompt = s.prompt_logprobs if s.params.prompt_logprobs is not None and s.streamed_tokens == 0 else None
         s.streamed_chars, s.streamed_tokens = max(s.streamed_chars, len(out.text)), len(s.output_ids)
-        return StreamEvent(s.index, text, new, len(s.output_ids), out.finished, s.finish_reason, lps)
+        return StreamEvent(s.index, text, new, len(s.output_ids), out.finished, s.finish_reason, lps, prompt)
 
     def _run(self) -> None:
         e = self.engine

@@ -36,6 +36,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None          # top alternatives per token, 0..5 (None: no logprobs)
+    prompt_logprobs: int | None = None   # the same for the prompt's tokens (each given those before it)
     logit_bias: dict[int, float] | None = None    # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0                  # EOS and stop_token_ids cannot end the output before this many
 
@@ -74,6 +75,10 @@ class SamplingParams:
             (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                        and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be an integer from 0 to {MAX_LOGPROBS}"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                              and not isinstance(self.prompt_logprobs, bool)
+                                              and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             f"prompt_logprobs must be an integer from 0 to {MAX_LOGPROBS}"),
             (all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
              "stop must be up to 16 non-empty strings"),
             (all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
@@ -165,6 +170,15 @@ class Draw:
     top: list[tuple[int, float]] | None = None      # the most likely alternatives, with logprobs
 
 
+def scored(logprobs: torch.Tensor, token: int, top: int) -> Draw:
+    """`token`'s entry of a row of log-probabilities, with the `top` most likely alternatives."""
+    draw = Draw(token, float(logprobs[token]))
+    if top > 0:
+        best = logprobs.topk(top)
+        draw.top = list(zip(best.indices.tolist(), best.values.tolist()))
+    return draw
+
+
 def sample(logits: torch.Tensor, requests: list, end_ids=()) -> list[Draw]:
     """logits: fp32 [R, V], one row per request in `requests` (objects with .params, .prompt_ids,
     .output_ids and .generator); end_ids: the model's end-of-sequence ids (min_tokens holds them off)."""
@@ -190,13 +204,7 @@ def sample(logits: torch.Tensor, requests: list, end_ids=()) -> list[Draw]:
             row = (row - row.max()) / p.temperature         # the max first: no overflow at small T
             row = apply_min_p(apply_top_p(apply_top_k(row[None], p.top_k), p.top_p), p.min_p)[0]
             token = int(torch.multinomial(row.softmax(-1), 1, generator=r.generator))
-        draw = Draw(token)
-        if p.logprobs is not None:
-            draw.logprob = float(logprobs[i, token])
-            if p.logprobs > 0:
-                top = logprobs[i].topk(p.logprobs)
-                draw.top = list(zip(top.indices.tolist(), top.values.tolist()))
-        out.append(draw)
+        out.append(Draw(token) if p.logprobs is None else scored(logprobs[i], token, p.logprobs))
     return out
 
 
