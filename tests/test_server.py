@@ -252,6 +252,35 @@ def test_rerank_sorted_and_equal_to_api(classifier_url):
     assert httpx.post(url + "/rerank", json={"query": "q", "texts": []}).status_code == 400
 
 
+def test_cohere_format_rerank(classifier_url):
+    """/v1/rerank and /v2/rerank (Cohere / Jina format): relevance scores equal Encoder.rerank's,
+    sorted, cut to top_n, documents as strings or {"text"} objects and returned unless
+    return_documents is false; bad requests are 400s in OpenAI's error shape, a model that is not a
+    reranker a 424."""
+    url, enc, cls_url, _ = classifier_url
+    docs = ["cats sit on mats", "the stock market", "felines rest"]
+    ref = enc.rerank("where do cats sit", docs)
+    want = sorted(range(3), key=lambda i: -ref[i])
+    for route in ("/v1/rerank", "/v2/rerank"):
+        r = httpx.post(url + route, json={"model": "x", "query": "where do cats sit",
+                                          "documents": [docs[0], {"text": docs[1]}, docs[2]], "top_n": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [x["index"] for x in body["results"]] == want[:2] and body["usage"]["total_tokens"] > 0
+        for x in body["results"]:
+            assert abs(x["relevance_score"] - ref[x["index"]]) < 1e-5 and x["document"]["text"] == docs[x["index"]]
+    bare = httpx.post(url + "/v1/rerank", json={"query": "where do cats sit", "documents": docs,
+                                                "return_documents": False}).json()["results"]
+    assert [x["index"] for x in bare] == want and all("document" not in x for x in bare)
+    for bad, needle in (({"documents": docs}, "query"), ({"query": "q", "documents": []}, "documents"),
+                        ({"query": "q", "documents": [{"txt": "a"}]}, "document"),
+                        ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
+                        ({"query": "q", "documents": ["a"] * (ServerConfig().max_client_batch_size + 1)}, "at most")):
+        r = httpx.post(url + "/v1/rerank", json=bad)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    assert httpx.post(cls_url + "/v1/rerank", json={"query": "q", "documents": ["a"]}).status_code == 424
+
+
 def test_predict_single_pair_and_batch(classifier_url):
     _, _, url, enc = classifier_url
     one = httpx.post(url + "/predict", json={"inputs": "I like you."}).json()

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -355,6 +356,41 @@ def respond_tei_rerank(p: Parsed, results, encoded, state: State):
     return sorted(out, key=lambda r: -r["score"])
 
 
+def parse_cohere_rerank(body, state: State) -> Parsed:
+    """/v1/rerank and /v2/rerank: the Cohere / Jina wire format that RAG frameworks' rerankers speak
+    (as vLLM and Infinity serve it): `query`, `documents` (strings or {"text": ...}), `top_n`,
+    `return_documents` (default true, as Jina's and vLLM's)."""
+    body = _object(body, "openai")
+    _require_head(state, rerank=True)
+    query, docs = body.get("query"), body.get("documents")
+    if not isinstance(query, str) or not query:
+        raise ApiError(400, "`query` must be a non-empty string")
+    if not isinstance(docs, list) or not docs:
+        raise ApiError(400, "`documents` must be a non-empty list")
+    limit = state.config.max_client_batch_size
+    if len(docs) > limit:
+        raise ApiError(400, f"`documents` has {len(docs)} entries; at most {limit} are accepted")
+    texts = [d.get("text") if isinstance(d, dict) else d for d in docs]
+    if not all(isinstance(t, str) and t for t in texts):
+        raise ApiError(400, "every document must be a non-empty string or an object with a non-empty `text`")
+    top_n = body.get("top_n")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise ApiError(400, "`top_n` must be a positive integer")
+    return Parsed([query] * len(texts), texts, "classify", state.config.auto_truncate,
+                  {"top_n": top_n or len(texts), "documents": _bool(body, "return_documents", True, "openai"),
+                   "texts": texts})
+
+
+def respond_cohere_rerank(p: Parsed, results, encoded, state: State):
+    scores = torch.sigmoid(torch.stack(results)[:, 0]).tolist()
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:p.options["top_n"]]
+    tokens = sum(len(e.ids) for e in encoded)
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": state.name, "usage": {"total_tokens": tokens},
+            "results": [{"index": i, "relevance_score": scores[i],
+                         **({"document": {"text": p.options["texts"][i]}} if p.options["documents"] else {})}
+                        for i in order]}
+
+
 def parse_tei_predict(body, state: State) -> Parsed:
     body = _object(body, "tei")
     _require_head(state, rerank=False)
@@ -661,6 +697,8 @@ def make_app(config: ServerConfig, encoder: Encoder | None = None) -> Starlette:
         Route("/embed_all", make_route(state, "/embed_all", "tei", parse_tei_embed_all, respond_tei_embed_all),
               methods=["POST"]),
         Route("/rerank", make_route(state, "/rerank", "tei", parse_tei_rerank, respond_tei_rerank), methods=["POST"]),
+        *(Route(r, make_route(state, r, "openai", parse_cohere_rerank, respond_cohere_rerank), methods=["POST"])
+          for r in ("/v1/rerank", "/v2/rerank")),
         Route("/predict", make_route(state, "/predict", "tei", parse_tei_predict, respond_tei_predict), methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/decode", decode, methods=["POST"]),
