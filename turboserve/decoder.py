@@ -247,11 +247,11 @@ class DecoderModel:
                             **qk_norms, **post)
 
     def tune_kernels(self) -> None:
-        """int8 on the CPU: which GEMM kernel each linear takes at which row count, as measured on this
-        machine (ops/cpu.py tune_int8_rows, cached on disk). Called once the model (or a tensor-parallel
-        rank's shard) has its final shapes."""
+        """The CPU's int8 linears (an int8 model's, or a layer-wise plan's): which GEMM kernel each takes
+        at which row count, as measured on this machine (ops/cpu.py tune_int8_rows, cached on disk).
+        Called once the model (or a tensor-parallel rank's shard) has its final linears."""
         tune = getattr(self.ops, "tune_int8_rows", None)
-        if tune is not None and self.dtype_name == "int8":
+        if tune is not None:
             tune([lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.up, layer.down)]
                  + [self.lm_head_int8])
 

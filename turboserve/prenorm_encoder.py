@@ -175,7 +175,9 @@ class PreNormEncoderModel:
         return self.ops.make_decoder_linear(weight, bias, dtype)
 
     def linears_changed(self) -> None:
-        """Nothing to redo: the layers allocate their activations per call."""
+        """The layers allocate their activations per call; int8 linears a plan put in get their kernel
+        choice measured."""
+        self.decoder.tune_kernels()
 
     def activation_bytes(self, tokens: int, sequences: int | None = None) -> int:
         """The most a batch of `tokens` tokens in `sequences` sequences (default: as many as tokens, the
