@@ -94,8 +94,8 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
     for key in ("tools", "functions", "suffix", "audio", "prediction"):
         if key in given:
             raise ApiError(400, f"`{key}` is not supported by this server")
-    if "echo" in given and (chat or _flag(body, "stream")):
-        raise ApiError(400, "`echo` is supported for completions without `stream` only")
+    if "echo" in given and chat:
+        raise ApiError(400, "`echo` is for completions (chat completions have no prompt text to echo)")
     fmt = given.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise ApiError(400, "`response_format` other than {\"type\": \"text\"} is not supported by this server")
@@ -340,19 +340,19 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                     job.abort()       # the prompts already submitted
                     raise _api_error(exc) from None
                 meta = {"id": rid, "created": int(time.time()), "model": state.name}
+                echo = None
+                if not chat and _flag(body, "echo"):     # each prompt as given, or its ids decoded
+                    raw = body.get("prompt")
+                    raw = [raw] if isinstance(raw, str) or _is_ids(raw) else raw
+                    echo = [(r if isinstance(r, str) else tok.decode(r, False), ids) for r, ids in zip(raw, prompts)]
                 if stream:           # what fails before the first token (504, 429) is a real HTTP status
                     try:
                         first = await job.next()
                     except BaseException:
                         job.abort()
                         raise
-                    return StreamingResponse(_sse(job, chat, include_usage, meta, tok, first),
+                    return StreamingResponse(_sse(job, chat, include_usage, meta, tok, first, echo),
                                              media_type="text/event-stream")
-                echo = None
-                if not chat and _flag(body, "echo"):     # each prompt as given, or its ids decoded
-                    raw = body.get("prompt")
-                    raw = [raw] if isinstance(raw, str) or _is_ids(raw) else raw
-                    echo = [(r if isinstance(r, str) else tok.decode(r, False), ids) for r, ids in zip(raw, prompts)]
                 payload = await _collect(job, chat, meta, request, tok, echo)
                 if payload is None:
                     status = 499                      # client closed the request; nobody reads this
@@ -412,13 +412,15 @@ def make_gen_app(config: ServerConfig) -> Starlette:
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": _usage(job.prompt_tokens, completion)}
 
-    async def _sse(job: _Job, chat, include_usage, meta, tok, first: StreamEvent):
+    async def _sse(job: _Job, chat, include_usage, meta, tok, first: StreamEvent, echo=None):
         """Server-sent events. Starlette cancels this generator when the client disconnects; the
-        `finally` then aborts the unfinished requests, freeing their KV blocks before the next step."""
+        `finally` then aborts the unfinished requests, freeing their KV blocks before the next step.
+        echo: as _collect's, sent with each choice's first chunk."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = job.choices
         count, offsets = [0] * n, [0] * n
         pending = [[] for _ in range(n)]       # draws of tokens whose text is still held back
+        echoed = [echo is None] * n
         done = 0
 
         def chunk(choice) -> bytes:
@@ -441,6 +443,12 @@ def make_gen_app(config: ServerConfig) -> Starlette:
                         yield b"data: " + orjson.dumps(error_body("openai", err)) + b"\n\n"
                         break
                 i = ev.index
+                if not echoed[i]:                   # a continuation's first event
+                    echoed[i] = True
+                    prompt_text, prompt_ids = echo[i // job.params.n]
+                    ev.text = prompt_text + ev.text
+                    if ev.prompt_logprobs is not None:
+                        pending[i] = [Draw(prompt_ids[0]), *ev.prompt_logprobs[1:]]
                 count[i] = ev.num_tokens
                 pending[i].extend(ev.logprobs or [])
                 if not ev.text and not ev.finished:
