@@ -251,7 +251,11 @@ def make_plan(model, view: CheckpointView, calib_batches, heldout_batches, embed
     if references is not None:
         references.update(calib=ref_calib, held=ref_held)
 
-    # 1. time: every candidate of every linear at `tokens` rows
+    # 1. time: every candidate of every linear at `tokens` rows, a decoder's int8 ones with the kernel
+    #    choice they will run with (ops/cpu.py tune_int8_rows)
+    tune = getattr(model.ops, "tune_int8_rows", None)
+    if tune is not None:
+        tune([lin for versions in cands.built.values() for lin in versions.values()])
     gen = torch.Generator().manual_seed(0)
     timings: dict[tuple[int, str], dict[str, float]] = {}
     inputs = {}
