@@ -599,11 +599,11 @@ def test_int8_kernel_limit_is_the_largest_probe_the_native_kernel_wins_throughou
             m = cpu.INT8_PROBE_ROWS[len(calls) // 2]
             calls.append(m)
             return 2e-3 if native_turn == (_from is not None and m >= _from) else 1e-3
-        monkeypatch.setattr(cpu, "_best_seconds", scripted)
+        monkeypatch.setattr(cpu, "best_seconds", scripted)
         assert cpu.measure_native_limit(lin) == expected
         assert max(calls) == (oneDNN_from or cpu.INT8_PROBE_ROWS[-1])
     calls = []
-    monkeypatch.setattr(cpu, "_best_seconds", lambda fn, repeat=3: calls.append(1) or 1.0)    # a slow GEMM
+    monkeypatch.setattr(cpu, "best_seconds", lambda fn, repeat=3: calls.append(1) or 1.0)    # a slow GEMM
     assert cpu.measure_native_limit(lin) == math.inf and len(calls) == 2
 
 

@@ -16,6 +16,7 @@ from .loader import (POOLING_MODES, CheckpointView, PoolingConfig, read_config, 
                      read_state_dict, resolve_model_dir)
 from .model import EncoderModel, pool, sentence_embedding
 from .packing import PackedBatch, pack_tokens
+from .timing import best_seconds
 from .tokenizer import Encoded, TextTokenizer, token_ids
 from .workspace import available_memory
 
@@ -265,13 +266,7 @@ class Encoder:
     def _forward_seconds(self, model, batches) -> float:
         """Best of two timed passes (after one untimed) of `model` and the pooling over `batches`."""
         from .precision import pooled
-        best = float("inf")
-        for i in range(3):
-            start = time.perf_counter()
-            pooled(model, batches, self._embedding_of(model))
-            if i:
-                best = min(best, time.perf_counter() - start)
-        return best
+        return best_seconds(lambda: pooled(model, batches, self._embedding_of(model)), repeat=2)
 
     def pooling_key(self) -> str:
         """The pooling as a key of what was measured under it (precision plans, cost tables)."""

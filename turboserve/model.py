@@ -13,7 +13,6 @@ the op numbers above are their lifetimes.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from .errors import InvalidInputError, ModelLoadError
 from .loader import CheckpointView
 from .ops import backend_for, check_device
 from .packing import PackedBatch
+from .timing import best_seconds
 from .workspace import NoWorkspace, Workspace
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
@@ -52,19 +52,8 @@ class MaskedLMHead:
         return torch.nn.functional.linear(x, self.decoder, self.bias)
 
 
-def _best_time(fn, x: torch.Tensor, repeat: int = 3) -> float:
-    fn(x)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn(x)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-_TORCH_ACTS = {"gelu": torch.nn.functional.gelu, "relu": torch.relu,
+# activations of the heads after the layers (masked-LM transform, sentence-transformers Dense modules)
+_TORCH_ACTS = {None: lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
                "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
 # the masked-LM decoder's candidates: "int8" oneDNN's _int_mm, "int8 native" the native VNNI kernel
 MLM_HEAD_PRECISIONS = ("fp32", "bf16", "int8", "int8 native")
@@ -262,7 +251,8 @@ class EncoderModel:
         (benchmarks/sparse.py --head); without AMX bf16 runs at half fp32's rate."""
         x = torch.randn(SPLADE_CHUNK_TOKENS, self.hidden, generator=torch.Generator().manual_seed(0))
         x = x.to(self.device)
-        return {name: _best_time(self._mlm_decoder(name), x) for name in MLM_HEAD_PRECISIONS}
+        sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else None
+        return {name: best_seconds(lambda f=self._mlm_decoder(name): f(x), sync=sync) for name in MLM_HEAD_PRECISIONS}
 
     def fast_mlm_head(self) -> None:
         """dtype int8: the decoder in the fastest of its low precisions as measured here (bf16 is the
@@ -431,9 +421,6 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling mode {mode!r}")
 
 
-_DENSE_ACTS = {None: lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "gelu": torch.nn.functional.gelu}
-
-
 def sentence_embedding(hidden: torch.Tensor, batch: PackedBatch, pooling, model) -> torch.Tensor:
     """The sentence-transformers pipeline after the transformer: pooling (a PoolingConfig's mode;
     "splade" is `model`'s masked-LM head), then its Dense modules in order -> [B, D] fp32
@@ -443,6 +430,6 @@ def sentence_embedding(hidden: torch.Tensor, batch: PackedBatch, pooling, model)
     else:
         out = pool(hidden, batch, pooling.mode)
     for weight, bias, act in pooling.dense:
-        out = _DENSE_ACTS[act](torch.nn.functional.linear(out, weight.to(out.device),
+        out = _TORCH_ACTS[act](torch.nn.functional.linear(out, weight.to(out.device),
                                                           None if bias is None else bias.to(out.device)))
     return out

@@ -323,17 +323,19 @@ def _require_head(state: State, rerank: bool) -> None:
         raise ApiError(424, "this model is a classifier with several labels, not a reranker", "Backend")
 
 
-def _query_and_texts(query, texts, names: tuple[str, str], limit: int) -> None:
-    """A rerank's query and texts, or a similarity's source sentence and sentences, checked as TEI does."""
+def _query_and_texts(query, texts, names: tuple[str, str], limit: int, api: str = "tei") -> None:
+    """A rerank's query and texts, or a similarity's source sentence and sentences: checked as TEI
+    does (422, 400 "Empty", 413), or for the OpenAI-shaped routes with a 400 each."""
     q, t = names
+    tei = api == "tei"
     if not isinstance(query, str) or not query:
-        raise ApiError(422, f"`{q}` must be a non-empty string")
+        raise ApiError(422 if tei else 400, f"`{q}` must be a non-empty string")
     if not isinstance(texts, list) or not texts:
-        raise ApiError(400, f"`{t}` must be a non-empty list of strings", "Empty")
+        raise ApiError(400, f"`{t}` must be a non-empty list of strings", "Empty" if tei else "Validation")
     if len(texts) > limit:
-        raise ApiError(413, f"`{t}` has {len(texts)} entries; at most {limit} are accepted")
+        raise ApiError(413 if tei else 400, f"`{t}` has {len(texts)} entries; at most {limit} are accepted")
     if not all(isinstance(x, str) and x for x in texts):
-        raise ApiError(422, f"every entry of `{t}` must be a non-empty string")
+        raise ApiError(422 if tei else 400, f"every entry of `{t}` must be a non-empty string")
 
 
 def parse_tei_rerank(body, state: State) -> Parsed:
@@ -363,16 +365,8 @@ def parse_cohere_rerank(body, state: State) -> Parsed:
     body = _object(body, "openai")
     _require_head(state, rerank=True)
     query, docs = body.get("query"), body.get("documents")
-    if not isinstance(query, str) or not query:
-        raise ApiError(400, "`query` must be a non-empty string")
-    if not isinstance(docs, list) or not docs:
-        raise ApiError(400, "`documents` must be a non-empty list")
-    limit = state.config.max_client_batch_size
-    if len(docs) > limit:
-        raise ApiError(400, f"`documents` has {len(docs)} entries; at most {limit} are accepted")
-    texts = [d.get("text") if isinstance(d, dict) else d for d in docs]
-    if not all(isinstance(t, str) and t for t in texts):
-        raise ApiError(400, "every document must be a non-empty string or an object with a non-empty `text`")
+    texts = [d.get("text") if isinstance(d, dict) else d for d in docs] if isinstance(docs, list) else docs
+    _query_and_texts(query, texts, ("query", "documents"), state.config.max_client_batch_size, "openai")
     top_n = body.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise ApiError(400, "`top_n` must be a positive integer")

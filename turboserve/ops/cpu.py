@@ -17,6 +17,7 @@ model's rows take the same kernel (widened on load, rounded on store). Without t
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import native
+from ..timing import best_seconds
 
 log = logging.getLogger("turboserve")
 
@@ -302,22 +304,16 @@ INT8_PROBE_SECONDS = 0.02      # a probe this slow is the last: the LM head's wi
 INT8_ROWS_VERSION = "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _int8_rows_key(threads: int) -> str:
+    ident = [INT8_ROWS_VERSION, native.cpu_identity(), str(threads), torch.__version__, native.SOURCE.read_text()]
+    return hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
+
+
 def _int8_rows_path() -> Path:
-    """The measured limits' file: one per CPU, thread count, torch version and kernel source."""
-    ident = [INT8_ROWS_VERSION, native.cpu_identity(), str(torch.get_num_threads()), torch.__version__,
-             native.SOURCE.read_text()]
-    key = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
-    return native.cache_dir() / "int8-rows" / f"{key}.json"
-
-
-def _best_seconds(fn, repeat: int = 3) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """The measured limits' file: one per CPU, thread count, torch version and kernel source (its key
+    made once per thread count: a precision plan's search asks at every linear swap)."""
+    return native.cache_dir() / "int8-rows" / f"{_int8_rows_key(torch.get_num_threads())}.json"
 
 
 def measure_native_limit(linear: Int8Linear, margin: float = 1.05) -> float:
@@ -332,8 +328,8 @@ def measure_native_limit(linear: Int8Linear, margin: float = 1.05) -> float:
     for m in INT8_PROBE_ROWS:
         q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
         acc = torch.empty(m, n, dtype=torch.int32)
-        ours = _best_seconds(lambda: native.int8_gemm_packed(q, linear.packed, linear.colsum, n, acc))
-        theirs = _best_seconds(lambda: torch._int_mm(q, linear.weight_q, out=acc))
+        ours = best_seconds(lambda: native.int8_gemm_packed(q, linear.packed, linear.colsum, n, acc))
+        theirs = best_seconds(lambda: torch._int_mm(q, linear.weight_q, out=acc))
         if ours > theirs * margin:
             return limit
         if theirs > INT8_PROBE_SECONDS:
